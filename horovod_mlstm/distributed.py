@@ -1,0 +1,82 @@
+"""Every Horovod call of the project, so the rest reads as plain TensorFlow.
+
+Started with `horovodrun -np N` (or mpirun) there are N ranks; started as a plain
+`python ...` Horovod runs with one rank and the same code path works unchanged.
+"""
+
+from __future__ import annotations
+
+import tensorflow as tf
+import horovod.tensorflow as hvd
+
+_compression = hvd.Compression.none
+
+
+def init(intra_op_threads: int = 0, inter_op_threads: int = 0, fp16_allreduce: bool = False) -> None:
+    """Starts Horovod, pins one GPU per process by local rank, sets CPU thread pools."""
+    global _compression
+    hvd.init()
+    gpus = tf.config.list_physical_devices("GPU")
+    for gpu in gpus:
+        tf.config.experimental.set_memory_growth(gpu, True)
+    if gpus:
+        tf.config.set_visible_devices(gpus[hvd.local_rank() % len(gpus)], "GPU")
+    if intra_op_threads:
+        tf.config.threading.set_intra_op_parallelism_threads(intra_op_threads)
+    if inter_op_threads:
+        tf.config.threading.set_inter_op_parallelism_threads(inter_op_threads)
+    _compression = hvd.Compression.fp16 if fp16_allreduce else hvd.Compression.none
+
+
+def rank() -> int:
+    return hvd.rank()
+
+
+def size() -> int:
+    return hvd.size()
+
+
+def local_size() -> int:
+    return hvd.local_size()
+
+
+def is_chief() -> bool:
+    """Rank 0 alone writes checkpoints, logs and summaries."""
+    return hvd.rank() == 0
+
+
+def distributed_tape(tape: tf.GradientTape) -> tf.GradientTape:
+    """Wraps the tape so gradient() averages gradients over ranks with ring-allreduce."""
+    return hvd.DistributedGradientTape(tape, compression=_compression)
+
+
+def allreduce_gradients(grads):
+    """The allreduce DistributedGradientTape does, for gradients accumulated over micro-batches."""
+    return hvd.grouped_allreduce(grads, op=hvd.Average, compression=_compression)
+
+
+def mean(value):
+    """Average of a scalar or tensor over ranks (metrics, validation loss)."""
+    return hvd.allreduce(tf.convert_to_tensor(value), op=hvd.Average)
+
+
+def total(value):
+    return hvd.allreduce(tf.convert_to_tensor(value), op=hvd.Sum)
+
+
+def gather(value):
+    """Concatenates each rank's tensor along axis 0, in rank order (used for RNN state)."""
+    return hvd.allgather(tf.convert_to_tensor(value))
+
+
+def broadcast_variables(variables) -> None:
+    """Makes every rank's copy equal rank 0's (after init or restore, before step one)."""
+    hvd.broadcast_variables(variables, root_rank=0)
+
+
+def broadcast(value):
+    return hvd.broadcast(tf.convert_to_tensor(value), root_rank=0)
+
+
+def barrier() -> None:
+    hvd.join()

@@ -1,0 +1,267 @@
+"""Data-parallel mLSTM pretraining: one training loop, read top to bottom.
+
+    horovodrun -np 2 -H localhost:2 python train.py --flagfile=configs/cpu_demo.cfg
+    python train.py --flagfile=configs/cpu_demo.cfg          # one process, same code
+
+Sections: config -> input -> model and optimizer -> update step -> checkpoint/resume ->
+loop (progress, validation, TensorBoard, summary.json). Horovod is only touched through
+horovod_mlstm.distributed. A job restarted with the same --model_dir resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+
+import numpy as np
+import tensorflow as tf
+from absl import app, logging
+
+from horovod_mlstm import data, distributed as dist
+from horovod_mlstm import flags as hflags
+from horovod_mlstm.checkpoint import CheckpointError, Checkpointer
+from horovod_mlstm.model import ModelConfig, build_model
+from horovod_mlstm.preprocess import prepare_builtin
+from horovod_mlstm.schedule import WarmupDecaySchedule
+
+LN2 = math.log(2.0)
+
+
+def xent(targets, logits):
+    """Per-byte cross-entropy in nats, float32."""
+    return tf.nn.sparse_softmax_cross_entropy_with_logits(labels=targets, logits=logits)
+
+
+def check_model_dir(cfg: hflags.TrainConfig, model_config: ModelConfig) -> None:
+    """A model_dir holding a different architecture is an error, not something to overwrite."""
+    if os.path.exists(os.path.join(cfg.model_dir, "config.json")):
+        saved = ModelConfig.load(cfg.model_dir)
+        if saved != model_config:
+            raise ValueError(f"--model_dir {cfg.model_dir} holds a different model ({saved}); "
+                             f"the flags ask for {model_config}. Use another --model_dir.")
+
+
+def evaluate_bpc(model, streams: data.ByteStreams, windows: int, step_fn) -> float:
+    """Bits per character over the first `windows` windows (0 = all), summed over ranks."""
+    count = windows or streams.windows_per_epoch
+    h, c = model.zero_state(streams.rows)
+    nats, chars = 0.0, 0.0
+    for batch in streams.dataset(0, min(count, streams.windows_per_epoch)):
+        loss_sum, h, c = step_fn(batch["inputs"], batch["targets"], h, c)
+        nats += float(loss_sum)
+        chars += float(np.prod(batch["inputs"].shape))
+    nats, chars = dist.total(nats), dist.total(chars)
+    return float(nats / chars / LN2)
+
+
+def run(cfg: hflags.TrainConfig) -> dict:
+    rank, world = dist.rank(), dist.size()
+    chief = dist.is_chief()
+    tf.keras.utils.set_random_seed(cfg.seed)
+    model_config = cfg.model_config()
+    check_model_dir(cfg, model_config)
+
+    # ---------------------------------------------------------------- input
+    if not cfg.data_dir and chief:
+        prepare_builtin(cfg.data_path)
+    dist.barrier()  # the others wait until rank 0 has written the built-in corpus
+    B, k, L = cfg.batch_size_per_worker, cfg.backward_passes_per_step, cfg.seq_length
+    train_streams = data.rank_streams(cfg.data_path, "train", cfg.rows_per_worker, L, rank, world)
+    val_streams = data.rank_streams(cfg.data_path, "val", B, L, rank, world)
+
+    # ----------------------------------------------------- model and optimizer
+    model = build_model(model_config)
+    variables = model.trainable_variables
+    peak_lr = cfg.peak_lr(world)
+    schedule = WarmupDecaySchedule(peak_lr, cfg.warmup_steps, cfg.horizon, cfg.lr_decay)
+    optimizer = tf.keras.optimizers.Adam(schedule, beta_1=cfg.adam_beta1, beta_2=cfg.adam_beta2,
+                                         epsilon=cfg.adam_epsilon)
+    loss_scaling = cfg.precision == "mixed_float16"
+    if loss_scaling:
+        optimizer = tf.keras.mixed_precision.LossScaleOptimizer(optimizer)  # dynamic loss scale
+    optimizer.build(variables)
+
+    step = tf.Variable(0, dtype=tf.int64, trainable=False, name="step")
+    position = tf.Variable(0, dtype=tf.int64, trainable=False, name="data_position")
+    skipped = tf.Variable(0, dtype=tf.int64, trainable=False, name="skipped_steps")
+    chars_seen = tf.Variable(0, dtype=tf.int64, trainable=False, name="chars_seen")
+    rows = cfg.rows_per_worker
+    state_h = tf.Variable(tf.zeros([rows, cfg.hidden_size]), trainable=False, name="state_h")
+    state_c = tf.Variable(tf.zeros([rows, cfg.hidden_size]), trainable=False, name="state_c")
+    # Every rank's RNN state, gathered for the checkpoint (rank r owns rows [r*rows, (r+1)*rows)).
+    all_h = tf.Variable(tf.zeros([world * rows, cfg.hidden_size]), trainable=False, name="all_h")
+    all_c = tf.Variable(tf.zeros([world * rows, cfg.hidden_size]), trainable=False, name="all_c")
+
+    # ---------------------------------------------------------- update step
+    def forward(inputs, targets, h, c):
+        logits, (h, c) = model(inputs, (h, c))
+        return tf.reduce_mean(xent(targets, logits)), h, c
+
+    if cfg.xla:
+        forward = tf.function(forward, jit_compile=True)
+
+    @tf.function
+    def train_step(inputs, targets, reset):
+        keep = tf.cast(tf.logical_not(reset), tf.float32)  # zero the state where the streams restart
+        h_all, c_all = state_h * keep, state_c * keep
+        grads, losses, new_h, new_c = None, [], [], []
+        for j in range(k):  # micro-batches: rows [jB, (j+1)B) of this rank's streams
+            rows_j = slice(j * B, (j + 1) * B)
+            with tf.GradientTape() as tape:
+                loss, h, c = forward(inputs[rows_j], targets[rows_j], h_all[rows_j], c_all[rows_j])
+                scaled = optimizer.get_scaled_loss(loss) if loss_scaling else loss
+            if k == 1:
+                tape = dist.distributed_tape(tape)  # gradient() allreduces across ranks
+            g = tape.gradient(scaled, variables)
+            grads = g if grads is None else [a + b for a, b in zip(grads, g)]
+            losses.append(loss)
+            new_h.append(h)
+            new_c.append(c)
+        if k > 1:
+            grads = dist.allreduce_gradients([g / k for g in grads])
+        if loss_scaling:
+            grads = optimizer.get_unscaled_gradients(grads)
+        finite = tf.reduce_all([tf.reduce_all(tf.math.is_finite(g)) for g in grads])
+        if cfg.clip_norm:
+            grads, norm = tf.clip_by_global_norm(grads, cfg.clip_norm)
+        else:
+            norm = tf.linalg.global_norm(grads)
+        if loss_scaling:
+            optimizer.apply_gradients(zip(grads, variables))  # skips the step itself if not finite
+        else:
+            tf.cond(finite, lambda: optimizer.apply_gradients(zip(grads, variables)), lambda: tf.constant(0, tf.int64))
+        skipped.assign_add(tf.cast(tf.logical_not(finite), tf.int64))
+        state_h.assign(tf.concat(new_h, 0))
+        state_c.assign(tf.concat(new_c, 0))
+        step.assign_add(1)
+        position.assign_add(1)
+        chars_seen.assign_add(tf.cast(tf.size(inputs) * dist.size(), tf.int64))
+        return tf.reduce_mean(tf.stack(losses)), norm
+
+    @tf.function
+    def eval_step(inputs, targets, h, c):
+        logits, (h, c) = model(inputs, (h, c))
+        return tf.reduce_sum(xent(targets, logits)), h, c
+
+    # ------------------------------------------------- checkpoint and resume
+    ckpt = Checkpointer(cfg.model_dir, cfg.keep_checkpoints, model=model, optimizer=optimizer, step=step,
+                        position=position, skipped=skipped, chars_seen=chars_seen, all_h=all_h, all_c=all_c)
+    restored = None
+    if chief:
+        os.makedirs(cfg.model_dir, exist_ok=True)
+        model_config.save(cfg.model_dir)
+        restored = ckpt.restore()
+    # Rank 0's weights, optimizer state, counters and RNN states go to every rank before step one.
+    dist.broadcast_variables(model.variables + optimizer.variables + [step, position, skipped, chars_seen,
+                                                                       all_h, all_c])
+    state_h.assign(all_h[rank * rows:(rank + 1) * rows])
+    state_c.assign(all_c[rank * rows:(rank + 1) * rows])
+    start_step = int(step.numpy())
+
+    def save_checkpoint():
+        all_h.assign(dist.gather(state_h))  # collective: every rank takes part, rank 0 writes
+        all_c.assign(dist.gather(state_c))
+        if chief:
+            path = ckpt.save(int(step.numpy()))
+            logging.info("checkpoint %s", path)
+
+    # ----------------------------------------------------------------- loop
+    writer = tf.summary.create_file_writer(os.path.join(cfg.model_dir, "tensorboard")) if chief else None
+    if chief:
+        print(f"[train] {world} rank(s) x {rows} streams x {L} bytes = global batch {cfg.global_batch(world)} "
+              f"sequences ({cfg.global_batch(world) * L} chars/step); peak LR {peak_lr:.3g} "
+              f"({cfg.batch_scaling} scaling); {cfg.precision}; hidden {cfg.hidden_size}; "
+              + (f"resumed from {restored} at step {start_step}" if restored else "starting from scratch"),
+              flush=True)
+    train_bpc = val_bpc = float("nan")
+    window_loss, window_steps = 0.0, 0
+    t_start = t_last = time.time()
+    batches = iter(train_streams.dataset(int(position.numpy())))
+    for _ in range(start_step, cfg.train_steps):
+        batch = next(batches)
+        loss, norm = train_step(batch["inputs"], batch["targets"], batch["reset"])
+        s = int(step.numpy())
+        if chief:
+            with writer.as_default(step=s):
+                tf.summary.scalar("learning_rate", schedule(s - 1))
+        window_loss += float(loss)
+        window_steps += 1
+
+        if s % cfg.log_every == 0 or s == cfg.train_steps:
+            train_bpc = float(dist.mean(window_loss / window_steps)) / LN2
+            now = time.time()
+            chars_per_s = window_steps * cfg.global_batch(world) * L / (now - t_last)
+            eta = (cfg.train_steps - s) * (now - t_last) / window_steps
+            if chief:
+                scale = float(optimizer.loss_scale) if loss_scaling else 1.0
+                print(f"[train] step {s}/{cfg.train_steps} loss {train_bpc * LN2:.4f} bpc {train_bpc:.4f} "
+                      f"lr {float(schedule(s - 1)):.3g} loss_scale {scale:g} grad_norm {float(norm):.3f} "
+                      f"skipped {int(skipped.numpy())} chars/s {chars_per_s:,.0f} "
+                      f"({chars_per_s / world:,.0f}/worker) eta {eta:,.0f}s", flush=True)
+                with writer.as_default(step=s):
+                    tf.summary.scalar("train/bpc", train_bpc)
+                    tf.summary.scalar("train/grad_norm", norm)
+                    tf.summary.scalar("train/chars_per_second", chars_per_s)
+                    tf.summary.scalar("train/loss_scale", scale)
+            window_loss, window_steps, t_last = 0.0, 0, time.time()
+
+        if (cfg.eval_every and s % cfg.eval_every == 0) or s == cfg.train_steps:
+            val_bpc = evaluate_bpc(model, val_streams, cfg.eval_windows, eval_step)
+            if chief:
+                print(f"[eval] step {s} validation bpc {val_bpc:.4f}", flush=True)
+                with writer.as_default(step=s):
+                    tf.summary.scalar("val/bpc", val_bpc)
+            t_last = time.time()
+
+        if s % cfg.checkpoint_every == 0 or s == cfg.train_steps:
+            save_checkpoint()
+
+    elapsed = time.time() - t_start
+    steps_run = cfg.train_steps - start_step
+    summary = {
+        "final_step": int(step.numpy()),
+        "steps_this_run": steps_run,
+        "train_bpc": train_bpc,
+        "val_bpc": val_bpc,
+        "chars_seen": int(chars_seen.numpy()),
+        "chars_per_second": steps_run * cfg.global_batch(world) * L / elapsed if steps_run else 0.0,
+        "skipped_steps": int(skipped.numpy()),
+        "world_size": world,
+        "global_batch": cfg.global_batch(world),
+        "peak_learning_rate": peak_lr,
+        "precision": cfg.precision,
+    }
+    if chief:
+        with open(os.path.join(cfg.model_dir, "summary.json.tmp"), "w") as f:
+            json.dump(summary, f, indent=2)
+        os.replace(os.path.join(cfg.model_dir, "summary.json.tmp"), os.path.join(cfg.model_dir, "summary.json"))
+        print(f"[train] done: step {summary['final_step']}, validation bpc {val_bpc:.4f}, "
+              f"{summary['chars_per_second']:,.0f} chars/s. Checkpoints: {ckpt.directory}  "
+              f"TensorBoard: tensorboard --logdir {os.path.join(cfg.model_dir, 'tensorboard')}", flush=True)
+    return summary
+
+
+def main(argv):
+    if len(argv) > 1:
+        sys.exit(f"error: unexpected arguments {argv[1:]} (flags are --name=value)")
+    try:
+        cfg = hflags.TrainConfig.from_flags()
+    except ValueError as e:
+        sys.exit(f"error: {e}")
+    dist.init(cfg.intra_op_threads, cfg.inter_op_threads, cfg.fp16_allreduce)
+    try:
+        run(cfg)
+    except (data.DataError, CheckpointError, ValueError, FileNotFoundError) as e:
+        sys.exit(f"error: {e}")
+
+
+def entry():
+    hflags.define_training()
+    app.run(main)
+
+
+if __name__ == "__main__":
+    entry()
