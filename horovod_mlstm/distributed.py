@@ -45,13 +45,13 @@ def is_chief() -> bool:
     return hvd.rank() == 0
 
 
-def distributed_tape(tape: tf.GradientTape) -> tf.GradientTape:
-    """Wraps the tape so gradient() averages gradients over ranks with ring-allreduce."""
-    return hvd.DistributedGradientTape(tape, compression=_compression)
-
-
 def allreduce_gradients(grads):
-    """The allreduce DistributedGradientTape does, for gradients accumulated over micro-batches."""
+    """Averages gradients over ranks: one fused ring-allreduce, as hvd.DistributedGradientTape does.
+
+    The training step calls this on gradients it already has, rather than wrapping the tape,
+    because the tape's gradient() runs inside the XLA-compiled local step (Horovod ops cannot)
+    and because accumulated micro-batches must share one allreduce.
+    """
     return hvd.grouped_allreduce(grads, op=hvd.Average, compression=_compression)
 
 

@@ -96,32 +96,30 @@ def run(cfg: hflags.TrainConfig) -> dict:
     all_c = tf.Variable(tf.zeros([world * rows, cfg.hidden_size]), trainable=False, name="all_c")
 
     # ---------------------------------------------------------- update step
-    def forward(inputs, targets, h, c):
-        logits, (h, c) = model(inputs, (h, c))
-        return tf.reduce_mean(xent(targets, logits)), h, c
+    def local_gradients(inputs, targets, h, c):
+        """Loss and this rank's gradients for one micro-batch (XLA-compiled with --xla)."""
+        with tf.GradientTape() as tape:
+            logits, (h, c) = model(inputs, (h, c))
+            loss = tf.reduce_mean(xent(targets, logits))
+            scaled = optimizer.get_scaled_loss(loss) if loss_scaling else loss
+        return loss, tape.gradient(scaled, variables), h, c
 
-    if cfg.xla:
-        forward = tf.function(forward, jit_compile=True)
+    local_gradients = tf.function(local_gradients, jit_compile=cfg.xla or None)
 
     @tf.function
     def train_step(inputs, targets, reset):
         keep = tf.cast(tf.logical_not(reset), tf.float32)  # zero the state where the streams restart
         h_all, c_all = state_h * keep, state_c * keep
         grads, losses, new_h, new_c = None, [], [], []
-        for j in range(k):  # micro-batches: rows [jB, (j+1)B) of this rank's streams
+        for j in range(k):  # micro-batch j: rows [jB, (j+1)B) of this rank's streams
             rows_j = slice(j * B, (j + 1) * B)
-            with tf.GradientTape() as tape:
-                loss, h, c = forward(inputs[rows_j], targets[rows_j], h_all[rows_j], c_all[rows_j])
-                scaled = optimizer.get_scaled_loss(loss) if loss_scaling else loss
-            if k == 1:
-                tape = dist.distributed_tape(tape)  # gradient() allreduces across ranks
-            g = tape.gradient(scaled, variables)
+            loss, g, h, c = local_gradients(inputs[rows_j], targets[rows_j], h_all[rows_j], c_all[rows_j])
             grads = g if grads is None else [a + b for a, b in zip(grads, g)]
             losses.append(loss)
             new_h.append(h)
             new_c.append(c)
-        if k > 1:
-            grads = dist.allreduce_gradients([g / k for g in grads])
+        # One ring-allreduce per update, averaging over ranks (and micro-batches).
+        grads = dist.allreduce_gradients([g / k for g in grads] if k > 1 else grads)
         if loss_scaling:
             grads = optimizer.get_unscaled_gradients(grads)
         finite = tf.reduce_all([tf.reduce_all(tf.math.is_finite(g)) for g in grads])
@@ -130,9 +128,10 @@ def run(cfg: hflags.TrainConfig) -> dict:
         else:
             norm = tf.linalg.global_norm(grads)
         if loss_scaling:
-            optimizer.apply_gradients(zip(grads, variables))  # skips the step itself if not finite
+            optimizer.apply_gradients(zip(grads, variables))  # skips the update itself when not finite
         else:
-            tf.cond(finite, lambda: optimizer.apply_gradients(zip(grads, variables)), lambda: tf.constant(0, tf.int64))
+            tf.cond(finite, lambda: optimizer.apply_gradients(zip(grads, variables)),
+                    lambda: optimizer.iterations)
         skipped.assign_add(tf.cast(tf.logical_not(finite), tf.int64))
         state_h.assign(tf.concat(new_h, 0))
         state_c.assign(tf.concat(new_c, 0))
