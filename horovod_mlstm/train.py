@@ -11,7 +11,6 @@ horovod_mlstm.distributed. A job restarted with the same --model_dir resumes whe
 from __future__ import annotations
 
 import json
-import math
 import os
 import sys
 import time
@@ -23,17 +22,10 @@ from absl import app, logging
 from horovod_mlstm import data, distributed as dist
 from horovod_mlstm import flags as hflags
 from horovod_mlstm.checkpoint import CheckpointError, Checkpointer
+from horovod_mlstm.evaluate import LN2, bits_per_char, make_eval_step, xent
 from horovod_mlstm.model import ModelConfig, build_model
 from horovod_mlstm.preprocess import prepare_builtin
 from horovod_mlstm.schedule import WarmupDecaySchedule
-
-LN2 = math.log(2.0)
-
-
-def xent(targets, logits):
-    """Per-byte cross-entropy in nats, float32."""
-    return tf.nn.sparse_softmax_cross_entropy_with_logits(labels=targets, logits=logits)
-
 
 def check_model_dir(cfg: hflags.TrainConfig, model_config: ModelConfig) -> None:
     """A model_dir holding a different architecture is an error, not something to overwrite."""
@@ -42,19 +34,6 @@ def check_model_dir(cfg: hflags.TrainConfig, model_config: ModelConfig) -> None:
         if saved != model_config:
             raise ValueError(f"--model_dir {cfg.model_dir} holds a different model ({saved}); "
                              f"the flags ask for {model_config}. Use another --model_dir.")
-
-
-def evaluate_bpc(model, streams: data.ByteStreams, windows: int, step_fn) -> float:
-    """Bits per character over the first `windows` windows (0 = all), summed over ranks."""
-    count = windows or streams.windows_per_epoch
-    h, c = model.zero_state(streams.rows)
-    nats, chars = 0.0, 0.0
-    for batch in streams.dataset(0, min(count, streams.windows_per_epoch)):
-        loss_sum, h, c = step_fn(batch["inputs"], batch["targets"], h, c)
-        nats += float(loss_sum)
-        chars += float(np.prod(batch["inputs"].shape))
-    nats, chars = dist.total(nats), dist.total(chars)
-    return float(nats / chars / LN2)
 
 
 def run(cfg: hflags.TrainConfig) -> dict:
@@ -140,10 +119,7 @@ def run(cfg: hflags.TrainConfig) -> dict:
         chars_seen.assign_add(tf.cast(tf.size(inputs) * dist.size(), tf.int64))
         return tf.reduce_mean(tf.stack(losses)), norm
 
-    @tf.function
-    def eval_step(inputs, targets, h, c):
-        logits, (h, c) = model(inputs, (h, c))
-        return tf.reduce_sum(xent(targets, logits)), h, c
+    eval_step = make_eval_step(model)
 
     # ------------------------------------------------- checkpoint and resume
     ckpt = Checkpointer(cfg.model_dir, cfg.keep_checkpoints, model=model, optimizer=optimizer, step=step,
@@ -176,6 +152,7 @@ def run(cfg: hflags.TrainConfig) -> dict:
               + (f"resumed from {restored} at step {start_step}" if restored else "starting from scratch"),
               flush=True)
     train_bpc = val_bpc = float("nan")
+    history = []  # validation points of this run, for summary.json
     window_loss, window_steps = 0.0, 0
     t_start = t_last = time.time()
     batches = iter(train_streams.dataset(int(position.numpy())))
@@ -208,7 +185,9 @@ def run(cfg: hflags.TrainConfig) -> dict:
             window_loss, window_steps, t_last = 0.0, 0, time.time()
 
         if (cfg.eval_every and s % cfg.eval_every == 0) or s == cfg.train_steps:
-            val_bpc = evaluate_bpc(model, val_streams, cfg.eval_windows, eval_step)
+            val_bpc = bits_per_char(model, val_streams, cfg.eval_windows, eval_step)
+            history.append({"step": s, "chars_seen": int(chars_seen.numpy()), "val_bpc": val_bpc,
+                            "train_bpc": train_bpc})
             if chief:
                 print(f"[eval] step {s} validation bpc {val_bpc:.4f}", flush=True)
                 with writer.as_default(step=s):
@@ -232,6 +211,7 @@ def run(cfg: hflags.TrainConfig) -> dict:
         "global_batch": cfg.global_batch(world),
         "peak_learning_rate": peak_lr,
         "precision": cfg.precision,
+        "history": history,
     }
     if chief:
         with open(os.path.join(cfg.model_dir, "summary.json.tmp"), "w") as f:

@@ -1,0 +1,131 @@
+"""The mLSTM against a plain NumPy transcription of its equations, and a gradient check."""
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from horovod_mlstm.model import ModelConfig, build_model, flops_per_char
+
+
+def sigmoid(x):
+    return 1.0 / (1.0 + np.exp(-x))
+
+
+def numpy_lm(model, inputs, h, c, mask=None):
+    """Reference forward pass: embedding -> mLSTM step by step -> softmax layer logits."""
+    rnn = model.rnn
+    wx, wh, wmx, wmh = (w.numpy() for w in (rnn.wx, rnn.wh, rnn.wmx, rnn.wmh))
+    if rnn.weight_norm:
+        def wn(v, g):
+            return v / np.linalg.norm(v, axis=0, keepdims=True) * g.numpy()
+        wx, wh, wmx, wmh = wn(wx, rnn.gx), wn(wh, rnn.gh), wn(wmx, rnn.gmx), wn(wmh, rnn.gmh)
+    b = rnn.b.numpy()
+    emb = model.embed.embeddings.numpy()[inputs]  # [B, T, E]
+    kernel, bias = model.out.kernel.numpy(), model.out.bias.numpy()
+    logits = []
+    for t in range(inputs.shape[1]):
+        x = emb[:, t]
+        m = (x @ wmx) * (h @ wmh)
+        i, f, o, u = np.split(x @ wx + m @ wh + b, 4, axis=1)
+        c_new = sigmoid(f) * c + sigmoid(i) * np.tanh(u)
+        h_new = sigmoid(o) * np.tanh(c_new)
+        if mask is not None:
+            keep = mask[:, t:t + 1]
+            c_new, h_new = np.where(keep, c_new, c), np.where(keep, h_new, h)
+        h, c = h_new, c_new
+        logits.append(h @ kernel + bias)
+    return np.stack(logits, 1), h, c
+
+
+def random_state(rng, batch, hidden):
+    return (rng.normal(size=(batch, hidden)).astype(np.float32) * 0.5,
+            rng.normal(size=(batch, hidden)).astype(np.float32) * 0.5)
+
+
+@pytest.mark.parametrize("weight_norm", [True, False])
+def test_forward_matches_numpy_reference(weight_norm):
+    tf.keras.utils.set_random_seed(0)
+    model = build_model(ModelConfig(hidden_size=24, embed_size=8, weight_norm=weight_norm))
+    rng = np.random.default_rng(0)
+    inputs = rng.integers(0, 256, size=(3, 7))
+    h0, c0 = random_state(rng, 3, 24)
+    logits, (h, c) = model(tf.constant(inputs), (h0, c0))
+    ref_logits, ref_h, ref_c = numpy_lm(model, inputs, h0, c0)
+    np.testing.assert_allclose(logits.numpy(), ref_logits, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(h.numpy(), ref_h, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(c.numpy(), ref_c, rtol=1e-4, atol=1e-5)
+
+
+def test_mask_freezes_state_after_each_rows_last_step():
+    tf.keras.utils.set_random_seed(1)
+    model = build_model(ModelConfig(hidden_size=16, embed_size=8))
+    rng = np.random.default_rng(1)
+    inputs = rng.integers(0, 256, size=(3, 6))
+    mask = np.array([[1] * 6, [1] * 3 + [0] * 3, [1] + [0] * 5], dtype=bool)
+    zero = np.zeros((3, 16), np.float32)
+    _, (h, c) = model(tf.constant(inputs), (zero, zero), mask=tf.constant(mask))
+    _, ref_h, ref_c = numpy_lm(model, inputs, zero, zero, mask)
+    np.testing.assert_allclose(c.numpy(), ref_c, rtol=1e-4, atol=1e-5)
+    # Row 1's final state is its state after 3 bytes, exactly as if fed only those bytes.
+    _, (h3, _) = model(tf.constant(inputs[1:2, :3]), (zero[:1], zero[:1]))
+    np.testing.assert_allclose(h.numpy()[1], h3.numpy()[0], rtol=1e-5, atol=1e-6)
+
+
+def test_gradients_match_finite_differences():
+    tf.keras.utils.set_random_seed(2)
+    model = build_model(ModelConfig(hidden_size=8, embed_size=4))
+    rng = np.random.default_rng(2)
+    inputs = tf.constant(rng.integers(0, 256, size=(2, 5)))
+    targets = tf.constant(rng.integers(0, 256, size=(2, 5)))
+    state = model.zero_state(2)
+
+    def loss_fn():
+        logits, _ = model(inputs, state)
+        return tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(targets, logits))
+
+    with tf.GradientTape() as tape:
+        loss = loss_fn()
+    grads = tape.gradient(loss, model.trainable_variables)
+    for var, grad in zip(model.trainable_variables, grads):
+        grad = tf.convert_to_tensor(grad).numpy()  # embedding gradients arrive as IndexedSlices
+        flat = var.numpy().reshape(-1)
+        for idx in rng.choice(flat.size, size=min(3, flat.size), replace=False):
+            if grad.reshape(-1)[idx] == 0.0 and "embed" in var.name:
+                continue  # rows of bytes that do not occur
+            eps = 1e-3
+            orig = flat[idx]
+            for sign in (1, -1):
+                flat[idx] = orig + sign * eps
+                var.assign(flat.reshape(var.shape))
+                if sign == 1:
+                    up = float(loss_fn())
+                else:
+                    down = float(loss_fn())
+            flat[idx] = orig
+            var.assign(flat.reshape(var.shape))
+            numeric = (up - down) / (2 * eps)
+            assert abs(numeric - grad.reshape(-1)[idx]) < 2e-3 + 2e-2 * abs(numeric), var.name
+
+
+@pytest.mark.parametrize("precision", ["mixed_bfloat16", "mixed_float16"])
+def test_mixed_precision_keeps_float32_weights_and_logits(precision):
+    tf.keras.utils.set_random_seed(3)
+    model = build_model(ModelConfig(hidden_size=16, embed_size=8, precision=precision))
+    try:
+        assert all(v.dtype == tf.float32 for v in model.trainable_variables)
+        logits, (h, c) = model(tf.zeros([2, 4], tf.int32), model.zero_state(2))
+        assert logits.dtype == tf.float32 and c.dtype == tf.float32
+        assert np.isfinite(logits.numpy()).all()
+    finally:
+        tf.keras.mixed_precision.set_global_policy("float32")
+
+
+def test_flops_per_char_of_the_paper_model():
+    # 4096 units: ~2 * (4096*4096*5) multiply-adds per char forward; training triples it.
+    assert 5.0e8 < flops_per_char(4096) < 6.5e8
+    assert flops_per_char(4096) == 3 * flops_per_char(4096, training=False)
+
+
+def test_bad_config_is_rejected():
+    with pytest.raises(ValueError, match="precision"):
+        ModelConfig(precision="fp8")
