@@ -43,7 +43,7 @@ class Checkpointer:
                 else:
                     status.assert_existing_objects_matched()
                 return path
-            except (tf.errors.OpError, ValueError, AssertionError) as e:
+            except Exception as e:  # a damaged file fails in many ways (DataLossError, IndexError, ...)
                 reason = str(e).strip().splitlines()[0][:200]
                 logging.warning("checkpoint %s is unreadable (%s); trying the previous one", path, reason)
                 tried.append(path)

@@ -69,6 +69,17 @@ def gather(value):
     return hvd.allgather(tf.convert_to_tensor(value))
 
 
+def replicas_agree(variables) -> bool:
+    """True when every rank holds bit-identical values (compares per-variable fingerprints)."""
+    def fingerprint(v):  # position-weighted mean: catches swapped as well as changed values
+        flat = tf.reshape(tf.cast(v, tf.float64), [-1])
+        return tf.reduce_sum(flat * tf.range(1.0, tf.cast(tf.size(flat) + 1, tf.float64), dtype=tf.float64)) / tf.cast(tf.size(flat), tf.float64)
+
+    mine = tf.stack([fingerprint(v) for v in variables])
+    every = hvd.allgather(mine[None])
+    return bool(tf.reduce_all(tf.equal(every, every[0])))
+
+
 def broadcast_variables(variables) -> None:
     """Makes every rank's copy equal rank 0's (after init or restore, before step one)."""
     hvd.broadcast_variables(variables, root_rank=0)

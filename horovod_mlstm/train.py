@@ -81,7 +81,10 @@ def run(cfg: hflags.TrainConfig) -> dict:
             logits, (h, c) = model(inputs, (h, c))
             loss = tf.reduce_mean(xent(targets, logits))
             scaled = optimizer.get_scaled_loss(loss) if loss_scaling else loss
-        return loss, tape.gradient(scaled, variables), h, c
+        # Dense embedding gradients (256 x embed is tiny): they add across micro-batches and
+        # allreduce as one fused buffer, like DistributedGradientTape(sparse_as_dense=True).
+        grads = [tf.convert_to_tensor(g) for g in tape.gradient(scaled, variables)]
+        return loss, grads, h, c
 
     local_gradients = tf.function(local_gradients, jit_compile=cfg.xla or None)
 
@@ -197,6 +200,7 @@ def run(cfg: hflags.TrainConfig) -> dict:
         if s % cfg.checkpoint_every == 0 or s == cfg.train_steps:
             save_checkpoint()
 
+    in_sync = dist.replicas_agree(model.variables)
     elapsed = time.time() - t_start
     steps_run = cfg.train_steps - start_step
     summary = {
@@ -211,6 +215,7 @@ def run(cfg: hflags.TrainConfig) -> dict:
         "global_batch": cfg.global_batch(world),
         "peak_learning_rate": peak_lr,
         "precision": cfg.precision,
+        "replicas_in_sync": in_sync,
         "history": history,
     }
     if chief:

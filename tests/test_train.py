@@ -1,0 +1,92 @@
+"""train.py end to end in one process: bad flags, a real run, and resume after kill -9."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from conftest import ENV, PYTHON, REPO, TINY_MODEL_FLAGS, last_line, python
+
+
+def model_weights(model_dir) -> dict[str, np.ndarray]:
+    """The model's variables from the newest checkpoint, by checkpoint key."""
+    path = tf.train.latest_checkpoint(os.path.join(model_dir, "checkpoints"))
+    reader = tf.train.load_checkpoint(path)
+    return {k: reader.get_tensor(k) for k in reader.get_variable_to_shape_map()
+            if k.startswith("model/") and "OPTIMIZER_SLOT" not in k}
+
+
+def assert_same_weights(a, b, rtol=1e-5, atol=1e-6):
+    wa, wb = model_weights(a), model_weights(b)
+    assert wa.keys() == wb.keys() and len(wa) >= 8
+    for key in wa:
+        np.testing.assert_allclose(wa[key], wb[key], rtol=rtol, atol=atol, err_msg=key)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--no_such_flag=1"], "no_such_flag"),
+    (["--warmup_steps=50", "--train_steps=10"], "--warmup_steps (50) must be below the decay horizon"),
+    (["--batch_size_per_worker=0"], "--batch_size_per_worker must be at least 1"),
+    (["--precision=fp8"], "precision"),
+    (["--data_dir=/nonexistent/data"], "data directory '/nonexistent/data' does not exist"),
+])
+def test_bad_flags_fail_fast_with_one_clear_line(tmp_path, args, message):
+    proc = python("train.py", f"--model_dir={tmp_path}/m", *args, timeout=120)
+    assert proc.returncode != 0
+    assert message in proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if "error" in line.lower()]
+    assert errors and message in errors[-1] or message in last_line(proc.stderr)
+    assert not os.path.exists(tmp_path / "m" / "checkpoints")
+
+
+def test_trains_checkpoints_and_reports(tmp_path, tiny_data):
+    model_dir = tmp_path / "run"
+    proc = python("train.py", f"--model_dir={model_dir}", f"--data_dir={tiny_data}", "--train_steps=60",
+                  "--checkpoint_every=30", *TINY_MODEL_FLAGS, "--eval_every=30", check=True)
+    summary = json.loads((model_dir / "summary.json").read_text())
+    assert summary["final_step"] == 60 and summary["world_size"] == 1
+    assert summary["val_bpc"] < 7.0, summary  # an untrained byte model is at 8 bits
+    assert summary["history"][0]["val_bpc"] > summary["history"][-1]["val_bpc"]
+    assert summary["chars_seen"] == 60 * 4 * 32
+    assert summary["replicas_in_sync"] is True
+    assert "[train] step 60/60" in proc.stdout and "lr " in proc.stdout and "chars/s" in proc.stdout
+    assert sorted(os.listdir(model_dir / "checkpoints"))[0].startswith("checkpoint")
+    assert (model_dir / "config.json").exists() and list((model_dir / "tensorboard").iterdir())
+
+    # Running again with the same model_dir and a later --train_steps resumes; a different model is refused.
+    proc = python("train.py", f"--model_dir={model_dir}", f"--data_dir={tiny_data}", "--train_steps=65",
+                  *TINY_MODEL_FLAGS, check=True)
+    assert "at step 60" in proc.stdout
+    assert json.loads((model_dir / "summary.json").read_text())["final_step"] == 65
+    proc = python("train.py", f"--model_dir={model_dir}", f"--data_dir={tiny_data}", "--train_steps=70",
+                  *TINY_MODEL_FLAGS, "--hidden_size=48")
+    assert proc.returncode != 0 and "holds a different model" in last_line(proc.stderr)
+
+
+def test_kill_9_and_resume_reaches_the_uninterrupted_weights(tmp_path, tiny_data):
+    flags = [f"--data_dir={tiny_data}", "--train_steps=300", "--checkpoint_every=10", *TINY_MODEL_FLAGS,
+             "--hidden_size=64", "--seq_length=64", "--batch_size_per_worker=8"]
+    python("train.py", f"--model_dir={tmp_path}/straight", *flags, check=True)
+
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen([PYTHON, "train.py", f"--model_dir={killed}", *flags], cwd=REPO, env=ENV,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while time.time() < deadline and not tf.train.latest_checkpoint(str(killed / "checkpoints")):
+        time.sleep(0.05)
+    time.sleep(0.3)  # well inside a later step or save
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL, "the run finished before it could be killed"
+
+    resumed = python("train.py", f"--model_dir={killed}", *flags, check=True)
+    step = int(resumed.stdout.split("at step ")[1].split()[0])
+    assert 10 <= step < 300
+    assert json.loads((killed / "summary.json").read_text())["final_step"] == 300
+    assert_same_weights(tmp_path / "straight", killed)
