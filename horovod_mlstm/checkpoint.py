@@ -51,6 +51,16 @@ class Checkpointer:
             raise CheckpointError(f"no readable checkpoint in {self.directory} (tried {', '.join(tried)})")
         return None
 
+    def saved_shape(self, name: str) -> list[int] | None:
+        """Shape of top-level object `name` in the newest readable checkpoint (None if none)."""
+        for path in self.candidates():
+            try:
+                return tf.train.load_checkpoint(path).get_variable_to_shape_map().get(
+                    f"{name}/.ATTRIBUTES/VARIABLE_VALUE")
+            except Exception:  # unreadable: restore() will say so and fall back
+                continue
+        return None
+
     def save(self, step: int) -> str:
         return self.manager.save(checkpoint_number=step)
 

@@ -142,3 +142,15 @@ def rank_streams(data_dir: str, split: str, rows: int, seq_length: int,
     if data.size == 0:
         raise DataError(f"the {split} split in {data_dir!r} has no data for rank {rank} of {num_ranks}")
     return ByteStreams(data, rows, seq_length)
+
+
+def global_streams(data_dir: str, split: str, total_rows: int, seq_length: int,
+                   first_row: int, rows: int) -> ByteStreams:
+    """Rows [first_row, first_row + rows) of `total_rows` streams laid out over the whole split.
+
+    Elastic jobs use this layout: every stream's bytes are the same whatever the number of
+    ranks, so when ranks come and go the streams are only reassigned, and none is read twice
+    or skipped. The price is that each rank reads the whole split once at (re)start.
+    """
+    whole = ByteStreams(read_bytes(split_files(data_dir, split)), total_rows, seq_length)
+    return ByteStreams(whole.streams[first_row:first_row + rows].reshape(-1), rows, seq_length)

@@ -89,5 +89,43 @@ def broadcast(value):
     return hvd.broadcast(tf.convert_to_tensor(value), root_rank=0)
 
 
-def barrier() -> None:
-    hvd.join()
+def run_elastic(loop, variables, **tracked):
+    """Runs `loop(state)` under Horovod elastic: when a worker is lost or hosts change, every
+    remaining rank rolls `variables` and `tracked` back to the last `state.commit()`, Horovod
+    re-initialises with the new world, rank 0's state is broadcast, and `loop` is entered again.
+    """
+    from horovod.common.elastic import ObjectState, run_fn
+    from horovod.common.exceptions import HorovodInternalError
+
+    class State(ObjectState):
+        def __init__(self):
+            self._values = [v.numpy() for v in variables]
+            super().__init__(bcast_object=hvd.broadcast_object, get_rank=hvd.rank, **tracked)
+
+        def save(self):
+            self._values = [v.numpy() for v in variables]
+            super().save()
+
+        def restore(self):
+            for v, value in zip(variables, self._values):
+                v.assign(value)
+            super().restore()
+
+        def sync(self):
+            hvd.broadcast_variables(variables, root_rank=0)
+            self._values = [v.numpy() for v in variables]
+            super().sync()
+
+    def loop_reporting_lost_workers(state):
+        try:
+            return loop(state)
+        except tf.errors.OpError as e:  # a collective whose peer died: roll back and reset
+            if "Horovod" in e.message:
+                raise HorovodInternalError(e) from e
+            raise
+
+    def reset():
+        hvd.shutdown()
+        hvd.init()
+
+    return run_fn(loop_reporting_lost_workers, reset)(State())

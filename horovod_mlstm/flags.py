@@ -55,6 +55,8 @@ def define_training() -> None:
     # Distribution.
     flags.DEFINE_integer("backward_passes_per_step", 1, "Micro-batches accumulated per update (one allreduce).")
     flags.DEFINE_bool("fp16_allreduce", False, "Compress gradients to float16 for the allreduce.")
+    flags.DEFINE_bool("elastic", False, "Run under Horovod elastic (launch with horovodrun --min-np/--max-np).")
+    flags.DEFINE_integer("commit_every", 10, "Elastic: commit state every N steps (a lost worker costs at most N).")
     # Loop.
     flags.DEFINE_integer("train_steps", 1000, "Total optimizer steps.")
     flags.DEFINE_integer("log_every", 10, "Progress line every N steps.")
@@ -93,6 +95,8 @@ class TrainConfig:
     adam_epsilon: float
     backward_passes_per_step: int
     fp16_allreduce: bool
+    elastic: bool
+    commit_every: int
     train_steps: int
     log_every: int
     eval_every: int
@@ -106,7 +110,7 @@ class TrainConfig:
 
     def __post_init__(self):
         positive = ["seq_length", "batch_size_per_worker", "hidden_size", "embed_size", "train_steps",
-                    "log_every", "checkpoint_every", "keep_checkpoints", "backward_passes_per_step",
+                    "log_every", "checkpoint_every", "keep_checkpoints", "backward_passes_per_step", "commit_every",
                     "reference_batch"]
         for name in positive:
             if getattr(self, name) < 1:

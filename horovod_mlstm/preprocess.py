@@ -14,7 +14,9 @@ import html
 import json
 import os
 import re
+import shutil
 import sys
+import tempfile
 
 from horovod_mlstm import corpus
 from horovod_mlstm.data import DOC_END, SPLITS, shard_name
@@ -111,8 +113,23 @@ BUILTIN_REVIEWS = 20000
 
 
 def prepare_builtin(output_dir: str) -> str:
-    """Writes the built-in corpus once (about 5 MB); later calls find the manifest and return."""
-    if not os.path.exists(os.path.join(output_dir, "manifest.json")):
-        write_corpus(corpus.texts(BUILTIN_REVIEWS), output_dir, num_shards=2, val_fraction=0.05,
+    """Writes the built-in corpus once (about 5 MB); later calls find it and return.
+
+    Safe for every rank to call at once: each writes a private directory and renames it into
+    place; whoever loses the race drops its copy (the corpus is deterministic).
+    """
+    if os.path.exists(os.path.join(output_dir, "manifest.json")):
+        return output_dir
+    parent = os.path.dirname(os.path.abspath(output_dir))
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".builtin-", dir=parent)
+    try:
+        write_corpus(corpus.texts(BUILTIN_REVIEWS), tmp, num_shards=2, val_fraction=0.05,
                      test_fraction=0.05, extra_manifest={"formats": ["builtin"]})
+        os.rename(tmp, output_dir)
+    except OSError:
+        if not os.path.exists(os.path.join(output_dir, "manifest.json")):
+            raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return output_dir
