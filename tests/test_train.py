@@ -60,10 +60,15 @@ def test_trains_checkpoints_and_reports(tmp_path, tiny_data):
     assert sorted(os.listdir(model_dir / "checkpoints"))[0].startswith("checkpoint")
     assert (model_dir / "config.json").exists() and list((model_dir / "tensorboard").iterdir())
 
-    # Running again with the same model_dir and a later --train_steps resumes; a different model is refused.
+    # Running again with the same model_dir and a later --train_steps resumes; a truncated newest
+    # checkpoint is reported in one line and the previous one is used; a different model is refused.
+    ckpts = model_dir / "checkpoints"
+    for f in ckpts.glob("ckpt-60.data-*"):
+        f.write_bytes(f.read_bytes()[:100])
     proc = python("train.py", f"--model_dir={model_dir}", f"--data_dir={tiny_data}", "--train_steps=65",
                   *TINY_MODEL_FLAGS, check=True)
-    assert "at step 60" in proc.stdout
+    assert "ckpt-60 is unreadable" in proc.stderr and "trying the previous one" in proc.stderr
+    assert "at step 30" in proc.stdout
     assert json.loads((model_dir / "summary.json").read_text())["final_step"] == 65
     proc = python("train.py", f"--model_dir={model_dir}", f"--data_dir={tiny_data}", "--train_steps=70",
                   *TINY_MODEL_FLAGS, "--hidden_size=48")

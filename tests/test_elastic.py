@@ -1,0 +1,130 @@
+"""Elastic training survives a lost worker and hosts that leave and come back (real processes).
+
+The two "hosts" are this machine under two names (localhost and 127.0.0.1): Horovod launches
+both locally, but treats them as separate hosts, so losing one does not blacklist the other.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import ENV, HOROVODRUN, PYTHON, REPO, TINY_MODEL_FLAGS, python
+from test_train import assert_same_weights
+
+FLAGS = [*TINY_MODEL_FLAGS, "--learning_rate=3e-3", "--batch_scaling=none", "--warmup_steps=2", "--lr_decay=constant",
+         "--log_every=10", "--checkpoint_every=100", "--commit_every=10", "--eval_windows=2"]
+BOTH_HOSTS = "localhost:1\n127.0.0.1:1\n"
+
+
+class ElasticJob:
+    """`horovodrun` elastic over a discovery file the test edits, with its log in a file."""
+
+    def __init__(self, tmp: Path, data: Path, steps: int):
+        self.hosts = tmp / "hosts.txt"
+        self.hosts.write_text(BOTH_HOSTS)
+        discover = tmp / "discover.sh"
+        discover.write_text(f"#!/bin/sh\ncat {self.hosts}\n")
+        discover.chmod(0o755)
+        self.model_dir = tmp / "elastic"
+        self.log = tmp / "log.txt"
+        cmd = [HOROVODRUN, "--network-interface", "lo", "-np", "2", "--min-np", "1", "--max-np", "2",
+               "--host-discovery-script", str(discover), PYTHON, "train.py", "--elastic", *FLAGS,
+               f"--model_dir={self.model_dir}", f"--data_dir={data}", f"--train_steps={steps}"]
+        self.proc = subprocess.Popen(cmd, cwd=REPO, env=ENV, stdout=self.log.open("w"), stderr=subprocess.STDOUT,
+                                     start_new_session=True)
+
+    def wait_for(self, text: str, timeout: float = 240, after: int = 0) -> int:
+        """Waits until `text` appears in the log past offset `after`; returns where it ends."""
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            log = self.log.read_text(errors="replace")
+            at = log.find(text, after)
+            if at >= 0:
+                return at + len(text)
+            if self.proc.poll() is not None:
+                pytest.fail(f"job ended ({self.proc.returncode}) before {text!r}:\n{log[-3000:]}")
+            time.sleep(0.2)
+        pytest.fail(f"timed out waiting for {text!r}:\n{self.log.read_text(errors='replace')[-3000:]}")
+
+    def finish(self, timeout: float = 300) -> dict:
+        try:
+            rc = self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"elastic job did not finish:\n{self.log.read_text(errors='replace')[-3000:]}")
+        assert rc == 0, self.log.read_text(errors="replace")[-3000:]
+        return json.loads((self.model_dir / "summary.json").read_text())
+
+    def kill(self):
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+
+
+def worker_pids(rank: int) -> list[int]:
+    """Training processes started with HOROVOD_RANK=rank."""
+    found = []
+    for pid in os.listdir("/proc"):
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+            environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        except (OSError, ValueError):
+            continue
+        if b"train.py\0--elastic" in cmdline and f"HOROVOD_RANK={rank}".encode() in environ:
+            found.append(int(pid))
+    return found
+
+
+@pytest.fixture
+def job(tmp_path, tiny_data):
+    jobs = []
+
+    def start(steps):
+        jobs.append(ElasticJob(tmp_path, tiny_data, steps))
+        return jobs[-1]
+
+    yield start
+    for j in jobs:
+        j.kill()
+
+
+def test_sigkill_of_a_worker_loses_no_step(job, tmp_path, tiny_data):
+    steps = 200
+    j = job(steps)
+    j.wait_for("step 60/")
+    victims = worker_pids(1)
+    assert victims, "no rank-1 worker found"
+    for pid in victims:
+        os.kill(pid, signal.SIGKILL)
+    after = j.wait_for("1 rank(s)")
+    j.wait_for(f"step {steps}/{steps}", after=after)
+    summary = j.finish()
+    assert summary["final_step"] == steps
+    sizes = summary["steps_at_world_size"]
+    assert set(sizes) == {"1", "2"} and sum(sizes.values()) == steps, sizes
+    assert summary["chars_seen"] == steps * summary["global_batch"] * 32
+    # Same global batch, same streams: the run equals one that never lost a worker.
+    straight = tmp_path / "straight"
+    python("train.py", *FLAGS, f"--model_dir={straight}", f"--data_dir={tiny_data}",
+           "--batch_size_per_worker=8", f"--train_steps={steps}", check=True)
+    assert_same_weights(straight, j.model_dir, rtol=1e-3, atol=1e-4)
+
+
+def test_host_removed_and_added_back_shrinks_and_grows(job):
+    steps = 1500
+    j = job(steps)
+    j.wait_for("step 40/")
+    j.hosts.write_text("localhost:1\n")
+    after = j.wait_for("1 rank(s)")
+    j.wait_for("0/1500", after=after)  # some steps at world size 1
+    j.hosts.write_text(BOTH_HOSTS)
+    j.wait_for("2 rank(s)", after=after)
+    summary = j.finish()
+    sizes = summary["steps_at_world_size"]
+    assert summary["final_step"] == steps and sum(sizes.values()) == steps, sizes
+    assert sizes.get("1", 0) > 0 and sizes.get("2", 0) > 40, sizes
