@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ENV, HOROVODRUN, PYTHON, REPO, TINY_MODEL_FLAGS, python
+from conftest import ENV, REPO, TINY_MODEL_FLAGS, python, run
 from test_train import assert_same_weights
 
 FLAGS = [*TINY_MODEL_FLAGS, "--learning_rate=3e-3", "--batch_scaling=none", "--warmup_steps=2", "--lr_decay=constant",
@@ -27,18 +27,14 @@ class ElasticJob:
     """`horovodrun` elastic over a discovery file the test edits, with its log in a file."""
 
     def __init__(self, tmp: Path, data: Path, steps: int):
-        self.hosts = tmp / "hosts.txt"
+        self.hosts = tmp / "hosts.txt"  # read by hostfiles/discover_hosts.sh
         self.hosts.write_text(BOTH_HOSTS)
-        discover = tmp / "discover.sh"
-        discover.write_text(f"#!/bin/sh\ncat {self.hosts}\n")
-        discover.chmod(0o755)
         self.model_dir = tmp / "elastic"
         self.log = tmp / "log.txt"
-        cmd = [HOROVODRUN, "--network-interface", "lo", "-np", "2", "--min-np", "1", "--max-np", "2",
-               "--host-discovery-script", str(discover), PYTHON, "train.py", "--elastic", *FLAGS,
-               f"--model_dir={self.model_dir}", f"--data_dir={data}", f"--train_steps={steps}"]
-        self.proc = subprocess.Popen(cmd, cwd=REPO, env=ENV, stdout=self.log.open("w"), stderr=subprocess.STDOUT,
-                                     start_new_session=True)
+        cmd = ["bash", "launch/elastic.sh", "--min-np", "1", *FLAGS, f"--model_dir={self.model_dir}",
+               f"--data_dir={data}", f"--train_steps={steps}"]
+        self.proc = subprocess.Popen(cmd, cwd=REPO, env={**ENV, "HOROVOD_MLSTM_ELASTIC_HOSTS": str(self.hosts)},
+                                     stdout=self.log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
 
     def wait_for(self, text: str, timeout: float = 240, after: int = 0) -> int:
         """Waits until `text` appears in the log past offset `after`; returns where it ends."""
@@ -128,3 +124,17 @@ def test_host_removed_and_added_back_shrinks_and_grows(job):
     sizes = summary["steps_at_world_size"]
     assert summary["final_step"] == steps and sum(sizes.values()) == steps, sizes
     assert sizes.get("1", 0) > 0 and sizes.get("2", 0) > 40, sizes
+
+
+def test_launcher_dry_run_and_bad_settings(tmp_path):
+    hosts = tmp_path / "hosts.txt"
+    hosts.write_text("# two slots\nnode1:2\nnode2:2\n")
+    env = {"HOROVOD_MLSTM_ELASTIC_HOSTS": str(hosts)}
+    proc = run(["bash", "launch/elastic.sh", "--min-np", "2", "--dry-run", "--train_steps=5"], env=env, check=True)
+    assert "-np 4 --min-np 2 --max-np 4 --host-discovery-script" in proc.stdout
+    assert "train.py --elastic --train_steps=5" in proc.stdout and "--network-interface" not in proc.stdout
+    bad = run(["bash", "launch/elastic.sh", "--np", "5", "--dry-run"], env=env)
+    assert bad.returncode != 0 and "more than the 4 slots" in bad.stderr
+    hosts.write_text("node1 slots=2\n")
+    bad = run(["bash", "launch/elastic.sh", "--dry-run"], env=env)
+    assert bad.returncode != 0 and "is not host:slots" in bad.stderr
