@@ -1,28 +1,49 @@
-"""Review text -> cleaned, framed documents -> train/val/test TFRecord shards + manifest.json.
+"""Review files -> cleaned, framed documents -> train/val/test TFRecord shards + manifest.json.
+
+    python -m horovod_mlstm.preprocess --input reviews/*.json.gz --output_dir data/amazon --num_shards 128
 
 Each document is cleaned as the reference implementations did (HTML entities unescaped,
 tags stripped, whitespace folded), encoded as UTF-8 and framed with data.DOC_END so the
-model sees where reviews end. The split of a document is a stable hash of its text, so
+model sees where reviews end. The split of a document is a stable hash of its bytes, so
 rerunning gives the same split and adding input files moves no old review between splits.
-Shards are written to temporary names and renamed only when complete.
+
+Input files are read as streams (memory stays bounded) by `--workers` processes, each
+writing per-file parts into a private temporary directory; the parts are then dealt
+round-robin into the shards in input order, so the output does not depend on --workers.
+Only when everything succeeded do the shards and manifest replace those in --output_dir:
+a fatal error leaves the previous output as it was.
 """
 
 from __future__ import annotations
 
+import ast
+import csv
+import gzip
 import hashlib
 import html
+import io
 import json
+import multiprocessing
 import os
 import re
 import shutil
 import sys
 import tempfile
+import zlib
+
+from absl import app, flags, logging
 
 from horovod_mlstm import corpus
 from horovod_mlstm.data import DOC_END, SPLITS, shard_name
 
+FORMATS = ("auto", "amazon_json", "csv", "text")
 _TAG = re.compile(r"<[^>]{0,200}>")
 _SPACE = re.compile(r"\s+")
+_BAD_UTF8 = re.compile("[\udc80-\udcff]")  # bytes that were not UTF-8, kept by surrogateescape
+
+
+class PreprocessError(Exception):
+    """A fatal input problem, explained in one line naming the file (and line)."""
 
 
 def clean(text: str) -> str:
@@ -40,14 +61,110 @@ def split_of(document: bytes, val_fraction: float, test_fraction: float) -> str:
     return "train"
 
 
+# ---------------------------------------------------------------- reading inputs
+
+def open_text(path: str):
+    """A text stream over a plain or gzip file; bytes that are not UTF-8 survive as surrogates."""
+    raw = gzip.open(path, "rb") if path.endswith(".gz") else open(path, "rb")
+    return io.TextIOWrapper(raw, encoding="utf-8", errors="surrogateescape", newline="")
+
+
+def detect_format(path: str) -> str:
+    """amazon_json, csv or text, from the file name and its first non-empty line."""
+    name = path[:-3] if path.endswith(".gz") else path
+    if name.endswith(".csv"):
+        return "csv"
+    with open_text(path) as f:
+        first = next((line for line in f if line.strip()), "")
+    if first.lstrip().startswith("{"):
+        return "amazon_json"
+    return "text"
+
+
+def parse_review(line: str, text_field: str) -> str | None:
+    """The text of one McAuley review line ("summary. reviewText"); None if malformed."""
+    try:
+        review = json.loads(line)
+    except json.JSONDecodeError:
+        try:  # the older dumps are Python dict literals, one per line
+            review = ast.literal_eval(line)
+        except (ValueError, SyntaxError, MemoryError, RecursionError):
+            return None
+    if not isinstance(review, dict) or not isinstance(review.get(text_field), str):
+        return None
+    summary = review.get("summary")
+    return f"{summary}. {review[text_field]}" if isinstance(summary, str) and summary.strip() else review[text_field]
+
+
+def documents(path: str, fmt: str, options: dict):
+    """Yields (line number, text or None if malformed, reason) for every record of one file."""
+    with open_text(path) as f:
+        if fmt == "csv":
+            reader = csv.DictReader(f)
+            column = options["csv_column"]
+            if column not in (reader.fieldnames or []):
+                raise PreprocessError(f"{path}:1: no column {column!r} (columns: {', '.join(reader.fieldnames or [])})")
+            for row in reader:
+                text = row.get(column)
+                yield reader.line_num, text, None if text is not None else "short CSV row"
+        elif fmt == "text" and options["text_whole_file"]:
+            yield 1, f.read(), None
+        else:
+            for number, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                if fmt == "text":
+                    yield number, line, None
+                else:
+                    text = parse_review(line, options["text_field"])
+                    yield number, text, None if text is not None else "malformed JSON"
+
+
+def process_file(job):
+    """Worker: one input file -> per-split TFRecord parts in the temp dir; returns its counts."""
+    import tensorflow as tf  # per process, after fork
+
+    index, path, fmt, options, tmp = job
+    counts = {"file": path, "format": fmt, "records": {s: 0 for s in SPLITS}, "bytes": {s: 0 for s in SPLITS},
+              "skipped": {}}
+    writers = {s: tf.io.TFRecordWriter(os.path.join(tmp, f"part-{index:06d}-{s}")) for s in SPLITS}
+    number = 0
+    try:
+        for number, text, reason in documents(path, fmt, options):
+            if text is not None and _BAD_UTF8.search(text):
+                text, reason = None, "invalid UTF-8"
+            if text is not None:
+                text = clean(text)
+                if not text:
+                    text, reason = None, "empty text"
+            if text is None:
+                counts["skipped"][reason] = counts["skipped"].get(reason, 0) + 1
+                continue
+            record = text.encode("utf-8") + DOC_END
+            split = split_of(record, options["val_fraction"], options["test_fraction"])
+            writers[split].write(record)
+            counts["records"][split] += 1
+            counts["bytes"][split] += len(record)
+    except (EOFError, gzip.BadGzipFile, zlib.error) as e:
+        raise PreprocessError(f"{path}:{number + 1}: truncated or corrupt gzip ({e})") from None
+    except csv.Error as e:
+        raise PreprocessError(f"{path}:{number + 1}: malformed CSV ({e})") from None
+    finally:
+        for w in writers.values():
+            w.close()
+    return counts
+
+
+# ---------------------------------------------------------------- writing shards
+
 class ShardWriter:
-    """Round-robin writer for one split's shards; files appear under their final names only on close()."""
+    """Round-robin writer for one split's shards (names final inside a temp dir)."""
 
     def __init__(self, output_dir: str, split: str, num_shards: int):
-        import tensorflow as tf  # imported here so `--help` and cleaning stay fast
+        import tensorflow as tf
 
         self.paths = [os.path.join(output_dir, shard_name(split, i, num_shards)) for i in range(num_shards)]
-        self.writers = [tf.io.TFRecordWriter(p + ".tmp") for p in self.paths]
+        self.writers = [tf.io.TFRecordWriter(p) for p in self.paths]
         self.records = [0] * num_shards
         self.bytes = [0] * num_shards
         self._next = 0
@@ -60,53 +177,126 @@ class ShardWriter:
         self._next = (i + 1) % len(self.writers)
 
     def close(self) -> None:
-        for w, p in zip(self.writers, self.paths):
+        for w in self.writers:
             w.close()
-            os.replace(p + ".tmp", p)
 
-    def abort(self) -> None:
-        for w, p in zip(self.writers, self.paths):
-            w.close()
-            if os.path.exists(p + ".tmp"):
-                os.remove(p + ".tmp")
+    def summary(self) -> dict:
+        return {"reviews": sum(self.records), "bytes": sum(self.bytes),
+                "shards": [{"file": os.path.basename(p), "reviews": r, "bytes": b}
+                           for p, r, b in zip(self.paths, self.records, self.bytes)]}
+
+
+def publish(tmp: str, output_dir: str, manifest: dict) -> None:
+    """Moves finished shards and the manifest from `tmp` into `output_dir`, replacing old shards."""
+    manifest_tmp = os.path.join(tmp, "manifest.json")
+    with open(manifest_tmp, "w") as f:
+        json.dump(manifest, f, indent=2)
+    os.makedirs(output_dir, exist_ok=True)
+    for name in os.listdir(output_dir):
+        if name == "manifest.json" or (name.endswith(".tfrecord") and name.split("-")[0] in SPLITS):
+            os.remove(os.path.join(output_dir, name))
+    for name in sorted(os.listdir(tmp)):
+        if name.endswith(".tfrecord"):
+            os.replace(os.path.join(tmp, name), os.path.join(output_dir, name))
+    os.replace(manifest_tmp, os.path.join(output_dir, "manifest.json"))  # last: marks the output complete
 
 
 def write_corpus(texts, output_dir: str, num_shards: int = 1, val_fraction: float = 0.001,
                  test_fraction: float = 0.001, extra_manifest: dict | None = None) -> dict:
-    """Cleans, frames, splits and shards an iterable of texts; returns the manifest it wrote."""
-    os.makedirs(output_dir, exist_ok=True)
-    writers = {s: ShardWriter(output_dir, s, num_shards) for s in SPLITS}
-    skipped = {"empty": 0}
+    """Cleans, frames, splits and shards an iterable of texts (one process); returns the manifest."""
+    tmp = tempfile.mkdtemp(prefix=".preprocess-", dir=os.path.dirname(os.path.abspath(output_dir)) or ".")
     try:
+        writers = {s: ShardWriter(tmp, s, num_shards) for s in SPLITS}
+        skipped = {}
         for text in texts:
             text = clean(text)
             if not text:
-                skipped["empty"] += 1
+                skipped["empty text"] = skipped.get("empty text", 0) + 1
                 continue
             record = text.encode("utf-8") + DOC_END
             writers[split_of(record, val_fraction, test_fraction)].write(record)
-    except BaseException:
         for w in writers.values():
-            w.abort()
-        raise
-    for w in writers.values():
-        w.close()
-    manifest = {
-        "splits": {s: {"reviews": sum(w.records), "bytes": sum(w.bytes),
-                       "shards": [{"file": os.path.basename(p), "reviews": r, "bytes": b}
-                                  for p, r, b in zip(w.paths, w.records, w.bytes)]}
-                   for s, w in writers.items()},
-        "skipped": skipped,
-        "val_fraction": val_fraction,
-        "test_fraction": test_fraction,
-        "command": " ".join(sys.argv),
-        **(extra_manifest or {}),
-    }
-    tmp = os.path.join(output_dir, "manifest.json.tmp")
-    with open(tmp, "w") as f:
-        json.dump(manifest, f, indent=2)
-    os.replace(tmp, os.path.join(output_dir, "manifest.json"))
-    return manifest
+            w.close()
+        manifest = {"splits": {s: w.summary() for s, w in writers.items()}, "skipped": skipped,
+                    "val_fraction": val_fraction, "test_fraction": test_fraction,
+                    "command": " ".join(sys.argv), **(extra_manifest or {})}
+        publish(tmp, output_dir, manifest)
+        return manifest
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def preprocess(inputs: list[str], output_dir: str, num_shards: int, fmt: str = "auto", workers: int = 1,
+               max_bad_fraction: float = 0.01, **options) -> dict:
+    """The CLI's work: check inputs, process files in parallel, merge into shards, publish."""
+    import tensorflow as tf
+    from tqdm import tqdm
+
+    for path in inputs:
+        if not os.path.isfile(path):
+            raise PreprocessError(f"{path}: no such file")
+    if not inputs:
+        raise PreprocessError("no input files given")
+    formats = []
+    for path in inputs:
+        try:
+            chosen = detect_format(path) if fmt == "auto" else fmt
+        except (EOFError, gzip.BadGzipFile, zlib.error) as e:
+            raise PreprocessError(f"{path}:1: truncated or corrupt gzip ({e})") from None
+        if fmt == "auto":
+            logging.info("%s: format %s (auto)", path, chosen)
+        formats.append(chosen)
+    total_bytes = sum(os.path.getsize(p) for p in inputs)
+    parent = os.path.dirname(os.path.abspath(output_dir))
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".preprocess-", dir=parent)
+    try:
+        jobs = [(i, p, f, options, tmp) for i, (p, f) in enumerate(zip(inputs, formats))]
+        with tqdm(total=total_bytes, unit="B", unit_scale=True, desc="preprocess", file=sys.stderr) as bar:
+            if workers > 1:
+                with multiprocessing.get_context("spawn").Pool(workers) as pool:
+                    results = []
+                    for counts in pool.imap(process_file, jobs):
+                        results.append(counts)
+                        bar.update(os.path.getsize(counts["file"]))
+            else:
+                results = []
+                for job in jobs:
+                    results.append(process_file(job))
+                    bar.update(os.path.getsize(job[1]))
+        good = sum(sum(r["records"].values()) for r in results)
+        skipped = {}
+        for r in results:
+            for reason, n in r["skipped"].items():
+                skipped[reason] = skipped.get(reason, 0) + n
+        bad = sum(skipped.values())
+        if good == 0:
+            raise PreprocessError(f"{', '.join(inputs)}: no usable records (skipped: {skipped or 'none'})")
+        if bad / (good + bad) > max_bad_fraction:
+            raise PreprocessError(f"{bad} of {good + bad} records are malformed ({skipped}), more than "
+                                  f"--max_bad_fraction={max_bad_fraction}")
+        # Deal the parts into shards in input order: the same output for any --workers.
+        writers = {s: ShardWriter(tmp, s, num_shards) for s in SPLITS}
+        for split in SPLITS:
+            for job in jobs:
+                part = os.path.join(tmp, f"part-{job[0]:06d}-{split}")
+                for record in tf.data.TFRecordDataset(part):
+                    writers[split].write(record.numpy())
+                os.remove(part)
+            writers[split].close()
+        manifest = {
+            "splits": {s: w.summary() for s, w in writers.items()},
+            "formats": sorted(set(formats)),
+            "files": [{"file": r["file"], "format": r["format"], "reviews": sum(r["records"].values()),
+                       "skipped": r["skipped"]} for r in results],
+            "skipped": skipped,
+            "val_fraction": options["val_fraction"], "test_fraction": options["test_fraction"],
+            "command": " ".join(sys.argv),
+        }
+        publish(tmp, output_dir, manifest)
+        return manifest
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 BUILTIN_REVIEWS = 20000
@@ -133,3 +323,43 @@ def prepare_builtin(output_dir: str) -> str:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return output_dir
+
+
+def main(argv):
+    FLAGS = flags.FLAGS
+    inputs = (FLAGS.input or []) + argv[1:]  # `--input a b c`: the shell's expansion of one glob
+    if FLAGS.builtin:
+        prepare_builtin(FLAGS.output_dir)
+        print(f"[preprocess] built-in corpus in {FLAGS.output_dir}")
+        return
+    if FLAGS.num_shards < 1:
+        sys.exit("error: --num_shards must be at least 1")
+    if not (0 <= FLAGS.val_fraction and 0 <= FLAGS.test_fraction and FLAGS.val_fraction + FLAGS.test_fraction < 1):
+        sys.exit("error: --val_fraction and --test_fraction must be >= 0 and sum to less than 1")
+    try:
+        manifest = preprocess(inputs, FLAGS.output_dir, FLAGS.num_shards, FLAGS.format, FLAGS.workers,
+                              FLAGS.max_bad_fraction, text_field=FLAGS.text_field, csv_column=FLAGS.csv_column,
+                              text_whole_file=FLAGS.text_whole_file, val_fraction=FLAGS.val_fraction,
+                              test_fraction=FLAGS.test_fraction)
+    except PreprocessError as e:
+        sys.exit(f"error: {e}")
+    splits = manifest["splits"]
+    print(f"[preprocess] {FLAGS.output_dir}: " + ", ".join(
+        f"{s} {splits[s]['reviews']:,} reviews / {splits[s]['bytes']:,} bytes" for s in SPLITS)
+        + f" in {FLAGS.num_shards} shard(s) each; skipped {manifest['skipped'] or 'none'}", flush=True)
+
+
+if __name__ == "__main__":
+    flags.DEFINE_multi_string("input", None, "Input files (repeat the flag, or list them after one --input).")
+    flags.DEFINE_string("output_dir", "data/reviews", "Where the shards and manifest.json go.")
+    flags.DEFINE_integer("num_shards", 8, "Shards per split (use at least the number of training ranks).")
+    flags.DEFINE_enum("format", "auto", list(FORMATS), "Input format; auto decides per file.")
+    flags.DEFINE_string("text_field", "reviewText", "amazon_json: the field holding the review text.")
+    flags.DEFINE_string("csv_column", "sentence", "csv: the column holding the text.")
+    flags.DEFINE_bool("text_whole_file", False, "text: each file is one document (default: one per line).")
+    flags.DEFINE_float("val_fraction", 0.001, "Share of reviews in the validation split.")
+    flags.DEFINE_float("test_fraction", 0.001, "Share of reviews in the test split.")
+    flags.DEFINE_integer("workers", 1, "Processes reading input files in parallel.")
+    flags.DEFINE_float("max_bad_fraction", 0.01, "Stop with an error when more records than this are malformed.")
+    flags.DEFINE_bool("builtin", False, "Write the built-in synthetic corpus instead of reading --input.")
+    app.run(main)
