@@ -8,8 +8,9 @@ model sees where reviews end. The split of a document is a stable hash of its by
 rerunning gives the same split and adding input files moves no old review between splits.
 
 Input files are read as streams (memory stays bounded) by `--workers` processes, each
-writing per-file parts into a private temporary directory; the parts are then dealt
-round-robin into the shards in input order, so the output does not depend on --workers.
+writing per-file parts into a private temporary directory. The shard of a document is a
+hash of it too, and each shard is its parts concatenated in input order (TFRecord files
+concatenate), so the output does not depend on --workers and merging is a file copy.
 Only when everything succeeded do the shards and manifest replace those in --output_dir:
 a fatal error leaves the previous output as it was.
 """
@@ -51,14 +52,16 @@ def clean(text: str) -> str:
     return _SPACE.sub(" ", _TAG.sub(" ", html.unescape(text))).strip()
 
 
+def assign(document: bytes, val_fraction: float, test_fraction: float, num_shards: int = 1) -> tuple[str, int]:
+    """(split, shard) of a document, from a hash of its bytes: stable across runs, inputs and workers."""
+    digest = hashlib.blake2b(document, digest_size=16).digest()
+    h = int.from_bytes(digest[:8], "big") / 2.0**64
+    split = "val" if h < val_fraction else "test" if h < val_fraction + test_fraction else "train"
+    return split, int.from_bytes(digest[8:], "big") % num_shards
+
+
 def split_of(document: bytes, val_fraction: float, test_fraction: float) -> str:
-    """train, val or test, from a hash of the document's bytes (stable across runs and inputs)."""
-    h = int.from_bytes(hashlib.blake2b(document, digest_size=8).digest(), "big") / 2.0**64
-    if h < val_fraction:
-        return "val"
-    if h < val_fraction + test_fraction:
-        return "test"
-    return "train"
+    return assign(document, val_fraction, test_fraction)[0]
 
 
 # ---------------------------------------------------------------- reading inputs
@@ -121,13 +124,10 @@ def documents(path: str, fmt: str, options: dict):
 
 
 def process_file(job):
-    """Worker: one input file -> per-split TFRecord parts in the temp dir; returns its counts."""
-    import tensorflow as tf  # per process, after fork
-
+    """Worker: one input file -> TFRecord parts per (split, shard) in the temp dir; returns its counts."""
     index, path, fmt, options, tmp = job
-    counts = {"file": path, "format": fmt, "records": {s: 0 for s in SPLITS}, "bytes": {s: 0 for s in SPLITS},
-              "skipped": {}}
-    writers = {s: tf.io.TFRecordWriter(os.path.join(tmp, f"part-{index:06d}-{s}")) for s in SPLITS}
+    parts = PartWriter(tmp, f"part-{index:06d}", options["num_shards"])
+    counts = {"file": path, "format": fmt, "skipped": {}}
     number = 0
     try:
         for number, text, reason in documents(path, fmt, options):
@@ -141,49 +141,64 @@ def process_file(job):
                 counts["skipped"][reason] = counts["skipped"].get(reason, 0) + 1
                 continue
             record = text.encode("utf-8") + DOC_END
-            split = split_of(record, options["val_fraction"], options["test_fraction"])
-            writers[split].write(record)
-            counts["records"][split] += 1
-            counts["bytes"][split] += len(record)
+            parts.write(record, *assign(record, options["val_fraction"], options["test_fraction"],
+                                        options["num_shards"]))
     except (EOFError, gzip.BadGzipFile, zlib.error) as e:
         raise PreprocessError(f"{path}:{number + 1}: truncated or corrupt gzip ({e})") from None
     except csv.Error as e:
         raise PreprocessError(f"{path}:{number + 1}: malformed CSV ({e})") from None
     finally:
-        for w in writers.values():
-            w.close()
+        parts.close()
+    counts.update(records=parts.records, bytes=parts.bytes)
     return counts
 
 
 # ---------------------------------------------------------------- writing shards
 
-class ShardWriter:
-    """Round-robin writer for one split's shards (names final inside a temp dir)."""
+class PartWriter:
+    """TFRecord files `{prefix}-{split}-{shard}`, opened on first use, with per-shard counts."""
 
-    def __init__(self, output_dir: str, split: str, num_shards: int):
-        import tensorflow as tf
+    def __init__(self, directory: str, prefix: str, num_shards: int):
+        self.directory, self.prefix = directory, prefix
+        self.writers = {}
+        self.records = {s: [0] * num_shards for s in SPLITS}
+        self.bytes = {s: [0] * num_shards for s in SPLITS}
 
-        self.paths = [os.path.join(output_dir, shard_name(split, i, num_shards)) for i in range(num_shards)]
-        self.writers = [tf.io.TFRecordWriter(p) for p in self.paths]
-        self.records = [0] * num_shards
-        self.bytes = [0] * num_shards
-        self._next = 0
+    def path(self, split: str, shard: int) -> str:
+        return os.path.join(self.directory, f"{self.prefix}-{split}-{shard:05d}")
 
-    def write(self, record: bytes) -> None:
-        i = self._next
-        self.writers[i].write(record)
-        self.records[i] += 1
-        self.bytes[i] += len(record)
-        self._next = (i + 1) % len(self.writers)
+    def write(self, record: bytes, split: str, shard: int) -> None:
+        if (split, shard) not in self.writers:
+            import tensorflow as tf  # here, so workers import it after starting
+
+            self.writers[split, shard] = tf.io.TFRecordWriter(self.path(split, shard))
+        self.writers[split, shard].write(record)
+        self.records[split][shard] += 1
+        self.bytes[split][shard] += len(record)
 
     def close(self) -> None:
-        for w in self.writers:
+        for w in self.writers.values():
             w.close()
 
-    def summary(self) -> dict:
-        return {"reviews": sum(self.records), "bytes": sum(self.bytes),
-                "shards": [{"file": os.path.basename(p), "reviews": r, "bytes": b}
-                           for p, r, b in zip(self.paths, self.records, self.bytes)]}
+
+def merge_parts(tmp: str, prefixes: list[str], num_shards: int) -> None:
+    """Final shards = their parts concatenated in input order (TFRecord files concatenate)."""
+    for split in SPLITS:
+        for shard in range(num_shards):
+            with open(os.path.join(tmp, shard_name(split, shard, num_shards)), "wb") as out:
+                for prefix in prefixes:
+                    part = os.path.join(tmp, f"{prefix}-{split}-{shard:05d}")
+                    if os.path.exists(part):
+                        with open(part, "rb") as f:
+                            shutil.copyfileobj(f, out, 16 << 20)
+                        os.remove(part)
+
+
+def splits_manifest(records: dict, nbytes: dict, num_shards: int) -> dict:
+    return {s: {"reviews": sum(records[s]), "bytes": sum(nbytes[s]),
+                "shards": [{"file": shard_name(s, i, num_shards), "reviews": records[s][i], "bytes": nbytes[s][i]}
+                           for i in range(num_shards)]}
+            for s in SPLITS}
 
 
 def publish(tmp: str, output_dir: str, manifest: dict) -> None:
@@ -206,7 +221,7 @@ def write_corpus(texts, output_dir: str, num_shards: int = 1, val_fraction: floa
     """Cleans, frames, splits and shards an iterable of texts (one process); returns the manifest."""
     tmp = tempfile.mkdtemp(prefix=".preprocess-", dir=os.path.dirname(os.path.abspath(output_dir)) or ".")
     try:
-        writers = {s: ShardWriter(tmp, s, num_shards) for s in SPLITS}
+        parts = PartWriter(tmp, "part", num_shards)
         skipped = {}
         for text in texts:
             text = clean(text)
@@ -214,10 +229,10 @@ def write_corpus(texts, output_dir: str, num_shards: int = 1, val_fraction: floa
                 skipped["empty text"] = skipped.get("empty text", 0) + 1
                 continue
             record = text.encode("utf-8") + DOC_END
-            writers[split_of(record, val_fraction, test_fraction)].write(record)
-        for w in writers.values():
-            w.close()
-        manifest = {"splits": {s: w.summary() for s, w in writers.items()}, "skipped": skipped,
+            parts.write(record, *assign(record, val_fraction, test_fraction, num_shards))
+        parts.close()
+        merge_parts(tmp, ["part"], num_shards)
+        manifest = {"splits": splits_manifest(parts.records, parts.bytes, num_shards), "skipped": skipped,
                     "val_fraction": val_fraction, "test_fraction": test_fraction,
                     "command": " ".join(sys.argv), **(extra_manifest or {})}
         publish(tmp, output_dir, manifest)
@@ -229,7 +244,6 @@ def write_corpus(texts, output_dir: str, num_shards: int = 1, val_fraction: floa
 def preprocess(inputs: list[str], output_dir: str, num_shards: int, fmt: str = "auto", workers: int = 1,
                max_bad_fraction: float = 0.01, **options) -> dict:
     """The CLI's work: check inputs, process files in parallel, merge into shards, publish."""
-    import tensorflow as tf
     from tqdm import tqdm
 
     for path in inputs:
@@ -251,7 +265,7 @@ def preprocess(inputs: list[str], output_dir: str, num_shards: int, fmt: str = "
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=".preprocess-", dir=parent)
     try:
-        jobs = [(i, p, f, options, tmp) for i, (p, f) in enumerate(zip(inputs, formats))]
+        jobs = [(i, p, f, {**options, "num_shards": num_shards}, tmp) for i, (p, f) in enumerate(zip(inputs, formats))]
         with tqdm(total=total_bytes, unit="B", unit_scale=True, desc="preprocess", file=sys.stderr) as bar:
             if workers > 1:
                 with multiprocessing.get_context("spawn").Pool(workers) as pool:
@@ -264,7 +278,7 @@ def preprocess(inputs: list[str], output_dir: str, num_shards: int, fmt: str = "
                 for job in jobs:
                     results.append(process_file(job))
                     bar.update(os.path.getsize(job[1]))
-        good = sum(sum(r["records"].values()) for r in results)
+        good = sum(sum(map(sum, r["records"].values())) for r in results)
         skipped = {}
         for r in results:
             for reason, n in r["skipped"].items():
@@ -275,19 +289,13 @@ def preprocess(inputs: list[str], output_dir: str, num_shards: int, fmt: str = "
         if bad / (good + bad) > max_bad_fraction:
             raise PreprocessError(f"{bad} of {good + bad} records are malformed ({skipped}), more than "
                                   f"--max_bad_fraction={max_bad_fraction}")
-        # Deal the parts into shards in input order: the same output for any --workers.
-        writers = {s: ShardWriter(tmp, s, num_shards) for s in SPLITS}
-        for split in SPLITS:
-            for job in jobs:
-                part = os.path.join(tmp, f"part-{job[0]:06d}-{split}")
-                for record in tf.data.TFRecordDataset(part):
-                    writers[split].write(record.numpy())
-                os.remove(part)
-            writers[split].close()
+        merge_parts(tmp, [f"part-{job[0]:06d}" for job in jobs], num_shards)
+        records = {s: [sum(r["records"][s][i] for r in results) for i in range(num_shards)] for s in SPLITS}
+        nbytes = {s: [sum(r["bytes"][s][i] for r in results) for i in range(num_shards)] for s in SPLITS}
         manifest = {
-            "splits": {s: w.summary() for s, w in writers.items()},
+            "splits": splits_manifest(records, nbytes, num_shards),
             "formats": sorted(set(formats)),
-            "files": [{"file": r["file"], "format": r["format"], "reviews": sum(r["records"].values()),
+            "files": [{"file": r["file"], "format": r["format"], "reviews": sum(map(sum, r["records"].values())),
                        "skipped": r["skipped"]} for r in results],
             "skipped": skipped,
             "val_fraction": options["val_fraction"], "test_fraction": options["test_fraction"],
