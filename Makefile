@@ -7,7 +7,7 @@ SETUP_STAMP := $(VENV)/.setup-done
 NP ?= 2
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 
-.PHONY: help setup test train clean
+.PHONY: help setup test train lint bench docker-build docker-run clean
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
@@ -23,6 +23,25 @@ test: setup ## Run the test suite (CPU, real horovodrun -np 2 runs included)
 
 train: setup ## Train the CPU demo model on the built-in corpus with 2 Horovod processes
 	$(HOROVODRUN) -np $(NP) -H localhost:$(NP) $(PY) train.py --flagfile=configs/cpu_demo.cfg $(ARGS)
+
+lint: setup ## Shellcheck the scripts, hadolint the Dockerfile, byte-compile the package
+	$(VENV)/bin/shellcheck -x -P SCRIPTDIR launch/*.sh launch/slurm.sbatch hostfiles/discover_hosts.sh scripts/setup.sh .ci/run
+	$(VENV)/bin/hadolint Dockerfile
+	$(PY) -m compileall -q horovod_mlstm tests train.py
+
+bench: setup ## Throughput benchmark: machine limit, this project vs plain Keras, scaling, input
+	$(PY) -m horovod_mlstm.bench --output bench_out/bench.json $(ARGS)
+
+DEVICE ?= gpu
+IMAGE ?= horovod_mlstm:$(DEVICE)
+GPUS := $(shell command -v nvidia-smi >/dev/null 2>&1 && echo --gpus all)
+docker-build: ## Build the image (DEVICE=gpu|cpu; cpu uses ubuntu:22.04 as the base)
+	docker build -t $(IMAGE) --build-arg DEVICE=$(DEVICE) $(if $(filter cpu,$(DEVICE)),--build-arg BASE_IMAGE=ubuntu:22.04) .
+
+docker-run: ## Run the embedded default in the image (data, runs and hostfiles mounted)
+	docker run --rm $(GPUS) -v $(CURDIR)/data:/opt/horovod_mlstm/data -v $(CURDIR)/runs:/opt/horovod_mlstm/runs \
+	  -v $(CURDIR)/hostfiles:/opt/horovod_mlstm/hostfiles $(IMAGE) \
+	  -np $(NP) -H localhost:$(NP) python train.py --flagfile=configs/cpu_demo.cfg $(ARGS)
 
 clean: ## Remove runs/, data/ and caches (keeps .venv)
 	rm -rf runs data bench_out .pytest_cache

@@ -27,6 +27,7 @@ if [ -n "$need" ]; then
     log "installing Debian packages:$need"
     export DEBIAN_FRONTEND=noninteractive
     apt-get update -qq
+    # shellcheck disable=SC2086  # $need is a list of package names
     apt-get install -y -qq --no-install-recommends $need >/dev/null
   else
     echo "[setup] error: missing Debian packages:$need (run as root, or: sudo apt-get install$need)" >&2
