@@ -12,8 +12,9 @@ Radford's and NVIDIA's sentiment-discovery models; the embedding and the softmax
 
 Speed comes from doing as little as possible inside the time loop: the weight norm is
 computed once per call, the input projections x W_x and x W_mx for all timesteps are one
-matmul before the loop, the output projection is one matmul after it, and the loop body is
-two matmuls and elementwise math. Matmuls run in the Keras mixed-precision compute dtype;
+matmul before the loop, the output projection is one matmul after it, the loop body is
+two matmuls and elementwise math, and the backward pass is written by hand so that the
+recurrent weight gradients are two large matmuls after the reverse loop (see _recurrence). Matmuls run in the Keras mixed-precision compute dtype;
 the cell state, logits and loss stay float32.
 """
 
@@ -129,22 +130,95 @@ class MLSTM(tf.keras.layers.Layer):
         proj = proj + tf.cast(tf.concat([self.b, tf.zeros([n])], 0), dtype)
         wh, wmh = tf.cast(wh, dtype), tf.cast(wmh, dtype)
         h, c = (tf.cast(s, tf.float32) for s in state)
-        steps = tf.shape(proj)[0]
-        keep = None if mask is None else tf.transpose(tf.cast(mask, tf.bool))  # [T, B]
-        outputs = tf.TensorArray(dtype, size=steps)
-        for t in tf.range(steps):
-            xz, xm = proj[t, :, : 4 * n], proj[t, :, 4 * n :]
-            m = xm * tf.matmul(tf.cast(h, dtype), wmh)
-            z = tf.cast(xz + tf.matmul(m, wh), tf.float32)
-            i, f, o, u = tf.split(z, 4, axis=1)
-            c_new = tf.sigmoid(f) * c + tf.sigmoid(i) * tf.tanh(u)
-            h_new = tf.sigmoid(o) * tf.tanh(c_new)
-            if keep is not None:
-                k = keep[t][:, None]
-                c_new, h_new = tf.where(k, c_new, c), tf.where(k, h_new, h)
-            h, c = h_new, c_new
-            outputs = outputs.write(t, tf.cast(h, dtype))
-        return tf.transpose(outputs.stack(), [1, 0, 2]), (h, c)
+        if mask is None:  # training and evaluation: the hand-written backward pass
+            hs, h, c = _recurrence(proj, h, c, wh, wmh)
+        else:  # featurising (no gradients needed): rows keep their state after their last byte
+            hs, h, c, _ = _forward(proj, h, c, wh, wmh, keep=tf.transpose(tf.cast(mask, tf.bool)))
+        return tf.transpose(hs, [1, 0, 2]), (h, c)
+
+
+@tf.function  # compiled with autograph: the loops run as tf.while_loop, also inside custom_gradient
+def _forward(proj, h, c, wh, wmh, keep=None, save=False):
+    """The recurrence over time-major projections [T, B, 5n]: hs [T, B, n] and the final (h, c).
+
+    With save=True also returns what the backward pass needs, per step: h_{t-1} and
+    h_{t-1} W_mh (compute dtype), m (compute dtype), the four gate activations and c_{t-1},
+    tanh(c_t) (float32).
+    """
+    dtype, n = wh.dtype, wh.shape[0]
+    steps = tf.shape(proj)[0]
+    hs = tf.TensorArray(dtype, size=steps)
+    kept = [tf.TensorArray(dt, size=steps) for dt in (dtype, dtype, dtype) + (tf.float32,) * 3] if save else []
+    for t in tf.range(steps):
+        xz, xm = proj[t, :, : 4 * n], proj[t, :, 4 * n:]
+        h_in = tf.cast(h, dtype)
+        hm = tf.matmul(h_in, wmh)
+        m = xm * hm
+        z = tf.cast(xz + tf.matmul(m, wh), tf.float32)
+        i, f, o, u = tf.split(z, 4, axis=1)
+        i, f, o, u = tf.sigmoid(i), tf.sigmoid(f), tf.sigmoid(o), tf.tanh(u)
+        c_new = f * c + i * u
+        tanh_c = tf.tanh(c_new)
+        h_new = o * tanh_c
+        if keep is not None:
+            k = keep[t][:, None]
+            c_new, h_new = tf.where(k, c_new, c), tf.where(k, h_new, h)
+        if save:
+            values = (h_in, hm, m, tf.concat([i, f, o, u], 1), c, tanh_c)
+            kept = [ta.write(t, v) for ta, v in zip(kept, values)]
+        h, c = h_new, c_new
+        hs = hs.write(t, tf.cast(h, dtype))
+    names = ("h_prev", "hm", "m", "gates", "c_prev", "tanh_c")
+    return hs.stack(), h, c, {name: ta.stack() for name, ta in zip(names, kept)}
+
+
+@tf.custom_gradient
+def _recurrence(proj, h0, c0, wh, wmh):
+    """The recurrence with a hand-written backward pass.
+
+    Autodiff through the time loop accumulates the weight gradients step by step (a rank-B
+    update of a [n, 4n] matrix per step). Here the reverse loop computes only the per-step
+    gate and state gradients; the weight gradients are then two large matmuls over all
+    T*B rows at once, which run near the machine's matmul rate.
+    """
+    hs, h, c, saved = _forward(proj, h0, c0, wh, wmh, save=True)
+
+    def backward(d_hs, d_h, d_c):
+        d_h = tf.zeros_like(h0) if d_h is None else tf.cast(d_h, tf.float32)
+        d_c = tf.zeros_like(c0) if d_c is None else tf.cast(d_c, tf.float32)
+        return _backward(proj, wh, wmh, saved, tf.cast(d_hs, tf.float32), d_h, d_c)
+
+    return (hs, h, c), backward
+
+
+@tf.function
+def _backward(proj, wh, wmh, saved, d_hs, d_h, d_c):
+    """Reverse loop of _recurrence: gradients for (proj, h0, c0, wh, wmh)."""
+    dtype, n = wh.dtype, wh.shape[0]
+    steps = tf.shape(proj)[0]
+    d_z_all = tf.TensorArray(dtype, size=steps)
+    d_xm_all = tf.TensorArray(dtype, size=steps)
+    d_hm_all = tf.TensorArray(dtype, size=steps)
+    for t in tf.range(steps - 1, -1, -1):
+        i, f, o, u = tf.split(saved["gates"][t], 4, axis=1)
+        tanh_c = saved["tanh_c"][t]
+        d_h = d_h + d_hs[t]
+        d_c = d_c + d_h * o * (1.0 - tanh_c * tanh_c)
+        d_z = tf.concat([d_c * u * i * (1.0 - i), d_c * saved["c_prev"][t] * f * (1.0 - f),
+                         d_h * tanh_c * o * (1.0 - o), d_c * i * (1.0 - u * u)], axis=1)
+        d_z = tf.cast(d_z, dtype)
+        d_m = tf.matmul(d_z, wh, transpose_b=True)
+        d_hm = d_m * proj[t, :, 4 * n:]
+        d_xm_all = d_xm_all.write(t, d_m * saved["hm"][t])
+        d_z_all = d_z_all.write(t, d_z)
+        d_hm_all = d_hm_all.write(t, d_hm)
+        d_h = tf.cast(tf.matmul(d_hm, wmh, transpose_b=True), tf.float32)
+        d_c = d_c * f
+    d_z, d_hm = d_z_all.stack(), d_hm_all.stack()
+    d_proj = tf.concat([d_z, d_xm_all.stack()], axis=2)
+    d_wh = tf.einsum("tbn,tbk->nk", saved["m"], d_z)
+    d_wmh = tf.einsum("tbn,tbk->nk", saved["h_prev"], d_hm)
+    return d_proj, d_h, d_c, d_wh, d_wmh
 
 
 class LanguageModel(tf.keras.Model):
