@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
+import tensorflow as tf
 
 from conftest import ENV, REPO, TINY_MODEL_FLAGS, python, run
 from test_train import assert_same_weights
@@ -104,6 +105,8 @@ def test_sigkill_of_a_worker_loses_no_step(job, tmp_path, tiny_data):
     sizes = summary["steps_at_world_size"]
     assert set(sizes) == {"1", "2"} and sum(sizes.values()) == steps, sizes
     assert summary["chars_seen"] == steps * summary["global_batch"] * 32
+    # rank 0 of whatever world is current keeps writing checkpoints
+    assert tf.train.latest_checkpoint(str(j.model_dir / "checkpoints")).endswith(f"ckpt-{steps}")
     # Same global batch, same streams: the run equals one that never lost a worker.
     straight = tmp_path / "straight"
     python("train.py", *FLAGS, f"--model_dir={straight}", f"--data_dir={tiny_data}",

@@ -1,7 +1,7 @@
 """The paper's claim at small scale: large batches converge with the schedule, not with naive scaling.
 
     python -m horovod_mlstm.experiments.large_batch --out_dir runs/large_batch \
-        [--data_dir D] [--batches 32,128,512,2048] [--policies linear,sqrt,schedule] [--chars 3000000]
+        [--data_dir D] [--batches 32,128,512,2048] [--policies linear,sqrt,schedule] [--chars 1500000]
 
 For every global batch and learning-rate policy, train.py trains the same small mLSTM on the
 same number of characters (steps = chars / (batch x seq_length)); batches larger than
@@ -157,7 +157,7 @@ if __name__ == "__main__":
     flags.DEFINE_string("data_dir", "", "Preprocessed shards; empty = the built-in corpus.")
     flags.DEFINE_string("batches", "32,128,512,2048", "Global batches (sequences) to compare.")
     flags.DEFINE_string("policies", ",".join(POLICIES), "LR policies to compare.")
-    flags.DEFINE_integer("chars", 3_000_000, "Training characters per run (the same for every run).")
+    flags.DEFINE_integer("chars", 1_500_000, "Training characters per run (the same for every run).")
     flags.DEFINE_integer("hidden_size", 128, "mLSTM units.")
     flags.DEFINE_integer("seq_length", 64, "Bytes per window.")
     flags.DEFINE_integer("micro_batch", 32, "Sequences per backward pass per process.")
