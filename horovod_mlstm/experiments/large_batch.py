@@ -113,7 +113,7 @@ def write_report(results: list[dict], out_dir: str) -> None:
     ax.set_xlabel("characters seen")
     ax.set_ylabel("validation bits per character")
     ax.set_ylim(top=8.5)
-    ax.set_title("Same characters, growing global batch: LR policy decides convergence")
+    ax.set_title("Same characters at growing global batch, three learning-rate policies")
     ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
     fig.savefig(os.path.join(out_dir, "curves.png"), dpi=110)
