@@ -134,7 +134,8 @@ def step_rate(hidden: int, precision: str, batch: int, seq: int, repeats: int, p
             "chars_per_s": chars, "flops_per_s": chars * flops_per_char(hidden)}
 
 
-def train_rate(np_: int, hidden: int, batch: int, seq: int, steps: int, data_dir: str) -> float:
+def train_rate(np_: int, hidden: int, batch: int, seq: int, steps: int, data_dir: str,
+               controller: str = "gloo") -> float:
     """Median chars/s per worker from the progress lines of a real train.py run with np_ processes."""
     model_dir = tempfile.mkdtemp(prefix="bench-run-")
     args = [sys.executable, os.path.join(REPO, "train.py"), f"--model_dir={model_dir}", f"--data_dir={data_dir}",
@@ -142,7 +143,7 @@ def train_rate(np_: int, hidden: int, batch: int, seq: int, steps: int, data_dir
             f"--train_steps={steps}", "--log_every=2", "--eval_every=0", "--eval_windows=1",
             f"--checkpoint_every={steps}", "--warmup_steps=1", "--intra_op_threads=1", "--inter_op_threads=1"]
     if np_ > 1:
-        args = [os.path.join(os.path.dirname(sys.executable), "horovodrun"), "-np", str(np_),
+        args = [os.path.join(os.path.dirname(sys.executable), "horovodrun"), f"--{controller}", "-np", str(np_),
                 "-H", f"localhost:{np_}"] + args
     proc = subprocess.run(args, capture_output=True, text=True, cwd=REPO,
                           env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
@@ -168,7 +169,7 @@ def input_rates(repeats: int) -> dict:
 def main(argv):
     del argv
     quick = FLAGS.quick
-    hiddens = [int(h) for h in FLAGS.hidden_sizes.split(",")] if not quick else [32]
+    hiddens = [int(h) for h in FLAGS.hidden_sizes.split(",") if h] if not quick else [32]
     precisions = FLAGS.precisions.split(",")
     for p in precisions:
         if p not in PRECISIONS:
@@ -203,11 +204,12 @@ def main(argv):
         with tempfile.TemporaryDirectory() as data_dir:
             write_corpus(corpus.texts(3000, seed=4), data_dir, num_shards=2, val_fraction=0.05, test_fraction=0.05)
             one = train_rate(1, hidden, batch, seq, steps, data_dir)
-            two = train_rate(2, hidden, batch, seq, steps, data_dir)
+            two = {c: train_rate(2, hidden, batch, seq, steps, data_dir, c) for c in ("gloo", "mpi")}
         result["scaling"] = {"hidden": hidden, "batch_per_worker": batch, "seq_length": seq,
-                             "chars_per_s_per_worker": {"1": one, "2": two}, "efficiency": two / one}
-        print(f"[bench] scaling hidden {hidden}: 1 process {one:,.0f}, 2 processes {two:,.0f} chars/s per "
-              f"worker: efficiency {two / one:.2f}", flush=True)
+                             "chars_per_s_per_worker": {"1": one, **{f"2_{c}": v for c, v in two.items()}},
+                             "efficiency": {c: v / one for c, v in two.items()}}
+        print(f"[bench] scaling hidden {hidden}: 1 process {one:,.0f} chars/s; 2 processes per worker: "
+              + ", ".join(f"{c} {v:,.0f} (efficiency {v / one:.2f})" for c, v in two.items()), flush=True)
 
     result["input"] = input_rates(repeats)
     print(f"[bench] input pipeline {result['input']['pipeline_bytes_per_s'] / 1e6:.1f} MB/s per rank; "
@@ -249,7 +251,7 @@ def machine() -> dict:
 
 
 if __name__ == "__main__":
-    flags.DEFINE_string("hidden_sizes", "256,1024,4096", "mLSTM sizes to measure.")
+    flags.DEFINE_string("hidden_sizes", "256,1024,4096", "mLSTM sizes to measure (empty: only scaling and input).")
     flags.DEFINE_string("precisions", "fp32,mixed_bfloat16", "Precisions to measure.")
     flags.DEFINE_integer("repeats", 5, "Timed repeats after one warm-up.")
     flags.DEFINE_integer("threads", 2, "TensorFlow intra-op threads for the in-process measurements.")

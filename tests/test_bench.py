@@ -13,7 +13,8 @@ def test_quick_bench_writes_every_section(tmp_path):
     assert {r["dtype"] for r in result["limits"]} == {"float32", "bfloat16"}
     for row in result["project"] + result["baseline"]:
         assert row["chars_per_s"] > 0 and row["seconds"]["min"] <= row["seconds"]["median"] <= row["seconds"]["max"]
-    assert result["scaling"]["efficiency"] > 0 and set(result["scaling"]["chars_per_s_per_worker"]) == {"1", "2"}
+    assert set(result["scaling"]["efficiency"]) == {"gloo", "mpi"}
+    assert set(result["scaling"]["chars_per_s_per_worker"]) == {"1", "2_gloo", "2_mpi"}
     assert result["input"]["pipeline_bytes_per_s"] > 0 and result["input"]["preprocess_mb_per_s"] > 0
     assert "project_over_keras_32_fp32" in result["ratios"]
     assert "[bench] wrote" in proc.stdout
