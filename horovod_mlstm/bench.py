@@ -135,22 +135,57 @@ def step_rate(hidden: int, precision: str, batch: int, seq: int, repeats: int, p
 
 
 def train_rate(np_: int, hidden: int, batch: int, seq: int, steps: int, data_dir: str,
-               controller: str = "gloo") -> float:
-    """Median chars/s per worker from the progress lines of a real train.py run with np_ processes."""
-    model_dir = tempfile.mkdtemp(prefix="bench-run-")
-    args = [sys.executable, os.path.join(REPO, "train.py"), f"--model_dir={model_dir}", f"--data_dir={data_dir}",
-            f"--hidden_size={hidden}", f"--batch_size_per_worker={batch}", f"--seq_length={seq}",
-            f"--train_steps={steps}", "--log_every=2", "--eval_every=0", "--eval_windows=1",
-            f"--checkpoint_every={steps}", "--warmup_steps=1", "--intra_op_threads=1", "--inter_op_threads=1"]
-    if np_ > 1:
-        args = [os.path.join(os.path.dirname(sys.executable), "horovodrun"), f"--{controller}", "-np", str(np_),
-                "-H", f"localhost:{np_}"] + args
-    proc = subprocess.run(args, capture_output=True, text=True, cwd=REPO,
-                          env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
-    if proc.returncode != 0:
-        raise RuntimeError(f"benchmark run failed: {proc.stderr[-2000:]}")
-    per_worker = [float(v.replace(",", "")) for v in re.findall(r"\(([\d,]+)/worker\)", proc.stdout)]
-    return float(np.median(per_worker[1:] or per_worker))  # the first window includes tracing
+               controller: str = "gloo", extra: tuple[str, ...] = ()) -> list[float]:
+    """Median chars/s per worker of real train.py runs, one per process, one thread each.
+
+    np_ > 1 with controller "gloo" or "mpi" is one horovodrun job of np_ ranks (one figure);
+    controller "independent" is np_ separate single-process jobs started together, which
+    measures what the machine itself gives np_ concurrent trainings (one figure per job).
+    """
+    def command():
+        model_dir = tempfile.mkdtemp(prefix="bench-run-")
+        return [sys.executable, os.path.join(REPO, "train.py"), f"--model_dir={model_dir}", f"--data_dir={data_dir}",
+                f"--hidden_size={hidden}", f"--batch_size_per_worker={batch}", f"--seq_length={seq}",
+                f"--train_steps={steps}", "--log_every=2", "--eval_every=0", "--eval_windows=1",
+                f"--checkpoint_every={steps}", "--warmup_steps=1", "--intra_op_threads=1", "--inter_op_threads=1",
+                *extra]
+
+    horovodrun = os.path.join(os.path.dirname(sys.executable), "horovodrun")
+    if controller == "independent" or np_ == 1:
+        commands = [command() for _ in range(np_)]
+    else:
+        commands = [[horovodrun, f"--{controller}", "-np", str(np_), "-H", f"localhost:{np_}"] + command()]
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
+    procs = [subprocess.Popen(c, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO, env=env)
+             for c in commands]
+    rates = []
+    for proc in procs:
+        out, err = proc.communicate()
+        if proc.returncode != 0:
+            raise RuntimeError(f"benchmark run failed: {err[-2000:]}")
+        per_worker = [float(v.replace(",", "")) for v in re.findall(r"\(([\d,]+)/worker\)", out)]
+        rates.append(float(np.median(per_worker[1:] or per_worker)))  # the first window includes tracing
+    return rates
+
+
+def scaling(quick: bool) -> dict:
+    """1 process against 2 on this machine: Horovod with Gloo and MPI at the project's cycle time,
+    Gloo at Horovod's own 1 ms default, and two independent processes (the machine's ceiling)."""
+    hidden, batch, seq, steps = (32, 4, 16, 6) if quick else (1024, 32, 128, 12)
+    runs = {"2_gloo": ("gloo", ()), "2_mpi": ("mpi", ()),
+            "2_gloo_cycle_1ms": ("gloo", ("--cycle_time_ms=1",)), "2_independent": ("independent", ())}
+    with tempfile.TemporaryDirectory() as data_dir:
+        write_corpus(corpus.texts(3000, seed=4), data_dir, num_shards=2, val_fraction=0.05, test_fraction=0.05)
+        one = train_rate(1, hidden, batch, seq, steps, data_dir)[0]
+        two = {name: float(np.mean(train_rate(2, hidden, batch, seq, steps, data_dir, controller, extra)))
+               for name, (controller, extra) in runs.items()}
+    result = {"hidden": hidden, "batch_per_worker": batch, "seq_length": seq, "precision": "fp32",
+              "chars_per_s_per_worker": {"1": one, **two},
+              "efficiency": {name.removeprefix("2_"): v / one for name, v in two.items()}}
+    print(f"[bench] scaling hidden {hidden}, {batch}x{seq} per worker: 1 process {one:,.0f} chars/s; 2 processes "
+          "per worker: " + ", ".join(f"{name.removeprefix('2_')} {v:,.0f} (efficiency {v / one:.2f})"
+                                     for name, v in two.items()), flush=True)
+    return result
 
 
 def input_rates(repeats: int) -> dict:
@@ -200,16 +235,7 @@ def main(argv):
                       flush=True)
 
     if FLAGS.scaling:
-        hidden, batch, seq, steps = (32, 4, 16, 6) if quick else (1024, 32, 128, 10)
-        with tempfile.TemporaryDirectory() as data_dir:
-            write_corpus(corpus.texts(3000, seed=4), data_dir, num_shards=2, val_fraction=0.05, test_fraction=0.05)
-            one = train_rate(1, hidden, batch, seq, steps, data_dir)
-            two = {c: train_rate(2, hidden, batch, seq, steps, data_dir, c) for c in ("gloo", "mpi")}
-        result["scaling"] = {"hidden": hidden, "batch_per_worker": batch, "seq_length": seq,
-                             "chars_per_s_per_worker": {"1": one, **{f"2_{c}": v for c, v in two.items()}},
-                             "efficiency": {c: v / one for c, v in two.items()}}
-        print(f"[bench] scaling hidden {hidden}: 1 process {one:,.0f} chars/s; 2 processes per worker: "
-              + ", ".join(f"{c} {v:,.0f} (efficiency {v / one:.2f})" for c, v in two.items()), flush=True)
+        result["scaling"] = scaling(quick)
 
     result["input"] = input_rates(repeats)
     print(f"[bench] input pipeline {result['input']['pipeline_bytes_per_s'] / 1e6:.1f} MB/s per rank; "

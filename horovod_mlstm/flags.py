@@ -55,6 +55,9 @@ def define_training() -> None:
     # Distribution.
     flags.DEFINE_integer("backward_passes_per_step", 1, "Micro-batches accumulated per update (one allreduce).")
     flags.DEFINE_bool("fp16_allreduce", False, "Compress gradients to float16 for the allreduce.")
+    flags.DEFINE_float("cycle_time_ms", 20.0, "Horovod's coordination cycle (sets HOROVOD_CYCLE_TIME, overriding "
+                       "horovodrun --cycle-time-ms). Horovod's 1 ms default costs 2-process CPU jobs ~15% "
+                       "(docs/PERFORMANCE.md); at most one cycle of latency is added per update.")
     flags.DEFINE_bool("elastic", False, "Run under Horovod elastic (launch with horovodrun --min-np/--max-np).")
     flags.DEFINE_integer("commit_every", 10, "Elastic: commit state every N steps (a lost worker costs at most N).")
     # Loop.
@@ -95,6 +98,7 @@ class TrainConfig:
     adam_epsilon: float
     backward_passes_per_step: int
     fp16_allreduce: bool
+    cycle_time_ms: float
     elastic: bool
     commit_every: int
     train_steps: int
@@ -118,7 +122,7 @@ class TrainConfig:
         for name in ["learning_rate", "adam_epsilon"]:
             if not getattr(self, name) > 0 or math.isinf(getattr(self, name)):
                 raise ValueError(f"--{name} must be a positive number, got {getattr(self, name)}")
-        for name in ["warmup_steps", "eval_every", "eval_windows", "lr_horizon_steps", "intra_op_threads",
+        for name in ["cycle_time_ms", "warmup_steps", "eval_every", "eval_windows", "lr_horizon_steps", "intra_op_threads",
                      "inter_op_threads", "max_learning_rate", "clip_norm"]:
             if getattr(self, name) < 0:
                 raise ValueError(f"--{name} must not be negative, got {getattr(self, name)}")

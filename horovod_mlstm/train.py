@@ -274,7 +274,7 @@ def main(argv):
         cfg = hflags.TrainConfig.from_flags()
     except ValueError as e:
         sys.exit(f"error: {e}")
-    dist.init(cfg.intra_op_threads, cfg.inter_op_threads, cfg.fp16_allreduce)
+    dist.init(cfg.intra_op_threads, cfg.inter_op_threads, cfg.fp16_allreduce, cfg.cycle_time_ms)
     try:
         run(cfg)
     except (data.DataError, CheckpointError, ValueError, FileNotFoundError) as e:

@@ -13,8 +13,9 @@ def test_quick_bench_writes_every_section(tmp_path):
     assert {r["dtype"] for r in result["limits"]} == {"float32", "bfloat16"}
     for row in result["project"] + result["baseline"]:
         assert row["chars_per_s"] > 0 and row["seconds"]["min"] <= row["seconds"]["median"] <= row["seconds"]["max"]
-    assert set(result["scaling"]["efficiency"]) == {"gloo", "mpi"}
-    assert set(result["scaling"]["chars_per_s_per_worker"]) == {"1", "2_gloo", "2_mpi"}
+    runs = {"gloo", "mpi", "gloo_cycle_1ms", "independent"}
+    assert set(result["scaling"]["efficiency"]) == runs
+    assert set(result["scaling"]["chars_per_s_per_worker"]) == {"1"} | {f"2_{r}" for r in runs}
     assert result["input"]["pipeline_bytes_per_s"] > 0 and result["input"]["preprocess_mb_per_s"] > 0
     assert "project_over_keras_32_fp32" in result["ratios"]
     assert "[bench] wrote" in proc.stdout

@@ -66,3 +66,12 @@ def test_accumulated_micro_batches_match_one_big_batch_across_ranks(tmp_path, tw
     horovodrun(2, "train.py", *FLAGS, f"--model_dir={acc}", data, "--batch_size_per_worker=1",
                "--backward_passes_per_step=2", "--train_steps=2", check=True, timeout=300)
     assert_same_weights(one, acc)
+
+
+def test_cycle_time_reaches_horovod_on_every_rank():
+    """--cycle_time_ms becomes HOROVOD_CYCLE_TIME before hvd.init() in each process (docs/PERFORMANCE.md
+    measures what it is worth), overriding what the launcher set."""
+    code = ("import os; from horovod_mlstm import distributed as d; d.init(cycle_time_ms=20.0); "
+            "print(f'rank {d.rank()} cycle', os.environ['HOROVOD_CYCLE_TIME'])")
+    proc = horovodrun(2, "-c", code, env={"HOROVOD_CYCLE_TIME": "1"}, check=True, timeout=120)
+    assert "rank 0 cycle 20\n" in proc.stdout and "rank 1 cycle 20\n" in proc.stdout

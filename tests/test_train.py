@@ -35,6 +35,7 @@ def assert_same_weights(a, b, rtol=1e-5, atol=1e-6):
     (["--warmup_steps=50", "--train_steps=10"], "--warmup_steps (50) must be below the decay horizon"),
     (["--batch_size_per_worker=0"], "--batch_size_per_worker must be at least 1"),
     (["--precision=fp8"], "precision"),
+    (["--cycle_time_ms=-1"], "--cycle_time_ms must not be negative"),
     (["--data_dir=/nonexistent/data"], "data directory '/nonexistent/data' does not exist"),
 ])
 def test_bad_flags_fail_fast_with_one_clear_line(tmp_path, args, message):
