@@ -33,8 +33,14 @@ class TransferError(Exception):
     """Bad transfer input, explained in one line."""
 
 
-def read_labelled_csv(path: str, text_column: str, label_column: str) -> tuple[list[str], np.ndarray]:
-    """Texts and 0/1 labels from a CSV with a header; the two label values are mapped in sorted order."""
+def read_labelled_csv(path: str, text_column: str, label_column: str,
+                      classes: list[str] | None = None) -> tuple[list[str], np.ndarray, list[str]]:
+    """Texts, 0/1 labels and the two label values, from a CSV with a header.
+
+    Without `classes` (the training file) the file must hold exactly two label values, mapped
+    in sorted order. With the training file's `classes` (validation and test) every label must
+    be one of them, so 0 and 1 mean the same in every split, and one class alone is allowed.
+    """
     if not os.path.isfile(path):
         raise TransferError(f"{path}: no such file")
     with open(path, newline="", encoding="utf-8") as f:
@@ -46,10 +52,15 @@ def read_labelled_csv(path: str, text_column: str, label_column: str) -> tuple[l
         rows = [(r[text_column], r[label_column].strip()) for r in reader]
     if not rows:
         raise TransferError(f"{path}: no rows")
-    classes = sorted({label for _, label in rows})
-    if len(classes) != 2:
-        raise TransferError(f"{path}: labels must be two classes, found {len(classes)}: {classes[:5]}")
-    return [t for t, _ in rows], np.array([classes.index(label) for _, label in rows], np.int64)
+    found = sorted({label for _, label in rows})
+    if classes is None:
+        if len(found) != 2:
+            raise TransferError(f"{path}: labels must be two classes, found {len(found)}: {found[:5]}")
+        classes = found
+    unknown = [label for label in found if label not in classes]
+    if unknown:
+        raise TransferError(f"{path}: label {unknown[0]!r} is not one of the training file's classes {classes}")
+    return [t for t, _ in rows], np.array([classes.index(label) for _, label in rows], np.int64), classes
 
 
 def fit(features: dict[str, np.ndarray], labels: dict[str, np.ndarray]) -> dict:
@@ -116,7 +127,11 @@ def featurise_splits(FLAGS) -> tuple[dict, dict, float | None]:
             raise TransferError(f"{FLAGS.features}: not a features file of this tool (missing {missing[0]})")
         logging.info("features from %s", FLAGS.features)
         return ({s: saved[f"{s}_features"] for s in SPLITS}, {s: saved[f"{s}_labels"] for s in SPLITS}, None)
-    data = {s: read_labelled_csv(getattr(FLAGS, s), FLAGS.text_column, FLAGS.label_column) for s in SPLITS}
+    data, classes = {}, None
+    for split in SPLITS:  # train first: its two label values define 0 and 1 for every split
+        texts, labels, classes = read_labelled_csv(getattr(FLAGS, split), FLAGS.text_column, FLAGS.label_column,
+                                                   classes)
+        data[split] = (texts, labels)
     model = load_trained_model(FLAGS.model_dir)
     features, rates = {}, []
     total = sum(len(texts) for texts, _ in data.values())

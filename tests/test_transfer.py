@@ -43,6 +43,19 @@ def test_bad_csv(tmp_path, header, rows, message):
         read_labelled_csv(write_csv(tmp_path / "x.csv", rows, header), "sentence", "label")
 
 
+def test_every_split_uses_the_training_files_label_mapping(tmp_path):
+    _, train_y, classes = read_labelled_csv(write_csv(tmp_path / "t.csv", [("pos", "a"), ("neg", "b")]),
+                                            "sentence", "label")
+    assert classes == ["neg", "pos"] and train_y.tolist() == [1, 0]
+    # A test file holding only positives maps them to 1, as in training (alone it would be class 0).
+    _, test_y, _ = read_labelled_csv(write_csv(tmp_path / "p.csv", [("pos", "c"), ("pos", "d")]),
+                                     "sentence", "label", classes)
+    assert test_y.tolist() == [1, 1]
+    with pytest.raises(TransferError, match="label 'positive' is not one of the training file's classes"):
+        read_labelled_csv(write_csv(tmp_path / "v.csv", [("positive", "e"), ("neg", "f")]), "sentence", "label",
+                          classes)
+
+
 def test_cli_on_sst_subset(tmp_path, tiny_model_dir, shared_dir):
     paths = {}
     for split, name in (("train", "train"), ("val", "dev"), ("test", "test")):
