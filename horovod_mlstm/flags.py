@@ -55,9 +55,10 @@ def define_training() -> None:
     # Distribution.
     flags.DEFINE_integer("backward_passes_per_step", 1, "Micro-batches accumulated per update (one allreduce).")
     flags.DEFINE_bool("fp16_allreduce", False, "Compress gradients to float16 for the allreduce.")
-    flags.DEFINE_float("cycle_time_ms", 20.0, "Horovod's coordination cycle (sets HOROVOD_CYCLE_TIME, overriding "
-                       "horovodrun --cycle-time-ms). Horovod's 1 ms default costs 2-process CPU jobs ~15% "
-                       "(docs/PERFORMANCE.md); at most one cycle of latency is added per update.")
+    flags.DEFINE_float("cycle_time_ms", 20.0, "Horovod's coordination cycle: sets HOROVOD_CYCLE_TIME, overriding "
+                       "horovodrun --cycle-time-ms; 0 leaves the launcher's or Horovod's (1 ms). On 2 CPU cores 1 ms "
+                       "cost 8 points of 2-process efficiency (docs/PERFORMANCE.md); a cycle adds at most its "
+                       "length of latency per update.")
     flags.DEFINE_bool("elastic", False, "Run under Horovod elastic (launch with horovodrun --min-np/--max-np).")
     flags.DEFINE_integer("commit_every", 10, "Elastic: commit state every N steps (a lost worker costs at most N).")
     # Loop.
@@ -65,6 +66,8 @@ def define_training() -> None:
     flags.DEFINE_integer("log_every", 10, "Progress line every N steps.")
     flags.DEFINE_integer("eval_every", 100, "Validation BPC every N steps; 0 = only at the end.")
     flags.DEFINE_integer("eval_windows", 20, "Validation windows per evaluation; 0 = the whole split.")
+    flags.DEFINE_integer("eval_batch_size", 0, "Validation streams per rank; 0 = --batch_size_per_worker. Fix it to "
+                         "compare validation BPC between runs with different batches (each stream starts cold).")
     flags.DEFINE_integer("checkpoint_every", 100, "Checkpoint every N steps (and at the end).")
     flags.DEFINE_integer("keep_checkpoints", 3, "Checkpoints kept.")
 
@@ -105,6 +108,7 @@ class TrainConfig:
     log_every: int
     eval_every: int
     eval_windows: int
+    eval_batch_size: int
     checkpoint_every: int
     keep_checkpoints: int
 
@@ -122,9 +126,9 @@ class TrainConfig:
         for name in ["learning_rate", "adam_epsilon"]:
             if not getattr(self, name) > 0 or math.isinf(getattr(self, name)):
                 raise ValueError(f"--{name} must be a positive number, got {getattr(self, name)}")
-        for name in ["cycle_time_ms", "warmup_steps", "eval_every", "eval_windows", "lr_horizon_steps", "intra_op_threads",
-                     "inter_op_threads", "max_learning_rate", "clip_norm"]:
-            if getattr(self, name) < 0:
+        for name in ["cycle_time_ms", "warmup_steps", "eval_every", "eval_windows", "eval_batch_size",
+                     "lr_horizon_steps", "intra_op_threads", "inter_op_threads", "max_learning_rate", "clip_norm"]:
+            if not getattr(self, name) >= 0:  # also refuses NaN
                 raise ValueError(f"--{name} must not be negative, got {getattr(self, name)}")
         if not (0 <= self.adam_beta1 < 1 and 0 <= self.adam_beta2 < 1):
             raise ValueError("--adam_beta1 and --adam_beta2 must be in [0, 1)")

@@ -15,7 +15,6 @@ import os
 import sys
 import time
 
-import numpy as np
 import tensorflow as tf
 from absl import app, logging
 
@@ -44,6 +43,9 @@ def run(cfg: hflags.TrainConfig) -> dict:
     # The job's streams: rows_per_worker per rank at start. An elastic job keeps this global
     # batch when ranks come and go; each rank then carries total_rows / world of them.
     total_rows = cfg.rows_per_worker * start_world
+    # Validation streams, likewise fixed for the job; --eval_batch_size keeps them the same
+    # across runs with different batches, so their validation BPC compares.
+    total_val_rows = (cfg.eval_batch_size or cfg.batch_size_per_worker) * start_world
     k, L, H = cfg.backward_passes_per_step, cfg.seq_length, cfg.hidden_size
 
     # ---------------------------------------------------------------- input
@@ -52,7 +54,7 @@ def run(cfg: hflags.TrainConfig) -> dict:
 
     def input_streams(rank: int, world: int):
         """(train, validation) byte streams of this rank for the current world size."""
-        rows, val_rows = total_rows // world, total_rows // k // world
+        rows, val_rows = total_rows // world, total_val_rows // world
         if cfg.elastic:  # streams laid out over the whole split, so ranks can be reassigned
             return (data.global_streams(cfg.data_path, "train", total_rows, L, rank * rows, rows),
                     data.global_streams(cfg.data_path, "val", val_rows * world, L, rank * val_rows, val_rows))

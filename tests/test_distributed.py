@@ -8,12 +8,13 @@ so a 2-rank job and a 1-rank job on the concatenated batch must make the same up
 from __future__ import annotations
 
 import json
+import os
 import random
 
 import pytest
 
 from conftest import TINY_MODEL_FLAGS, horovodrun, python
-from horovod_mlstm import corpus
+from horovod_mlstm import corpus, distributed as dist
 from horovod_mlstm.data import shard_name, write_records
 from test_train import assert_same_weights
 
@@ -68,10 +69,15 @@ def test_accumulated_micro_batches_match_one_big_batch_across_ranks(tmp_path, tw
     assert_same_weights(one, acc)
 
 
-def test_cycle_time_reaches_horovod_on_every_rank():
-    """--cycle_time_ms becomes HOROVOD_CYCLE_TIME before hvd.init() in each process (docs/PERFORMANCE.md
-    measures what it is worth), overriding what the launcher set."""
-    code = ("import os; from horovod_mlstm import distributed as d; d.init(cycle_time_ms=20.0); "
-            "print(f'rank {d.rank()} cycle', os.environ['HOROVOD_CYCLE_TIME'])")
-    proc = horovodrun(2, "-c", code, env={"HOROVOD_CYCLE_TIME": "1"}, check=True, timeout=120)
-    assert "rank 0 cycle 20\n" in proc.stdout and "rank 1 cycle 20\n" in proc.stdout
+def test_cycle_time_is_set_before_horovod_starts(monkeypatch):
+    """--cycle_time_ms must be in the environment when hvd.init() reads it, whatever the launcher set;
+    0 leaves the launcher's value. (bench.py measures what the setting is worth, in real jobs.)"""
+    seen = []
+    monkeypatch.setattr(dist.hvd, "init", lambda: seen.append(os.environ.get("HOROVOD_CYCLE_TIME")))
+    monkeypatch.setenv("HOROVOD_CYCLE_TIME", "1")
+    dist.init(cycle_time_ms=20.0)
+    dist.init(cycle_time_ms=0.0)
+    assert seen == ["20", "20"]
+    monkeypatch.setenv("HOROVOD_CYCLE_TIME", "1")
+    dist.init(cycle_time_ms=0.0)
+    assert seen[-1] == "1"

@@ -36,6 +36,7 @@ def assert_same_weights(a, b, rtol=1e-5, atol=1e-6):
     (["--batch_size_per_worker=0"], "--batch_size_per_worker must be at least 1"),
     (["--precision=fp8"], "precision"),
     (["--cycle_time_ms=-1"], "--cycle_time_ms must not be negative"),
+    (["--cycle_time_ms=nan"], "--cycle_time_ms must not be negative"),
     (["--data_dir=/nonexistent/data"], "data directory '/nonexistent/data' does not exist"),
 ])
 def test_bad_flags_fail_fast_with_one_clear_line(tmp_path, args, message):
@@ -96,3 +97,21 @@ def test_kill_9_and_resume_reaches_the_uninterrupted_weights(tmp_path, tiny_data
     assert 10 <= step < 300
     assert json.loads((killed / "summary.json").read_text())["final_step"] == 300
     assert_same_weights(tmp_path / "straight", killed)
+
+
+def test_eval_batch_size_fixes_the_validation_streams(tmp_path, tiny_data):
+    """With --eval_batch_size the validation BPC is the one the evaluate CLI gives with that many
+    streams (and not with the training batch's), so runs with different batches compare."""
+    model_dir = tmp_path / "run"
+    python("train.py", f"--model_dir={model_dir}", f"--data_dir={tiny_data}", "--train_steps=10",
+           *TINY_MODEL_FLAGS, "--eval_batch_size=2", "--eval_windows=0", check=True)
+    val_bpc = json.loads((model_dir / "summary.json").read_text())["val_bpc"]
+
+    def evaluate(streams):
+        out = tmp_path / f"eval{streams}.json"
+        python("-m", "horovod_mlstm.evaluate", f"--model_dir={model_dir}", f"--data_dir={tiny_data}", "--split=val",
+               f"--batch_size_per_worker={streams}", "--seq_length=32", f"--output={out}", check=True)
+        return json.loads(out.read_text())["bpc"]
+
+    assert val_bpc == pytest.approx(evaluate(2), rel=1e-5)
+    assert val_bpc != pytest.approx(evaluate(4), rel=1e-5)  # the training batch's 4 streams score differently
