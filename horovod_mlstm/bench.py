@@ -13,7 +13,6 @@ import json
 import os
 import platform
 import re
-import subprocess
 import sys
 import tempfile
 import time
@@ -22,14 +21,13 @@ import numpy as np
 import tensorflow as tf
 from absl import app, flags
 
-from horovod_mlstm import corpus
+from horovod_mlstm import corpus, jobs
 from horovod_mlstm.data import ByteStreams
 from horovod_mlstm.evaluate import xent
 from horovod_mlstm.model import PRECISIONS, ModelConfig, build_model, flops_per_char, set_precision
 from horovod_mlstm.preprocess import write_corpus
 
 FLAGS = flags.FLAGS
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def timed(fn, repeats: int) -> dict:
@@ -108,7 +106,6 @@ def step_rate(hidden: int, precision: str, batch: int, seq: int, repeats: int, p
             return model(x)
     else:
         model = build_model(ModelConfig(hidden_size=hidden, embed_size=64, precision=precision))
-        state = model.zero_state(batch)
 
         def forward(x, state):
             return model(x, state)[0]
@@ -136,34 +133,36 @@ def step_rate(hidden: int, precision: str, batch: int, seq: int, repeats: int, p
 
 def train_rate(np_: int, hidden: int, batch: int, seq: int, steps: int, data_dir: str,
                controller: str = "gloo", extra: tuple[str, ...] = ()) -> list[float]:
-    """Median chars/s per worker of real train.py runs, one per process, one thread each.
+    """Median chars/s per worker of real train.py runs, one thread per process.
 
     np_ > 1 with controller "gloo" or "mpi" is one horovodrun job of np_ ranks (one figure);
     controller "independent" is np_ separate single-process jobs started together, which
     measures what the machine itself gives np_ concurrent trainings (one figure per job).
     """
-    def command():
-        model_dir = tempfile.mkdtemp(prefix="bench-run-")
-        return [sys.executable, os.path.join(REPO, "train.py"), f"--model_dir={model_dir}", f"--data_dir={data_dir}",
+    def args():
+        return [f"--model_dir={tempfile.mkdtemp(prefix='bench-run-')}", f"--data_dir={data_dir}",
                 f"--hidden_size={hidden}", f"--batch_size_per_worker={batch}", f"--seq_length={seq}",
                 f"--train_steps={steps}", "--log_every=2", "--eval_every=0", "--eval_windows=1",
                 f"--checkpoint_every={steps}", "--warmup_steps=1", "--intra_op_threads=1", "--inter_op_threads=1",
                 *extra]
 
-    horovodrun = os.path.join(os.path.dirname(sys.executable), "horovodrun")
-    if controller == "independent" or np_ == 1:
-        commands = [command() for _ in range(np_)]
+    if controller == "independent":
+        with tempfile.TemporaryDirectory() as logs:
+            paths = [os.path.join(logs, f"{i}.log") for i in range(np_)]
+            files = [open(path, "w") for path in paths]
+            procs = [jobs.start(args(), f) for f in files]  # output to files: no full pipe stalls a job
+            codes = [proc.wait() for proc in procs]
+            for f in files:
+                f.close()
+            outputs = [open(path).read() for path in paths]
+        for code, text in zip(codes, outputs):
+            if code != 0:
+                raise jobs.JobError(f"benchmark job exited {code}: {(text.strip().splitlines() or [''])[-1]}")
     else:
-        commands = [[horovodrun, f"--{controller}", "-np", str(np_), "-H", f"localhost:{np_}"] + command()]
-    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
-    procs = [subprocess.Popen(c, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO, env=env)
-             for c in commands]
+        outputs = [jobs.run(args(), np_, controller)]
     rates = []
-    for proc in procs:
-        out, err = proc.communicate()
-        if proc.returncode != 0:
-            raise RuntimeError(f"benchmark run failed: {err[-2000:]}")
-        per_worker = [float(v.replace(",", "")) for v in re.findall(r"\(([\d,]+)/worker\)", out)]
+    for text in outputs:
+        per_worker = [float(v.replace(",", "")) for v in re.findall(r"\(([\d,]+)/worker\)", text)]
         rates.append(float(np.median(per_worker[1:] or per_worker)))  # the first window includes tracing
     return rates
 
@@ -235,7 +234,10 @@ def main(argv):
                       flush=True)
 
     if FLAGS.scaling:
-        result["scaling"] = scaling(quick)
+        try:
+            result["scaling"] = scaling(quick)
+        except jobs.JobError as e:
+            sys.exit(f"error: {e}")
 
     result["input"] = input_rates(repeats)
     print(f"[bench] input pipeline {result['input']['pipeline_bytes_per_s'] / 1e6:.1f} MB/s per rank; "
@@ -244,7 +246,24 @@ def main(argv):
     os.makedirs(os.path.dirname(os.path.abspath(FLAGS.output)), exist_ok=True)
     with open(FLAGS.output, "w") as f:
         json.dump(result, f, indent=2)
+    print(table(result))
     print(f"[bench] wrote {FLAGS.output}")
+
+
+def table(result: dict) -> str:
+    """The step-rate rows as the Markdown table of docs/PERFORMANCE.md."""
+    limits = {(x["hidden"], x["dtype"]): x["flops_per_s"] for x in result["limits"]}
+    baseline = {(b["hidden"], b["precision"]): b["chars_per_s"] for b in result["baseline"]}
+    lines = ["| hidden | batch x seq | precision | matmul limit | this project | of the limit | plain Keras RNN "
+             "| project / Keras |", "|---:|---|---|---:|---:|---:|---:|---:|"]
+    for p in result["project"]:
+        limit = limits[p["hidden"], "float32" if p["precision"] == "fp32" else "bfloat16"]
+        keras = baseline.get((p["hidden"], p["precision"]))
+        lines.append(f"| {p['hidden']} | {p['batch']} x {p['seq_length']} | {p['precision']} | {limit / 1e9:.0f} GFLOP/s "
+                     f"| {p['chars_per_s']:,.0f} chars/s = {p['flops_per_s'] / 1e9:.0f} GFLOP/s "
+                     f"| {p['fraction_of_matmul_limit']:.0%} | "
+                     + (f"{keras:,.0f} chars/s | {p['chars_per_s'] / keras:.2f}x |" if keras else "not run | |"))
+    return "\n".join(lines)
 
 
 def ratios(result: dict) -> None:

@@ -19,6 +19,7 @@ def test_quick_bench_writes_every_section(tmp_path):
     assert result["input"]["pipeline_bytes_per_s"] > 0 and result["input"]["preprocess_mb_per_s"] > 0
     assert "project_over_keras_32_fp32" in result["ratios"]
     assert "[bench] wrote" in proc.stdout
+    assert "| 32 | 4 x 16 | fp32 |" in proc.stdout  # the Markdown table of docs/PERFORMANCE.md
 
 
 def test_unknown_precision_is_one_line():
