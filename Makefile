@@ -7,7 +7,7 @@ SETUP_STAMP := $(VENV)/.setup-done
 NP ?= 2
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 
-.PHONY: help setup test train lint bench docker-build docker-run clean
+.PHONY: help setup test train lint bench large-batch docker-build docker-run clean
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
@@ -31,6 +31,18 @@ lint: setup ## Shellcheck the scripts, hadolint the Dockerfile, byte-compile the
 
 bench: setup ## Throughput benchmark: machine limit, this project vs plain Keras, scaling, input
 	$(PY) -m horovod_mlstm.bench --output bench_out/bench.json $(ARGS)
+
+SST := ../shared/data/sst
+large-batch: setup ## The large-batch experiment of docs/LARGE_BATCH.md: SST from ../shared if present, else the built-in corpus
+	@if [ -d $(SST) ]; then \
+	  [ -f data/sst/manifest.json ] || $(PY) -m horovod_mlstm.preprocess --input $(SST)/train.csv $(SST)/dev.csv \
+	    $(SST)/test.csv --format csv --csv_column sentence --output_dir data/sst --num_shards 2 \
+	    --val_fraction 0.05 --test_fraction 0.05 && \
+	  $(PY) -m horovod_mlstm.experiments.large_batch --data_dir data/sst --out_dir runs/large_batch_sst $(ARGS); \
+	else \
+	  echo "[large-batch] $(SST) is absent: using the built-in corpus"; \
+	  $(PY) -m horovod_mlstm.experiments.large_batch --out_dir runs/large_batch $(ARGS); \
+	fi
 
 DEVICE ?= gpu
 IMAGE ?= horovod_mlstm:$(DEVICE)

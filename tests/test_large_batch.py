@@ -1,32 +1,75 @@
-"""The large-batch experiment: divergence detection, and an end-to-end tiny run with its report."""
+"""The large-batch experiment: policies, run outcomes, and an end-to-end tiny run with a planted exploding LR."""
 
 import json
+import math
 
-from conftest import python
-from horovod_mlstm.experiments.large_batch import diverged
+import pytest
 
-
-def test_divergence_detection():
-    assert diverged([{"val_bpc": 7.9}, {"val_bpc": 5.0}]) is False
-    assert diverged([{"val_bpc": 7.9}, {"val_bpc": float("nan")}]) is True
-    assert diverged([{"val_bpc": 6.0}, {"val_bpc": 4.0}, {"val_bpc": 6.5}]) is True
-    assert diverged([{"val_bpc": 9.5}, {"val_bpc": 9.0}]) is True  # worse than a uniform guess
-    assert diverged([]) is True
+from conftest import last_line, python
+from horovod_mlstm.experiments.large_batch import outcome, peak_lr
 
 
-def test_tiny_experiment_marks_a_planted_exploding_lr(tmp_path, tiny_data):
+def curve(*values):
+    return [{"val_bpc": v} for v in values]
+
+
+def test_outcomes():
+    assert outcome(curve(7.5, 5.0, 4.0), spike_bits=0.5) == "stable"
+    assert outcome(curve(7.5, float("nan")), spike_bits=0.5) == "diverged"
+    assert outcome(curve(6.0, 9.5, 4.0), spike_bits=0.5) == "diverged"     # rose above the untrained 8 bits
+    assert outcome(curve(57.8, 28.2, 6.9), spike_bits=0.5) == "diverged"   # ... even if it recovered later
+    assert outcome([], spike_bits=0.5) == "diverged"
+    assert outcome(curve(5.0, 4.0, 4.8, 4.2), spike_bits=0.5) == "unstable"  # rose 0.8 above its best
+    assert outcome(curve(6.0, 4.0, 6.5), spike_bits=0.5) == "unstable"
+    assert outcome(curve(5.0, 4.0, 4.3, 3.9), spike_bits=0.5) == "stable"    # a rise within the tolerance
+
+
+def test_peak_learning_rates():
+    assert peak_lr("linear", 0.01, 1024, 16, 1.5) == pytest.approx(0.64)
+    assert peak_lr("sqrt", 0.01, 1024, 16, 1.5) == pytest.approx(0.08)
+    assert peak_lr("schedule", 0.01, 1024, 16, 1.5) == pytest.approx(0.015)  # capped
+    assert peak_lr("schedule", 0.01, 32, 16, 1.5) == pytest.approx(0.01 * math.sqrt(2))  # below the cap
+    assert peak_lr("none", 0.01, 1024, 16, 1.5) == 0.01
+
+
+def test_tiny_experiment_tunes_past_a_planted_exploding_lr(tmp_path, tiny_data):
     out = tmp_path / "lb"
-    proc = python("-m", "horovod_mlstm.experiments.large_batch", f"--out_dir={out}", f"--data_dir={tiny_data}",
-                  "--batches=4,16", "--policies=linear,schedule", "--chars=20000", "--hidden_size=16",
-                  "--seq_length=16", "--micro_batch=4", "--learning_rate=50", "--reference_batch=4",
-                  "--max_learning_rate=3e-3", "--evals=3", "--eval_windows=2", check=True, timeout=600)
-    results = {(r["batch"], r["policy"]): r for r in json.loads((out / "results.json").read_text())}
-    assert set(results) == {(4, "linear"), (4, "schedule"), (16, "linear"), (16, "schedule")}
-    assert results[16, "linear"]["peak_lr"] == 200.0        # 50 x 16/4, uncapped
-    assert results[16, "schedule"]["peak_lr"] == 3e-3       # sqrt-scaled, then capped
-    assert results[16, "linear"]["diverged"] and not results[16, "schedule"]["diverged"]
-    assert results[16, "linear"]["steps"] == 20000 // (16 * 16)
+    args = ["-m", "horovod_mlstm.experiments.large_batch", f"--out_dir={out}", f"--data_dir={tiny_data}",
+            "--batches=4,16", "--policies=linear,schedule", "--base_lrs=3e-3,100", "--reference_batch=4",
+            "--chars=16384", "--hidden_size=16", "--seq_length=16", "--micro_batch=4", "--evals=3",
+            "--eval_streams=4", "--eval_windows=2", "--threads=1"]
+    proc = python(*args, check=True, timeout=900)
+    report = json.loads((out / "results.json").read_text())
+    tuning = {r["peak_lr"]: r for r in report["tuning"]}
+    assert tuning[100.0]["outcome"] == "diverged" and tuning[3e-3]["outcome"] != "diverged"
+    assert report["base_lr"] == 3e-3
+    runs = {(r["batch"], r["policy"]): r for r in report["runs"]}
+    assert set(runs) == {(4, "linear"), (4, "schedule"), (16, "linear"), (16, "schedule")}
+    assert runs[16, "linear"]["peak_lr"] == pytest.approx(0.012)      # 3e-3 x 16/4
+    assert runs[16, "schedule"]["peak_lr"] == pytest.approx(4.5e-3)   # 3e-3 x sqrt(4) = 6e-3, capped at 1.5 x base
+    assert runs[16, "linear"]["steps"] == 16384 // (16 * 16)
+    # At the reference batch, linear is the tuning run of the base LR: trained once, shared.
+    assert runs[4, "linear"]["curve"] == tuning[3e-3]["curve"]
+    assert len([d for d in out.iterdir() if d.is_dir()]) == 5
     table = (out / "results.md").read_text()
-    assert "| 16 | linear |" in table and "**yes**" in table
+    assert "**diverged**" in table and "| 16 | linear | 0.012 |" in table and "tuned at the reference batch" in table
     assert (out / "curves.png").read_bytes()[:4] == b"\x89PNG"
     assert "[large_batch] wrote" in proc.stdout
+    # Run again: every run is reused, none is trained twice.
+    again = python(*args, check=True, timeout=300)
+    assert "[large_batch] training" not in again.stdout and "[large_batch] wrote" in again.stdout
+
+
+@pytest.mark.parametrize("flag, message", [
+    ("--policies=linear,cubic", "--policies must be some of"),
+    ("--policies=", "--policies must be some of"),
+    ("--base_lrs=fast", "--base_lrs and --cap_multiples numbers"),
+    ("--cap_multiples=0", "must be positive"),
+    ("--batches=0", "must be positive"),
+    ("--batches=100", "batch 100 does not split into 1 process(es) x micro-batches of 64"),
+])
+def test_bad_flags_are_one_line_before_any_training(tmp_path, flag, message):
+    proc = python("-m", "horovod_mlstm.experiments.large_batch", f"--out_dir={tmp_path}", "--micro_batch=64", flag,
+                  timeout=120)
+    assert proc.returncode != 0 and message in last_line(proc.stderr)
+    assert "[large_batch] training" not in proc.stdout

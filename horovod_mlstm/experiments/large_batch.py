@@ -1,120 +1,193 @@
 """The paper's claim at small scale: large batches converge with the schedule, not with naive scaling.
 
-    python -m horovod_mlstm.experiments.large_batch --out_dir runs/large_batch \
-        [--data_dir D] [--batches 32,128,512,2048] [--policies linear,sqrt,schedule] [--chars 1500000]
+    python -m horovod_mlstm.experiments.large_batch --out_dir runs/large_batch [--data_dir D] \
+        [--batches 16,128,1024] [--policies linear,sqrt,schedule,none] [--base_lrs 3e-3,1e-2,3e-2,1e-1] \
+        [--cap_multiples 1.5] [--np 1 [--hostfile F]] [--parallel 2]
 
-For every global batch and learning-rate policy, train.py trains the same small mLSTM on the
-same number of characters (steps = chars / (batch x seq_length)); batches larger than
---micro_batch x --np are reached exactly with gradient accumulation
-(--backward_passes_per_step), so the experiment runs unchanged on 1 CPU or 128 GPUs.
-Policies, all from the small-batch rate --learning_rate at --reference_batch:
-  linear    peak = lr x batch/ref, no cap, 1 warmup step, constant (Goyal-style naive scaling)
-  sqrt      peak = lr x sqrt(batch/ref), no cap, 1 warmup step, constant
-  schedule  the project's recipe: sqrt scaling capped at --max_learning_rate, warmup over
-            10% of the steps, linear decay to zero
-A run diverged if its validation BPC became NaN/inf or ended above where it started
-(its first evaluation, or the 8 bits of a uniform guess).
-Writes OUT/results.md (batch, policy, peak LR, final BPC, diverged), OUT/results.json and
-OUT/curves.png (validation BPC against characters seen, one line per run).
+1. Tune: at --reference_batch, train with each of --base_lrs (constant after warmup) and keep
+   the stable one with the lowest mean validation BPC over its run as the base rate. Naive
+   scaling only fails in an instructive way from a rate that is good at the small batch.
+2. Scale: at every global batch, train with each policy's peak rate derived from that base:
+     linear    base x batch/ref                         (Goyal-style linear scaling)
+     sqrt      base x sqrt(batch/ref)
+     schedule  the project's recipe: min(base x sqrt(batch/ref), cap x base) for each cap
+               of --cap_multiples, linear decay to zero after the warmup
+     none      base, whatever the batch (the control: ignore the batch size)
+   Every run warms up linearly over its first 10% of steps, and every run sees the same
+   number of characters (steps = chars / (batch x seq_length)).
+
+Every run is a train.py job, --parallel of them at once: small-batch runs are bound by per-step
+overhead, so two 1-thread runs on 2 cores take about the time of one. Batches larger than
+--micro_batch x --np are reached exactly by gradient accumulation (--backward_passes_per_step),
+so the experiment runs unchanged on 1 CPU or, with --np and --hostfile, on a cluster.
+Validation uses the same --eval_streams streams in every run, so BPC compares across batches.
+A run's directory is named by its settings, so runs with identical settings are trained once
+(at the reference batch, linear, sqrt and none are the tuning run of the chosen base) and a
+rerun continues where an interrupted one stopped.
+
+Outcome of a run, from its validation curve (the untrained model's 8 bits as its start):
+  diverged  NaN/inf, or it rose above where it started (worse than guessing uniformly),
+            even if it recovered later
+  unstable  not diverged, but it rose more than --spike_bits above its best so far
+  stable    otherwise (a blow-up that recovers before the first evaluation shows only as a
+            high first value: compare the curves)
+Writes OUT/results.md (the tuning runs, then batch, policy, peak LR, final BPC, outcome),
+OUT/results.json and OUT/curves.png (validation BPC against characters seen, a panel per batch).
 """
 
 from __future__ import annotations
 
+import concurrent.futures
+import hashlib
 import json
 import math
 import os
-import subprocess
 import sys
 
 from absl import app, flags, logging
 
-from horovod_mlstm.schedule import peak_learning_rate
+from horovod_mlstm import jobs
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-POLICIES = ("linear", "sqrt", "schedule")
+POLICIES = ("linear", "sqrt", "schedule", "none")
+UNTRAINED_BPC = 8.0  # a model that guesses every byte uniformly
 
 
-def policy_flags(policy: str, steps: int, max_lr: float) -> list[str]:
+def peak_lr(policy: str, base_lr: float, batch: int, reference_batch: int, cap_multiple: float) -> float:
+    """The peak learning rate a policy gives a batch, from the base rate tuned at reference_batch."""
+    ratio = batch / reference_batch
     if policy == "linear":
-        return ["--batch_scaling=linear", "--max_learning_rate=0", "--warmup_steps=1", "--lr_decay=constant"]
+        return base_lr * ratio
     if policy == "sqrt":
-        return ["--batch_scaling=sqrt", "--max_learning_rate=0", "--warmup_steps=1", "--lr_decay=constant"]
-    return ["--batch_scaling=sqrt", f"--max_learning_rate={max_lr}", f"--warmup_steps={max(1, steps // 10)}",
-            "--lr_decay=linear"]
+        return base_lr * math.sqrt(ratio)
+    if policy == "schedule":
+        return min(base_lr * math.sqrt(ratio), cap_multiple * base_lr)
+    return base_lr
 
 
-UNIFORM_BPC = 8.0  # a model that guesses every byte uniformly
-
-
-def diverged(history: list[dict]) -> bool:
-    """NaN/inf anywhere, or the last validation BPC above where the run started (its first
-    evaluation, or the 8 bits of a uniform guess, whichever is lower)."""
+def outcome(history: list[dict], spike_bits: float) -> str:
+    """'diverged', 'unstable' or 'stable' for a validation curve (see the module docstring)."""
     values = [h["val_bpc"] for h in history]
-    return not values or any(not math.isfinite(v) for v in values) or values[-1] > min(values[0], UNIFORM_BPC)
+    if not values or any(not math.isfinite(v) or v > UNTRAINED_BPC for v in values):
+        return "diverged"
+    best = UNTRAINED_BPC
+    for v in values:
+        if v > best + spike_bits:
+            return "unstable"
+        best = min(best, v)
+    return "stable"
 
 
-def run_one(batch: int, policy: str, out_dir: str, data_dir: str, np_: int) -> dict:
-    F = flags.FLAGS
-    per_pass = F.micro_batch * np_
-    if batch % per_pass:
-        raise ValueError(f"batch {batch} is not a multiple of --micro_batch x --np = {per_pass}")
+def check_batch(batch: int, F) -> int:
+    """Sequences per backward pass per process for `batch`; ValueError if it does not split evenly."""
+    per_rank = batch // F.np
+    if batch % F.np or per_rank % min(F.micro_batch, per_rank):
+        raise ValueError(f"batch {batch} does not split into {F.np} process(es) x micro-batches of {F.micro_batch}")
+    return min(F.micro_batch, per_rank)
+
+
+def train(batch: int, lr: float, decay: str, F, data_dir: str) -> dict:
+    """One train.py job, or its summary if a job with the same settings already finished."""
+    micro = check_batch(batch, F)
     steps = max(2, F.chars // (batch * F.seq_length))
-    model_dir = os.path.join(out_dir, f"b{batch}_{policy}")
-    args = [sys.executable, os.path.join(REPO, "train.py"), f"--model_dir={model_dir}",
-            f"--data_dir={data_dir}", f"--hidden_size={F.hidden_size}", "--embed_size=32",
-            f"--seq_length={F.seq_length}", f"--batch_size_per_worker={F.micro_batch}",
-            f"--backward_passes_per_step={batch // per_pass}", f"--train_steps={steps}",
-            f"--learning_rate={F.learning_rate}", f"--reference_batch={F.reference_batch}",
-            f"--eval_every={max(1, steps // F.evals)}", f"--eval_windows={F.eval_windows}",
-            f"--log_every={max(1, steps // 4)}", f"--checkpoint_every={steps}", "--clip_norm=0",
-            "--intra_op_threads=2", *policy_flags(policy, steps, F.max_learning_rate)]
-    if np_ > 1:
-        args = [os.path.join(os.path.dirname(sys.executable), "horovodrun"), "-np", str(np_)] + args
-    if os.path.exists(os.path.join(model_dir, "summary.json")):
+    settings = [f"--data_dir={data_dir}", f"--hidden_size={F.hidden_size}", "--embed_size=32",
+                f"--seq_length={F.seq_length}", f"--batch_size_per_worker={micro}",
+                f"--backward_passes_per_step={batch // F.np // micro}", f"--train_steps={steps}",
+                f"--learning_rate={lr!r}", "--batch_scaling=none", "--max_learning_rate=0",
+                f"--warmup_steps={max(1, steps // 10)}", f"--lr_decay={decay}",
+                f"--eval_every={max(1, steps // F.evals)}", f"--eval_windows={F.eval_windows}",
+                f"--eval_batch_size={max(1, F.eval_streams // F.np)}", "--clip_norm=0"]
+    digest = hashlib.sha1(" ".join(settings + [f"np={F.np}"]).encode()).hexdigest()[:8]
+    model_dir = os.path.join(F.out_dir, f"b{batch}_lr{lr:.4g}_{decay}_{digest}")
+    summary_path = os.path.join(model_dir, "summary.json")
+    if os.path.exists(summary_path):
         logging.info("reusing %s", model_dir)
     else:
-        proc = subprocess.run(args, capture_output=True, text=True, cwd=REPO,
-                              env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
-        if proc.returncode != 0:
-            raise RuntimeError(f"run b{batch} {policy} failed: {proc.stderr.strip().splitlines()[-1:]}")
-    with open(os.path.join(model_dir, "summary.json")) as f:
+        # One write per line: runs on --parallel threads print concurrently.
+        print(f"[large_batch] training batch {batch} at peak LR {lr:.4g} ({decay}, {steps} steps)\n", end="",
+              flush=True)
+        jobs.run([f"--model_dir={model_dir}", *settings, f"--log_every={max(1, steps // 4)}",
+                  f"--checkpoint_every={steps}", f"--intra_op_threads={F.threads}"], F.np, hostfile=F.hostfile)
+    with open(summary_path) as f:
         summary = json.load(f)
-    peak = peak_learning_rate(F.learning_rate, batch, F.reference_batch,
-                              "linear" if policy == "linear" else "sqrt",
-                              F.max_learning_rate if policy == "schedule" else None)
-    return {"batch": batch, "policy": policy, "peak_lr": peak, "steps": steps,
-            "final_bpc": summary["val_bpc"], "diverged": diverged(summary["history"]),
+    return {"batch": batch, "peak_lr": lr, "steps": steps, "final_bpc": summary["val_bpc"],
+            "outcome": outcome(summary["history"], F.spike_bits),
             "curve": [(h["chars_seen"], h["val_bpc"]) for h in summary["history"]]}
 
 
-def write_report(results: list[dict], out_dir: str) -> None:
+def train_all(runs: list[tuple[int, float, str]], F, data_dir: str) -> dict:
+    """Every distinct (batch, peak LR, decay) run, --parallel at a time: {run: result}.
+    The first failure cancels the runs not yet started and is raised."""
+    distinct = list(dict.fromkeys(runs))
+    pool = concurrent.futures.ThreadPoolExecutor(F.parallel)
+    futures = [pool.submit(train, *run, F, data_dir) for run in distinct]
+    try:
+        return {run: future.result() for run, future in zip(distinct, futures)}
+    finally:
+        pool.shutdown(cancel_futures=True)
+
+
+def tune_base_lr(candidates: list[float], F, data_dir: str) -> tuple[float, list[dict]]:
+    """The stable candidate with the lowest mean validation BPC over its run at the reference batch.
+
+    The mean over the curve rewards the rate that learns fastest, not only the one that ends
+    lowest: on an easy corpus every rate reaches the same floor and the final value alone
+    picks among ties by noise (seen on the built-in corpus, docs/LARGE_BATCH.md).
+    """
+    done = train_all([(F.reference_batch, lr, "constant") for lr in candidates], F, data_dir)
+    runs = [{"policy": "tune", **r} for r in done.values()]
+    usable = [r for r in runs if r["outcome"] == "stable"]
+    for r in runs:
+        r["mean_bpc"] = sum(b for _, b in r["curve"]) / len(r["curve"]) if r["outcome"] == "stable" else float("nan")
+    if not usable:
+        raise ValueError(f"no base LR in {candidates} trained stably at batch {F.reference_batch}; try smaller ones")
+    return min(usable, key=lambda r: r["mean_bpc"])["peak_lr"], runs
+
+
+def policy_name(policy: str, cap: float | None) -> str:
+    return f"schedule, cap {cap:g}x" if policy == "schedule" else policy
+
+
+def write_report(base_lr: float, tuning: list[dict], results: list[dict], out_dir: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    lines = ["| global batch | policy | peak LR | steps | final val BPC | diverged |", "|---:|---|---:|---:|---:|---|"]
-    for r in results:
-        lines.append(f"| {r['batch']} | {r['policy']} | {r['peak_lr']:.3g} | {r['steps']} | "
-                     f"{r['final_bpc']:.3f} | {'**yes**' if r['diverged'] else 'no'} |")
+    def shown(r):
+        return f"**{r['outcome']}**" if r["outcome"] != "stable" else "stable"
+
+    lines = [f"Base LR tuned at the reference batch: **{base_lr:.4g}**", "",
+             "| tuning: LR at the reference batch | mean val BPC over the run | final val BPC | outcome |",
+             "|---:|---:|---:|---|"]
+    lines += [f"| {r['peak_lr']:.4g} | {r['mean_bpc']:.3f} | {r['final_bpc']:.3f} | {shown(r)} |" for r in tuning]
+    lines += ["", "| global batch | policy | peak LR | steps | final val BPC | outcome |", "|---:|---|---:|---:|---:|---|"]
+    lines += [f"| {r['batch']} | {r['name']} | {r['peak_lr']:.4g} | {r['steps']} | {r['final_bpc']:.3f} | {shown(r)} |"
+              for r in results]
     with open(os.path.join(out_dir, "results.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
     with open(os.path.join(out_dir, "results.json"), "w") as f:
-        json.dump(results, f, indent=2)
-    fig, ax = plt.subplots(figsize=(8, 5))
-    styles = {"linear": ":", "sqrt": "--", "schedule": "-"}
+        json.dump({"base_lr": base_lr, "tuning": tuning, "runs": results}, f, indent=2)
+
     batches = sorted({r["batch"] for r in results})
-    colors = dict(zip(batches, plt.cm.viridis([i / max(1, len(batches) - 1) for i in range(len(batches))])))
-    for r in results:
-        xs = [c for c, _ in r["curve"]]
-        ys = [b if math.isfinite(b) else float("nan") for _, b in r["curve"]]
-        ax.plot(xs, ys, styles.get(r["policy"], "-"), color=colors[r["batch"]], marker="o", markersize=3,
-                label=f"{r['batch']} {r['policy']}" + (" (diverged)" if r["diverged"] else ""))
-    ax.set_xlabel("characters seen")
-    ax.set_ylabel("validation bits per character")
-    ax.set_ylim(top=8.5)
-    ax.set_title("Same characters at growing global batch, three learning-rate policies")
-    ax.legend(fontsize=7, ncol=2)
+    fig, axes = plt.subplots(1, len(batches), figsize=(4.2 * len(batches), 4.5), sharey=True, squeeze=False)
+    colors = {"linear": "tab:red", "sqrt": "tab:orange", "schedule": "tab:blue", "none": "tab:gray"}
+    for ax, batch in zip(axes[0], batches):
+        for i, r in enumerate(r for r in results if r["batch"] == batch):
+            xs = [0] + [c for c, _ in r["curve"]]
+            ys = [UNTRAINED_BPC] + [b if math.isfinite(b) else float("nan") for _, b in r["curve"]]
+            note = "" if r["outcome"] == "stable" else f" ({r['outcome']}"
+            if r["outcome"] == "diverged":
+                finite = [y for y in ys if math.isfinite(y)]
+                note += f", up to {max(finite):.0f} bits" if max(finite) > UNTRAINED_BPC else ", NaN"
+            ax.plot(xs, ys, color=colors[r["policy"]], marker="osv^D"[i % 5], markersize=3,
+                    label=f"{r['name']}: {r['peak_lr']:.3g}" + note + (")" if note else ""))
+        steps = next(r["steps"] for r in results if r["batch"] == batch)
+        ax.set_title(f"global batch {batch} ({steps} steps)")
+        ax.set_xlabel("characters seen")
+        ax.set_ylim(0, 9)
+        ax.legend(fontsize=8)
+    axes[0][0].set_ylabel("validation bits per character")
+    fig.suptitle(f"Same characters at every batch; peak LRs from the base {base_lr:.3g} tuned at the smallest")
     fig.tight_layout()
     fig.savefig(os.path.join(out_dir, "curves.png"), dpi=110)
     plt.close(fig)
@@ -124,47 +197,73 @@ def main(argv):
     F = flags.FLAGS
     if len(argv) > 1:
         sys.exit(f"error: unexpected arguments {argv[1:]}")
-    policies = F.policies.split(",")
-    if not set(policies) <= set(POLICIES):
-        sys.exit(f"error: --policies must be from {POLICIES}, got {F.policies}")
+    if not F.policies or not set(F.policies) <= set(POLICIES):
+        sys.exit(f"error: --policies must be some of {','.join(POLICIES)}, got {','.join(F.policies) or 'none'}")
     try:
-        batches = [int(b) for b in F.batches.split(",")]
-    except ValueError:
-        sys.exit(f"error: --batches must be integers, got {F.batches}")
+        batches = [int(b) for b in F.batches]
+        base_lrs = [float(lr) for lr in F.base_lrs]
+        caps = [float(c) for c in F.cap_multiples]
+    except ValueError as e:
+        sys.exit(f"error: --batches must be integers, --base_lrs and --cap_multiples numbers ({e})")
+    if not (batches and base_lrs and caps) or any(not x > 0 or math.isinf(x) for x in batches + base_lrs + caps):
+        sys.exit("error: --batches, --base_lrs and --cap_multiples must be positive (and not empty)")
+    try:
+        for batch in [F.reference_batch, *batches]:
+            check_batch(batch, F)
+    except ValueError as e:
+        sys.exit(f"error: {e}")
     os.makedirs(F.out_dir, exist_ok=True)
     data_dir = F.data_dir
     if not data_dir:
         from horovod_mlstm.flags import BUILTIN_DATA_DIR
         from horovod_mlstm.preprocess import prepare_builtin
 
-        data_dir = prepare_builtin(os.path.join(REPO, BUILTIN_DATA_DIR))
-    results = []
+        data_dir = prepare_builtin(os.path.join(jobs.REPO, BUILTIN_DATA_DIR))
     try:
+        base_lr, tuning = tune_base_lr(base_lrs, F, data_dir)
+        print(f"[large_batch] base LR {base_lr:.4g} (best of {base_lrs} at batch {F.reference_batch})", flush=True)
+        if len(base_lrs) > 1 and base_lr in (min(base_lrs), max(base_lrs)):
+            print("[large_batch] note: the best base LR is at the edge of --base_lrs; the best rate may lie beyond",
+                  flush=True)
+        planned = {}  # (batch, policy, cap) -> (batch, peak LR, decay)
         for batch in batches:
-            for policy in policies:
-                r = run_one(batch, policy, F.out_dir, data_dir, F.np)
-                results.append(r)
-                print(f"[large_batch] batch {batch} {policy}: peak LR {r['peak_lr']:.3g}, final BPC "
-                      f"{r['final_bpc']:.3f}{' DIVERGED' if r['diverged'] else ''}", flush=True)
-    except (ValueError, RuntimeError) as e:
+            for policy in F.policies:
+                for cap in caps if policy == "schedule" else [None]:
+                    lr = peak_lr(policy, base_lr, batch, F.reference_batch, cap or 0.0)
+                    planned[batch, policy, cap] = (batch, lr, "linear" if policy == "schedule" else "constant")
+        done = train_all(list(planned.values()), F, data_dir)
+    except (ValueError, jobs.JobError) as e:
         sys.exit(f"error: {e}")
-    write_report(results, F.out_dir)
+    results = []
+    for (batch, policy, cap), run in planned.items():
+        results.append({"policy": policy, "name": policy_name(policy, cap), "cap_multiple": cap, **done[run]})
+        r = results[-1]
+        print(f"[large_batch] batch {batch} {r['name']}: peak LR {r['peak_lr']:.4g}, final BPC {r['final_bpc']:.3f}, "
+              f"{r['outcome']}", flush=True)
+    write_report(base_lr, tuning, results, F.out_dir)
     print(f"[large_batch] wrote {F.out_dir}/results.md and curves.png")
 
 
 if __name__ == "__main__":
     flags.DEFINE_string("out_dir", "runs/large_batch", "Where runs, results.md and curves.png go.")
     flags.DEFINE_string("data_dir", "", "Preprocessed shards; empty = the built-in corpus.")
-    flags.DEFINE_string("batches", "32,128,512,2048", "Global batches (sequences) to compare.")
-    flags.DEFINE_string("policies", ",".join(POLICIES), "LR policies to compare.")
-    flags.DEFINE_integer("chars", 1_500_000, "Training characters per run (the same for every run).")
-    flags.DEFINE_integer("hidden_size", 128, "mLSTM units.")
-    flags.DEFINE_integer("seq_length", 64, "Bytes per window.")
-    flags.DEFINE_integer("micro_batch", 32, "Sequences per backward pass per process.")
-    flags.DEFINE_float("learning_rate", 2e-3, "The small-batch learning rate, at --reference_batch.")
-    flags.DEFINE_integer("reference_batch", 32, "The batch --learning_rate was tuned for.")
-    flags.DEFINE_float("max_learning_rate", 6e-3, "schedule policy: cap on the peak LR.")
-    flags.DEFINE_integer("evals", 8, "Validation points per run.")
-    flags.DEFINE_integer("eval_windows", 8, "Validation windows per evaluation.")
-    flags.DEFINE_integer("np", 1, "Processes per run (horovodrun when > 1).")
+    flags.DEFINE_list("batches", ["16", "128", "1024"], "Global batches (sequences) to compare.")
+    flags.DEFINE_list("policies", list(POLICIES), "LR policies to compare.")
+    flags.DEFINE_list("base_lrs", ["3e-3", "1e-2", "3e-2", "1e-1"], "Candidate base LRs, tried at --reference_batch.")
+    flags.DEFINE_integer("reference_batch", 16, "The small batch the base LR is tuned at.", lower_bound=1)
+    flags.DEFINE_list("cap_multiples", ["1.5"], "schedule policy: caps on the peak LR, as multiples of the base LR "
+                      "(several give one schedule run each: the way to find the cap for a batch).")
+    flags.DEFINE_integer("chars", 5_000_000, "Training characters per run (the same for every run).", lower_bound=1)
+    flags.DEFINE_integer("hidden_size", 128, "mLSTM units.", lower_bound=1)
+    flags.DEFINE_integer("seq_length", 64, "Bytes per window.", lower_bound=1)
+    flags.DEFINE_integer("micro_batch", 256, "Most sequences per backward pass per process.", lower_bound=1)
+    flags.DEFINE_integer("evals", 8, "Validation points per run.", lower_bound=1)
+    flags.DEFINE_integer("eval_streams", 16, "Validation streams, the same in every run.", lower_bound=1)
+    flags.DEFINE_integer("eval_windows", 64, "Validation windows per evaluation (0 = the whole split).", lower_bound=0)
+    flags.DEFINE_float("spike_bits", 0.5, "A rise of more than this above the best BPC so far marks a run unstable.",
+                       lower_bound=0.0)
+    flags.DEFINE_integer("parallel", 2, "Runs trained at once (use 1 with --np > 1).", lower_bound=1)
+    flags.DEFINE_integer("threads", 1, "TensorFlow intra-op threads per process.", lower_bound=1)
+    flags.DEFINE_integer("np", 1, "Processes per run (horovodrun with Gloo when > 1).", lower_bound=1)
+    flags.DEFINE_string("hostfile", "", "With --np > 1: horovodrun's hostfile (default: all processes on localhost).")
     app.run(main)
