@@ -103,8 +103,8 @@ def test_eval_batch_size_fixes_the_validation_streams(tmp_path, tiny_data):
     """With --eval_batch_size the validation BPC is the one the evaluate CLI gives with that many
     streams (and not with the training batch's), so runs with different batches compare."""
     model_dir = tmp_path / "run"
-    python("train.py", f"--model_dir={model_dir}", f"--data_dir={tiny_data}", "--train_steps=10",
-           *TINY_MODEL_FLAGS, "--eval_batch_size=2", "--eval_windows=0", check=True)
+    python("train.py", f"--model_dir={model_dir}", f"--data_dir={tiny_data}", "--train_steps=60",
+           *TINY_MODEL_FLAGS, "--learning_rate=1e-2", "--eval_batch_size=2", "--eval_windows=0", check=True)
     val_bpc = json.loads((model_dir / "summary.json").read_text())["val_bpc"]
 
     def evaluate(streams):
@@ -114,4 +114,5 @@ def test_eval_batch_size_fixes_the_validation_streams(tmp_path, tiny_data):
         return json.loads(out.read_text())["bpc"]
 
     assert val_bpc == pytest.approx(evaluate(2), rel=1e-5)
-    assert val_bpc != pytest.approx(evaluate(4), rel=1e-5)  # the training batch's 4 streams score differently
+    assert val_bpc < 6.0  # a model that uses context, so where streams start matters
+    assert val_bpc != pytest.approx(evaluate(64), rel=1e-4)  # 64 shorter streams score differently
