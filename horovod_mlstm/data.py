@@ -118,6 +118,18 @@ class ByteStreams:
         block = self.streams[:, start : start + self.seq_length + 1].astype(np.int32)
         return block[:, :-1], block[:, 1:], k == 0
 
+    def tail(self):
+        """(inputs, targets) [rows, T] for the T < seq_length bytes after the last full window.
+
+        Training never sees them (every window has seq_length bytes); a full evaluation scores
+        them so that every byte of a stream but its first is a target. None when T is 0.
+        """
+        start = self.windows_per_epoch * self.seq_length
+        if start + 1 >= self.stream_length:
+            return None
+        block = self.streams[:, start:].astype(np.int32)
+        return block[:, :-1], block[:, 1:]
+
     def dataset(self, start: int = 0, count: int | None = None) -> tf.data.Dataset:
         """Windows from global position `start` on (forever, or `count` of them)."""
         streams = tf.constant(self.streams)

@@ -39,9 +39,11 @@ def make_eval_step(model):
 
 
 def bits_per_char(model, streams: data.ByteStreams, windows: int = 0, eval_step=None) -> float:
-    """BPC over the first `windows` windows of every stream (0 = one full pass), summed over ranks.
+    """BPC over the first `windows` windows of every stream, summed over ranks.
 
-    The state starts at zero and carries across windows, as in training.
+    The state starts at zero and carries across windows, as in training. windows=0 is one full
+    pass, including the short tail after the last full window, so that every byte of every
+    stream but its first is scored.
     """
     eval_step = eval_step or make_eval_step(model)
     count = min(windows or streams.windows_per_epoch, streams.windows_per_epoch)
@@ -51,6 +53,11 @@ def bits_per_char(model, streams: data.ByteStreams, windows: int = 0, eval_step=
         loss_sum, h, c = eval_step(batch["inputs"], batch["targets"], h, c)
         nats += float(loss_sum)
         chars += float(np.prod(batch["inputs"].shape))
+    tail = streams.tail() if not windows else None
+    if tail is not None:
+        loss_sum, h, c = eval_step(tf.constant(tail[0]), tf.constant(tail[1]), h, c)
+        nats += float(loss_sum)
+        chars += float(tail[0].size)
     return float(dist.total(nats) / dist.total(chars) / LN2)
 
 
@@ -68,7 +75,7 @@ def main(argv):
         sys.exit(f"error: {e}")
     start = time.time()
     bpc = bits_per_char(model, streams)
-    scored = int(dist.total(streams.rows * streams.windows_per_epoch * streams.seq_length))
+    scored = int(dist.total(streams.rows * (streams.stream_length - 1)))
     total = int(dist.total(streams.data.size))
     result = {"model_dir": FLAGS.model_dir, "data_dir": data_dir, "split": FLAGS.split, "bpc": bpc,
               "bytes_scored": scored, "bytes_in_split": total, "ranks": dist.size(),

@@ -7,7 +7,7 @@ import pytest
 
 from conftest import horovodrun, last_line, python
 from horovod_mlstm import data, distributed as dist
-from horovod_mlstm.evaluate import bits_per_char
+from horovod_mlstm.evaluate import bits_per_char, xent
 from horovod_mlstm.inference import load_trained_model
 
 
@@ -18,11 +18,31 @@ def test_cli_matches_in_process_bpc(tmp_path, tiny_model_dir, tiny_data):
     result = json.loads(out.read_text())
     assert "bits per character" in proc.stdout
     assert 0 < result["bytes_scored"] <= result["bytes_in_split"]
-    assert result["bytes_in_split"] - result["bytes_scored"] < 4 * 33  # only stream tails go unscored
+    # Unscored: the first byte of each of the 4 streams and the < 4 bytes that do not fill a stream.
+    assert 4 <= result["bytes_in_split"] - result["bytes_scored"] < 2 * 4
     dist.init()  # one in-process rank, for the reference computation
     streams = data.rank_streams(str(tiny_data), "test", 4, 32)
     assert result["bpc"] == pytest.approx(bits_per_char(load_trained_model(str(tiny_model_dir)), streams), rel=1e-5)
     assert 0 < result["bpc"] < 8.5
+
+
+def test_full_pass_equals_each_stream_scored_in_one_call(tiny_model_dir):
+    """Windows with the state carried, plus the tail, score exactly what one long call does.
+
+    Each stream is 80 bytes: two windows of 32 take 65 of them, and the 15-byte tail is a byte
+    the corpus never holds, so leaving the tail out would change the BPC by far more than 1e-5.
+    """
+    dist.init()
+    text = np.frombuffer(b"Great sound. I use it at home and at church on Sundays, and it works!"[:65], np.uint8)
+    stream = np.concatenate([text, np.full(15, 0xFE, np.uint8)])
+    streams = data.ByteStreams(np.tile(stream, 4), rows=4, seq_length=32)
+    assert streams.windows_per_epoch == 2 and streams.tail()[1].shape == (4, 15)
+    model = load_trained_model(str(tiny_model_dir))
+    block = streams.streams.astype(np.int32)
+    logits, _ = model(block[:, :-1], model.zero_state(4))
+    expected = xent(block[:, 1:], logits).numpy().mean() / np.log(2)
+    assert bits_per_char(model, streams) == pytest.approx(expected, rel=1e-5)
+    assert bits_per_char(model, streams, windows=2) != pytest.approx(expected, rel=1e-3)  # the tail counts
 
 
 def test_two_ranks_share_the_split(tmp_path, tiny_model_dir, tiny_data):
@@ -30,7 +50,7 @@ def test_two_ranks_share_the_split(tmp_path, tiny_model_dir, tiny_data):
     horovodrun(2, "-m", "horovod_mlstm.evaluate", f"--model_dir={tiny_model_dir}", f"--data_dir={tiny_data}",
                "--split=test", "--batch_size_per_worker=4", "--seq_length=32", f"--output={out}", check=True)
     result = json.loads(out.read_text())
-    assert result["ranks"] == 2 and result["bytes_scored"] > 0.95 * result["bytes_in_split"]
+    assert result["ranks"] == 2 and 8 <= result["bytes_in_split"] - result["bytes_scored"] < 16
     assert np.isfinite(result["bpc"])
 
 
