@@ -45,11 +45,21 @@ class Checkpointer:
                 return path
             except Exception as e:  # a damaged file fails in many ways (DataLossError, IndexError, ...)
                 reason = str(e).strip().splitlines()[0][:200]
+                if "incompatible tensor with shape" in reason:  # intact, but another architecture
+                    self._quiet_failed_restores()
+                    raise CheckpointError(f"checkpoint {path} does not fit the model config.json describes ({reason})") from None
                 logging.warning("checkpoint %s is unreadable (%s); trying the previous one", path, reason)
                 tried.append(path)
         if tried:
+            self._quiet_failed_restores()
             raise CheckpointError(f"no readable checkpoint in {self.directory} (tried {', '.join(tried)})")
         return None
+
+    @staticmethod
+    def _quiet_failed_restores() -> None:
+        """Before a fatal CheckpointError: a failed restore leaves objects that, torn down at exit,
+        log a warning per variable (hundreds of lines) and would bury the one-line error."""
+        tf.get_logger().setLevel("ERROR")
 
     def saved_shape(self, name: str) -> list[int] | None:
         """Shape of top-level object `name` in the newest readable checkpoint (None if none)."""

@@ -55,8 +55,11 @@ class ModelConfig:
         path = os.path.join(model_dir, "config.json")
         if not os.path.exists(path):
             raise FileNotFoundError(f"no trained model in {model_dir!r} (missing config.json)")
-        with open(path) as f:
-            return cls(**json.load(f))
+        try:
+            with open(path) as f:
+                return cls(**json.load(f))
+        except (json.JSONDecodeError, TypeError) as e:  # half-written, hand-edited or foreign
+            raise ValueError(f"{path} is not a model config written by train.py ({e})") from None
 
 
 # Keras mixed-precision policy name for each --precision value.

@@ -70,3 +70,14 @@ def test_no_checkpoint(tmp_path):
     assert ckpt.restore() is None
     with pytest.raises(CheckpointError, match="no checkpoint in"):
         latest_readable(str(tmp_path), v=tf.Variable(1.0))
+
+
+def test_checkpoint_of_another_shape_is_an_error_not_damage(tmp_path):
+    """An intact checkpoint that does not fit is reported at once, not skipped for an older one."""
+    v, ckpt = make(tmp_path)
+    for step in (1, 2):
+        ckpt.save(step)
+    _, other = make(tmp_path)
+    other.checkpoint = tf.train.Checkpoint(v=tf.Variable(np.zeros([32], np.float32)))
+    with pytest.raises(CheckpointError, match=r"ckpt-2 does not fit the model config.json describes"):
+        other.restore()

@@ -1,6 +1,7 @@
 """The evaluate CLI: BPC over a whole split, in one process and across two ranks."""
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -59,3 +60,14 @@ def test_missing_checkpoint_and_split(tmp_path, tiny_model_dir):
     assert proc.returncode != 0 and "no trained model" in last_line(proc.stderr)
     proc = python("-m", "horovod_mlstm.evaluate", f"--model_dir={tiny_model_dir}", f"--data_dir={tmp_path}")
     assert proc.returncode != 0 and "no test shards" in last_line(proc.stderr)
+
+
+def test_checkpoint_that_does_not_fit_config_is_the_last_line(tmp_path, tiny_model_dir):
+    """An edited config.json: one error line at the end, not buried under TF's teardown warnings."""
+    model_dir = tmp_path / "edited"
+    shutil.copytree(tiny_model_dir, model_dir)
+    config = json.loads((model_dir / "config.json").read_text())
+    (model_dir / "config.json").write_text(json.dumps({**config, "hidden_size": config["hidden_size"] + 1}))
+    proc = python("-m", "horovod_mlstm.evaluate", f"--model_dir={model_dir}", "--split=test")
+    assert proc.returncode != 0 and "does not fit the model config.json describes" in last_line(proc.stderr)
+    assert "being deleted with unrestored values" not in proc.stderr

@@ -1,9 +1,10 @@
 """The shared featuriser: batched, sorted, masked and chunked equals reading each text alone."""
 
 import numpy as np
+import pytest
 import tensorflow as tf
 
-from horovod_mlstm.inference import encode, final_states
+from horovod_mlstm.inference import encode, final_states, load_trained_model
 from horovod_mlstm.model import ModelConfig, build_model
 
 
@@ -22,3 +23,10 @@ def test_batched_masked_states_equal_one_text_at_a_time():
 
 def test_encode_frames_and_cleans_like_training_documents():
     assert encode("Fine &amp; <i>dandy</i>\n\n ok") == b"\nFine & dandy ok"
+
+
+def test_unusable_config_json_is_one_clear_error(tmp_path):
+    for text in ('{"hidden_', '{"hidden_size": 8, "layers": 2}'):
+        (tmp_path / "config.json").write_text(text)
+        with pytest.raises(ValueError, match=r"config.json is not a model config written by train.py"):
+            load_trained_model(str(tmp_path))
