@@ -147,17 +147,7 @@ def train_rate(np_: int, hidden: int, batch: int, seq: int, steps: int, data_dir
                 *extra]
 
     if controller == "independent":
-        with tempfile.TemporaryDirectory() as logs:
-            paths = [os.path.join(logs, f"{i}.log") for i in range(np_)]
-            files = [open(path, "w") for path in paths]
-            procs = [jobs.start(args(), f) for f in files]  # output to files: no full pipe stalls a job
-            codes = [proc.wait() for proc in procs]
-            for f in files:
-                f.close()
-            outputs = [open(path).read() for path in paths]
-        for code, text in zip(codes, outputs):
-            if code != 0:
-                raise jobs.JobError(f"benchmark job exited {code}: {(text.strip().splitlines() or [''])[-1]}")
+        outputs = jobs.run_together([args() for _ in range(np_)])
     else:
         outputs = [jobs.run(args(), np_, controller)]
     rates = []

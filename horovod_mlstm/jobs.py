@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import tempfile
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
@@ -28,17 +29,35 @@ def command(train_args: list[str], np: int = 1, controller: str = "gloo", hostfi
             *hosts, *train]
 
 
-def start(train_args: list[str], stdout, np: int = 1, controller: str = "gloo", hostfile: str = "") -> subprocess.Popen:
-    """Starts a job writing to the open file `stdout` (stderr too), without waiting for it."""
-    return subprocess.Popen(command(train_args, np, controller, hostfile), stdout=stdout, stderr=subprocess.STDOUT,
-                            text=True, cwd=REPO, env=ENV)
+def _check(train_args: list[str], returncode: int, stderr: str) -> None:
+    """JobError naming the job's last line of stderr if it exited non-zero."""
+    if returncode != 0:
+        lines = [line for line in stderr.splitlines() if line.strip()] or ["(no output on stderr)"]
+        raise JobError(f"train.py {' '.join(train_args[:1])} ... exited {returncode}: {lines[-1]}")
 
 
 def run(train_args: list[str], np: int = 1, controller: str = "gloo", hostfile: str = "") -> str:
     """Runs a job to the end and returns its output; JobError names its last line if it fails."""
     proc = subprocess.run(command(train_args, np, controller, hostfile), capture_output=True, text=True,
                           cwd=REPO, env=ENV)
-    if proc.returncode != 0:
-        lines = [line for line in proc.stderr.splitlines() if line.strip()] or ["(no output on stderr)"]
-        raise JobError(f"train.py {' '.join(train_args[:1])} ... exited {proc.returncode}: {lines[-1]}")
+    _check(train_args, proc.returncode, proc.stderr)
     return proc.stdout
+
+
+def run_together(jobs_args: list[list[str]]) -> list[str]:
+    """Runs single-process jobs concurrently to the end; their outputs, in order (JobError as run).
+
+    Output goes to temporary files, not pipes, so no job stalls on a full pipe while another
+    is waited for.
+    """
+    files = [(tempfile.TemporaryFile("w+"), tempfile.TemporaryFile("w+")) for _ in jobs_args]
+    procs = [subprocess.Popen(command(args), stdout=out, stderr=err, text=True, cwd=REPO, env=ENV)
+             for args, (out, err) in zip(jobs_args, files)]
+    codes = [proc.wait() for proc in procs]
+    outputs = []
+    for args, code, (out, err) in zip(jobs_args, codes, files):
+        with out, err:
+            out.seek(0), err.seek(0)
+            _check(args, code, err.read())
+            outputs.append(out.read())
+    return outputs

@@ -47,21 +47,18 @@ import sys
 from absl import app, flags, logging
 
 from horovod_mlstm import jobs
+from horovod_mlstm.schedule import peak_learning_rate
 
 POLICIES = ("linear", "sqrt", "schedule", "none")
 UNTRAINED_BPC = 8.0  # a model that guesses every byte uniformly
 
 
 def peak_lr(policy: str, base_lr: float, batch: int, reference_batch: int, cap_multiple: float) -> float:
-    """The peak learning rate a policy gives a batch, from the base rate tuned at reference_batch."""
-    ratio = batch / reference_batch
-    if policy == "linear":
-        return base_lr * ratio
-    if policy == "sqrt":
-        return base_lr * math.sqrt(ratio)
+    """The peak learning rate a policy gives a batch, from the base rate tuned at reference_batch:
+    train.py's own scaling rule, with the schedule's sqrt scaling capped at cap_multiple x base."""
     if policy == "schedule":
-        return min(base_lr * math.sqrt(ratio), cap_multiple * base_lr)
-    return base_lr
+        return peak_learning_rate(base_lr, batch, reference_batch, "sqrt", cap_multiple * base_lr)
+    return peak_learning_rate(base_lr, batch, reference_batch, policy)
 
 
 def outcome(history: list[dict], spike_bits: float) -> str:
@@ -135,9 +132,9 @@ def tune_base_lr(candidates: list[float], F, data_dir: str) -> tuple[float, list
     """
     done = train_all([(F.reference_batch, lr, "constant") for lr in candidates], F, data_dir)
     runs = [{"policy": "tune", **r} for r in done.values()]
-    usable = [r for r in runs if r["outcome"] == "stable"]
     for r in runs:
         r["mean_bpc"] = sum(b for _, b in r["curve"]) / len(r["curve"]) if r["outcome"] == "stable" else float("nan")
+    usable = [r for r in runs if r["outcome"] == "stable"]
     if not usable:
         raise ValueError(f"no base LR in {candidates} trained stably at batch {F.reference_batch}; try smaller ones")
     return min(usable, key=lambda r: r["mean_bpc"])["peak_lr"], runs
