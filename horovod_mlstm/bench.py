@@ -23,9 +23,9 @@ from absl import app, flags
 
 from horovod_mlstm import corpus, jobs
 from horovod_mlstm.data import ByteStreams
-from horovod_mlstm.evaluate import xent
+from horovod_mlstm.metrics import xent
 from horovod_mlstm.model import PRECISIONS, ModelConfig, build_model, flops_per_char, set_precision
-from horovod_mlstm.preprocess import write_corpus
+from horovod_mlstm.records import write_corpus
 
 FLAGS = flags.FLAGS
 

@@ -8,7 +8,10 @@ demo a real sentiment signal, while being byte-for-byte the same on every machin
 
 from __future__ import annotations
 
+import os
 import random
+
+from horovod_mlstm.records import MANIFEST, write_corpus
 
 PRODUCTS = ["guitar", "bass", "amp", "tuner", "capo", "cable", "pedal", "strap", "pick set",
             "keyboard", "microphone", "mic stand", "drum kit", "ukulele", "violin", "string set",
@@ -84,3 +87,18 @@ def texts(count: int = 20000, seed: int = 0):
     """The texts that become the built-in corpus: "summary. review" per document."""
     for r in reviews(count, seed):
         yield f"{r['summary']}. {r['reviewText']}"
+
+
+BUILTIN_REVIEWS = 20000
+
+
+def prepare_builtin(output_dir: str) -> str:
+    """Writes the built-in corpus once (about 5 MB); later calls find it and return.
+
+    Safe for every rank to call at once: each stages its own copy and the first to publish
+    wins; the others drop theirs (the corpus is deterministic, so the copies are identical).
+    """
+    if not os.path.exists(os.path.join(output_dir, MANIFEST)):
+        write_corpus(texts(BUILTIN_REVIEWS), output_dir, num_shards=2, val_fraction=0.05, test_fraction=0.05,
+                     extra_manifest={"formats": ["builtin"]}, replace=False)
+    return output_dir

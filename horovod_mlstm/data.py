@@ -1,92 +1,76 @@
-"""Sharded TFRecords of reviews -> per-rank contiguous byte streams -> [batch, seq] windows.
+"""A split of TFRecord shards -> contiguous byte streams -> [batch, seq] windows for each rank.
 
 Truncated BPTT with a persistent state needs every batch row to be one contiguous byte
-stream: row b of batch k+1 continues exactly where row b of batch k stopped. So each rank
+stream: row b of batch k+1 continues exactly where row b of batch k stopped. The layout is
+the same for every job, whatever the number of ranks:
 
-  1. reads its share of the split with tf.data (whole files per rank when there are at least
-     as many files as ranks, every size-th record otherwise), in a fixed order;
-  2. lays its bytes out as `rows` equal contiguous streams (rows = batch per worker);
-  3. serves window k of every stream: inputs bytes [kL, kL+L), targets [kL+1, kL+L+1).
+  1. the split is its shards' records concatenated in manifest order, B bytes;
+  2. it is cut into `total_rows` equal streams (the global batch in sequences), S = B // total_rows
+     bytes each: stream r is bytes [r*S, (r+1)*S);
+  3. a rank that carries streams [first, first+rows) reads only bytes [first*S, (first+rows)*S),
+     from the shards that overlap them (found from the manifest's byte counts), and serves
+     window k of each: inputs bytes [kL, kL+L), targets [kL+1, kL+L+1).
 
-A rank holds its share in memory (40 GB over 128 ranks is ~310 MB each). The position in
-the stream is one integer, the global window count, which the checkpoint stores, so a
-resumed job continues with exactly the next window.
+So a stream's bytes never depend on how many ranks there are: a job can resume on another
+number of ranks (same global batch), and an elastic job only reassigns streams. A rank holds
+its share in memory (40 GB over 128 ranks is ~310 MB). The position in the streams is one
+integer, the global window count, which the checkpoint stores.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import glob
-import os
 
 import numpy as np
 import tensorflow as tf
-from absl import logging
 
-SPLITS = ("train", "val", "test")
-DOC_END = b"\n"  # every review is framed as cleaned text + DOC_END (whitespace inside is folded)
+from horovod_mlstm.records import RECORD_OVERHEAD, DataError, Shard, split_shards
 
-
-class DataError(Exception):
-    """A problem with the data directory or its files, explained in one line."""
-
-
-def shard_name(split: str, index: int, count: int) -> str:
-    return f"{split}-{index:05d}-of-{count:05d}.tfrecord"
+_FIX = {"train": "use fewer ranks, a smaller --batch_size_per_worker or --seq_length, or more data",
+        "val": "use a smaller --eval_batch_size or --seq_length, or preprocess with a larger --val_fraction",
+        "test": "use a smaller --batch_size_per_worker or --seq_length, or preprocess with a larger "
+                "--test_fraction"}
 
 
-def split_files(data_dir: str, split: str) -> list[str]:
-    """The shards of one split, in order; a clear error when there are none."""
-    if not os.path.isdir(data_dir):
-        raise DataError(f"data directory {data_dir!r} does not exist")
-    files = sorted(glob.glob(os.path.join(data_dir, f"{split}-*-of-*.tfrecord")))
-    if not files:
-        raise DataError(f"no {split} shards ({split}-*-of-*.tfrecord) in {data_dir!r}; "
-                        "run `python -m horovod_mlstm.preprocess` first")
-    return files
-
-
-def write_records(path: str, records) -> int:
-    """Writes raw byte records to a TFRecord file atomically (temp file, then rename)."""
-    tmp = path + ".tmp"
-    n = 0
-    with tf.io.TFRecordWriter(tmp) as writer:
-        for record in records:
-            writer.write(record)
-            n += 1
-    os.replace(tmp, path)
-    return n
-
-
-def record_dataset(files: list[str], rank: int = 0, num_ranks: int = 1,
-                   parallel_reads: int = 4) -> tf.data.Dataset:
-    """This rank's records, sharded before anything else, in a reproducible order.
-
-    Files are read in parallel (interleave) but emitted deterministically: the byte stream
-    must be the same after a restart for resume to continue at the right byte.
-    """
-    if len(files) >= num_ranks:
-        files = files[rank::num_ranks]
-        ds = tf.data.Dataset.from_tensor_slices(files)
-        ds = ds.interleave(tf.data.TFRecordDataset, cycle_length=min(parallel_reads, len(files)),
-                           block_length=1, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-        return ds
-    if rank == 0:
-        logging.warning("%d files for %d ranks: sharding by record, so every rank reads every file; "
-                        "preprocess with --num_shards >= the number of ranks to avoid it",
-                        len(files), num_ranks)
-    return tf.data.TFRecordDataset(files, num_parallel_reads=None).shard(num_ranks, rank)
-
-
-def read_bytes(files: list[str], rank: int = 0, num_ranks: int = 1) -> np.ndarray:
-    """This rank's share of a split as one uint8 array, records concatenated in order."""
-    chunks = []
+def _locate_damage(shard: Shard) -> str:
+    """Where a shard's TFRecord framing breaks: record number and byte offset in the file."""
+    records, offset = 0, 0
     try:
-        for batch in record_dataset(files, rank, num_ranks).batch(4096).prefetch(2):
-            chunks.append(b"".join(batch.numpy().tolist()))
-    except tf.errors.DataLossError as e:
-        raise DataError(f"corrupt TFRecord data in {files}: {e.message.splitlines()[0]}") from None
-    return np.frombuffer(b"".join(chunks), dtype=np.uint8)
+        for record in tf.data.TFRecordDataset([shard.path]):
+            records += 1
+            offset += len(record.numpy()) + RECORD_OVERHEAD
+    except tf.errors.DataLossError:
+        pass
+    return f"record {records + 1} at byte offset {offset:,}"
+
+
+def read_range(shards: list[Shard], start: int, stop: int) -> np.ndarray:
+    """Bytes [start, stop) of the shards' records concatenated, reading only shards that overlap."""
+    out = np.empty(stop - start, np.uint8)
+    shard_start = 0
+    for shard in shards:
+        shard_stop = shard_start + shard.bytes
+        if shard_stop > start and shard_start < stop:
+            position = shard_start  # split offset of the next byte this shard yields
+            try:
+                for batch in tf.data.TFRecordDataset([shard.path]).batch(1024).prefetch(2):
+                    blob = b"".join(batch.numpy().tolist())
+                    lo, hi = max(start, position), min(stop, position + len(blob))
+                    if lo < hi:
+                        out[lo - start:hi - start] = np.frombuffer(blob, np.uint8, hi - lo, lo - position)
+                    position += len(blob)
+                    if position >= stop:
+                        break
+            except tf.errors.DataLossError:
+                raise DataError(f"corrupt TFRecord data in {shard.path} ({_locate_damage(shard)}); "
+                                "rerun preprocess") from None
+            if position < min(stop, shard_stop):
+                raise DataError(f"{shard.path} holds {position - shard_start:,} bytes of records where the "
+                                f"manifest says {shard.bytes:,}; rerun preprocess")
+        shard_start = shard_stop
+        if shard_start >= stop:
+            break
+    return out
 
 
 @dataclasses.dataclass
@@ -100,9 +84,8 @@ class ByteStreams:
     def __post_init__(self):
         need = self.rows * (self.seq_length + 1)
         if self.data.size < need:
-            raise DataError(f"this rank has {self.data.size} bytes, fewer than the {need} needed for "
-                            f"{self.rows} streams of {self.seq_length}+1 bytes; use fewer ranks, a smaller "
-                            "batch or seq_length, or more data")
+            raise DataError(f"{self.data.size} bytes are fewer than the {need} needed for {self.rows} streams of "
+                            f"{self.seq_length}+1 bytes")
         self.stream_length = self.data.size // self.rows
         self.streams = self.data[: self.rows * self.stream_length].reshape(self.rows, self.stream_length)
         self.windows_per_epoch = (self.stream_length - 1) // self.seq_length
@@ -147,22 +130,26 @@ class ByteStreams:
         return ds.prefetch(tf.data.AUTOTUNE)
 
 
-def rank_streams(data_dir: str, split: str, rows: int, seq_length: int,
-                 rank: int = 0, num_ranks: int = 1) -> ByteStreams:
-    """Reads this rank's share of a split and lays it out as contiguous streams."""
-    data = read_bytes(split_files(data_dir, split), rank, num_ranks)
-    if data.size == 0:
-        raise DataError(f"the {split} split in {data_dir!r} has no data for rank {rank} of {num_ranks}")
-    return ByteStreams(data, rows, seq_length)
+def split_bytes(data_dir: str, split: str) -> int:
+    """Bytes in a split, from the manifest (checked against the shard files)."""
+    return sum(s.bytes for s in split_shards(data_dir, split))
 
 
-def global_streams(data_dir: str, split: str, total_rows: int, seq_length: int,
-                   first_row: int, rows: int) -> ByteStreams:
-    """Rows [first_row, first_row + rows) of `total_rows` streams laid out over the whole split.
+def check_split(data_dir: str, split: str, total_rows: int, seq_length: int) -> list[Shard]:
+    """The split's shards, checked to hold enough bytes for `total_rows` streams (without reading them)."""
+    shards = split_shards(data_dir, split)
+    total = sum(s.bytes for s in shards)
+    if total // total_rows < seq_length + 1:
+        raise DataError(f"the {split} split of {data_dir!r} has {total:,} bytes, fewer than the "
+                        f"{total_rows * (seq_length + 1):,} that {total_rows} streams of {seq_length}+1 bytes "
+                        f"need; {_FIX[split]}")
+    return shards
 
-    Elastic jobs use this layout: every stream's bytes are the same whatever the number of
-    ranks, so when ranks come and go the streams are only reassigned, and none is read twice
-    or skipped. The price is that each rank reads the whole split once at (re)start.
-    """
-    whole = ByteStreams(read_bytes(split_files(data_dir, split)), total_rows, seq_length)
-    return ByteStreams(whole.streams[first_row:first_row + rows].reshape(-1), rows, seq_length)
+
+def split_streams(data_dir: str, split: str, total_rows: int, seq_length: int, first_row: int = 0,
+                  rows: int | None = None) -> ByteStreams:
+    """Streams [first_row, first_row + rows) of the split laid out as `total_rows` streams."""
+    rows = total_rows - first_row if rows is None else rows
+    shards = check_split(data_dir, split, total_rows, seq_length)
+    length = sum(s.bytes for s in shards) // total_rows
+    return ByteStreams(read_range(shards, first_row * length, (first_row + rows) * length), rows, seq_length)

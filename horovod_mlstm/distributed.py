@@ -74,9 +74,18 @@ def total(value):
     return hvd.allreduce(tf.convert_to_tensor(value), op=hvd.Sum)
 
 
-def gather(value):
-    """Concatenates each rank's tensor along axis 0, in rank order (used for RNN state)."""
-    return hvd.allgather(tf.convert_to_tensor(value))
+def barrier() -> None:
+    """Returns on every rank once every rank has called it."""
+    hvd.allreduce(tf.zeros([]), op=hvd.Sum, name="barrier")
+
+
+def agree(error: Exception | None) -> None:
+    """Raises on every rank the first error any rank met, so that all stop with the same one line
+    instead of the ranks without it failing later in a collective with a peer gone."""
+    errors = hvd.allgather_object(error) if hvd.size() > 1 else [error]
+    first = next((e for e in errors if e is not None), None)
+    if first is not None:
+        raise first
 
 
 def replicas_agree(variables) -> bool:

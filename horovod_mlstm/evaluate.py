@@ -1,95 +1,79 @@
-"""Bits per character of a model over windows of contiguous byte streams, and its CLI.
+"""Bits per character of a trained model on a split, and its CLI.
 
     python -m horovod_mlstm.evaluate --model_dir M --data_dir D --split test [--output F.json]
     horovodrun -np 2 -H localhost:2 python -m horovod_mlstm.evaluate ...   # ranks split the work
+
+The split is laid out as --batch_size_per_worker streams per rank (data.split_streams), the
+same layout whatever the number of ranks, so the result does not depend on it.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import os
 import sys
 import time
 
-import numpy as np
-import tensorflow as tf
 from absl import app, flags
 
 from horovod_mlstm import data, distributed as dist
 from horovod_mlstm.checkpoint import CheckpointError
 from horovod_mlstm.flags import BUILTIN_DATA_DIR, define_common
 from horovod_mlstm.inference import load_trained_model
-
-LN2 = math.log(2.0)
-
-
-def xent(targets, logits):
-    """Per-byte cross-entropy in nats, float32."""
-    return tf.nn.sparse_softmax_cross_entropy_with_logits(labels=targets, logits=logits)
+from horovod_mlstm.metrics import bits_per_char
+from horovod_mlstm.records import SPLITS, DataError
 
 
-def make_eval_step(model):
-    @tf.function
-    def eval_step(inputs, targets, h, c):
-        logits, (h, c) = model(inputs, (h, c))
-        return tf.reduce_sum(xent(targets, logits)), h, c
-
-    return eval_step
-
-
-def bits_per_char(model, streams: data.ByteStreams, windows: int = 0, eval_step=None) -> float:
-    """BPC over the first `windows` windows of every stream, summed over ranks.
-
-    The state starts at zero and carries across windows, as in training. windows=0 is one full
-    pass, including the short tail after the last full window, so that every byte of every
-    stream but its first is scored.
-    """
-    eval_step = eval_step or make_eval_step(model)
-    count = min(windows or streams.windows_per_epoch, streams.windows_per_epoch)
-    h, c = model.zero_state(streams.rows)
-    nats, chars = 0.0, 0.0
-    for batch in streams.dataset(0, count):
-        loss_sum, h, c = eval_step(batch["inputs"], batch["targets"], h, c)
-        nats += float(loss_sum)
-        chars += float(np.prod(batch["inputs"].shape))
-    tail = streams.tail() if not windows else None
-    if tail is not None:
-        loss_sum, h, c = eval_step(tf.constant(tail[0]), tf.constant(tail[1]), h, c)
-        nats += float(loss_sum)
-        chars += float(tail[0].size)
-    return float(dist.total(nats) / dist.total(chars) / LN2)
+def check_writable(path: str) -> None:
+    """Fails before the work, not after it, when the result cannot be written."""
+    directory = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        raise ValueError(f"--output {path} is a directory")
+    if not os.path.isdir(directory):
+        raise ValueError(f"--output {path}: directory {directory} does not exist")
+    if not os.access(path if os.path.exists(path) else directory, os.W_OK):
+        raise ValueError(f"--output {path} is not writable")
 
 
 def main(argv):
     FLAGS = flags.FLAGS
     if len(argv) > 1:
         sys.exit(f"error: unexpected arguments {argv[1:]}")
+    if FLAGS.batch_size_per_worker < 1 or FLAGS.seq_length < 1:
+        sys.exit("error: --batch_size_per_worker and --seq_length must be at least 1")
     dist.init(FLAGS.intra_op_threads, FLAGS.inter_op_threads)
     data_dir = FLAGS.data_dir or BUILTIN_DATA_DIR
+    output = FLAGS.output or os.path.join(FLAGS.model_dir, f"eval_{FLAGS.split}.json")
+    rows = FLAGS.batch_size_per_worker
     try:
+        if dist.is_chief():
+            check_writable(output)
         model = load_trained_model(FLAGS.model_dir)
-        streams = data.rank_streams(data_dir, FLAGS.split, FLAGS.batch_size_per_worker, FLAGS.seq_length,
-                                    dist.rank(), dist.size())
-    except (CheckpointError, data.DataError, FileNotFoundError, ValueError) as e:
+        streams = data.split_streams(data_dir, FLAGS.split, rows * dist.size(), FLAGS.seq_length,
+                                     dist.rank() * rows, rows)
+    except (CheckpointError, DataError, FileNotFoundError, ValueError) as e:
         sys.exit(f"error: {e}")
     start = time.time()
     bpc = bits_per_char(model, streams)
     scored = int(dist.total(streams.rows * (streams.stream_length - 1)))
-    total = int(dist.total(streams.data.size))
+    total = data.split_bytes(data_dir, FLAGS.split)
     result = {"model_dir": FLAGS.model_dir, "data_dir": data_dir, "split": FLAGS.split, "bpc": bpc,
               "bytes_scored": scored, "bytes_in_split": total, "ranks": dist.size(),
               "seconds": time.time() - start}
     if dist.is_chief():
-        output = FLAGS.output or os.path.join(FLAGS.model_dir, f"eval_{FLAGS.split}.json")
-        with open(output, "w") as f:
-            json.dump(result, f, indent=2)
         print(f"[evaluate] {FLAGS.split}: {bpc:.4f} bits per character over {scored:,} of {total:,} bytes "
-              f"({dist.size()} rank(s)); written to {output}", flush=True)
+              f"({dist.size()} rank(s))", flush=True)
+        try:
+            with open(output + ".tmp", "w") as f:
+                json.dump(result, f, indent=2)
+            os.replace(output + ".tmp", output)
+        except OSError as e:
+            sys.exit(f"error: cannot write {output}: {e.strerror} (the result is printed above)")
+        print(f"[evaluate] written to {output}", flush=True)
 
 
 if __name__ == "__main__":
     define_common()
-    flags.DEFINE_enum("split", "test", list(data.SPLITS), "Which split to score.")
+    flags.DEFINE_enum("split", "test", list(SPLITS), "Which split to score.")
     flags.DEFINE_string("output", "", "JSON file for the result; default MODEL_DIR/eval_<split>.json.")
     app.run(main)

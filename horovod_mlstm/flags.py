@@ -70,6 +70,14 @@ def define_training() -> None:
                          "compare validation BPC between runs with different batches (each stream starts cold).")
     flags.DEFINE_integer("checkpoint_every", 100, "Checkpoint every N steps (and at the end).")
     flags.DEFINE_integer("keep_checkpoints", 3, "Checkpoints kept.")
+    # Stopping early.
+    flags.DEFINE_float("max_runtime_minutes", 0.0, "Stop (checkpointed, exit status 75) once this much wall time has "
+                       "passed, as on SIGTERM/SIGUSR1; 0 = no limit. Rerun the same command to resume.")
+    flags.DEFINE_float("divergence_bpc", 16.0, "Stop with an error when the training loss exceeds this many bits per "
+                       "character (an untrained byte model is at 8) or is not finite; 0 = never (the large-batch experiment records "
+                       "divergence instead).")
+    flags.DEFINE_integer("max_skipped_steps", 100, "Stop with an error after this many updates in a row were skipped "
+                         "for non-finite gradients (float16 loss scaling skips a few at the start).")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -111,6 +119,9 @@ class TrainConfig:
     eval_batch_size: int
     checkpoint_every: int
     keep_checkpoints: int
+    max_runtime_minutes: float
+    divergence_bpc: float
+    max_skipped_steps: int
 
     @classmethod
     def from_flags(cls) -> "TrainConfig":
@@ -119,7 +130,7 @@ class TrainConfig:
     def __post_init__(self):
         positive = ["seq_length", "batch_size_per_worker", "hidden_size", "embed_size", "train_steps",
                     "log_every", "checkpoint_every", "keep_checkpoints", "backward_passes_per_step", "commit_every",
-                    "reference_batch"]
+                    "reference_batch", "max_skipped_steps"]
         for name in positive:
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name} must be at least 1, got {getattr(self, name)}")
@@ -127,9 +138,10 @@ class TrainConfig:
             if not getattr(self, name) > 0 or math.isinf(getattr(self, name)):
                 raise ValueError(f"--{name} must be a positive number, got {getattr(self, name)}")
         for name in ["cycle_time_ms", "warmup_steps", "eval_every", "eval_windows", "eval_batch_size",
-                     "lr_horizon_steps", "intra_op_threads", "inter_op_threads", "max_learning_rate", "clip_norm"]:
-            if not getattr(self, name) >= 0:  # also refuses NaN
-                raise ValueError(f"--{name} must not be negative, got {getattr(self, name)}")
+                     "lr_horizon_steps", "intra_op_threads", "inter_op_threads", "max_learning_rate", "clip_norm",
+                     "max_runtime_minutes", "divergence_bpc"]:
+            if not 0 <= getattr(self, name) < math.inf:  # also refuses NaN and inf
+                raise ValueError(f"--{name} must be a finite number >= 0, got {getattr(self, name)}")
         if not (0 <= self.adam_beta1 < 1 and 0 <= self.adam_beta2 < 1):
             raise ValueError("--adam_beta1 and --adam_beta2 must be in [0, 1)")
         if self.warmup_steps >= self.horizon and self.lr_decay != "constant":

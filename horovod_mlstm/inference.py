@@ -8,9 +8,8 @@ import numpy as np
 import tensorflow as tf
 
 from horovod_mlstm.checkpoint import latest_readable
-from horovod_mlstm.data import DOC_END
+from horovod_mlstm.records import DOC_END, clean
 from horovod_mlstm.model import LanguageModel, ModelConfig, build_model
-from horovod_mlstm.preprocess import clean
 
 
 def load_trained_model(model_dir: str) -> LanguageModel:

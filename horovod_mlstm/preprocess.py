@@ -3,16 +3,16 @@
     python -m horovod_mlstm.preprocess --input reviews/*.json.gz --output_dir data/amazon --num_shards 128
 
 Each document is cleaned as the reference implementations did (HTML entities unescaped,
-tags stripped, whitespace folded), encoded as UTF-8 and framed with data.DOC_END so the
+tags stripped, whitespace folded), encoded as UTF-8 and framed with records.DOC_END so the
 model sees where reviews end. The split of a document is a stable hash of its bytes, so
 rerunning gives the same split and adding input files moves no old review between splits.
 
 Input files are read as streams (memory stays bounded) by `--workers` processes, each
-writing per-file parts into a private temporary directory. The shard of a document is a
+writing per-file parts into a private staging directory. The shard of a document is a
 hash of it too, and each shard is its parts concatenated in input order (TFRecord files
 concatenate), so the output does not depend on --workers and merging is a file copy.
-Only when everything succeeded do the shards and manifest replace those in --output_dir:
-a fatal error leaves the previous output as it was.
+Only when everything succeeded are the shards and manifest published (records.publish,
+atomic): a fatal error or a kill leaves the previous output as it was.
 """
 
 from __future__ import annotations
@@ -20,8 +20,6 @@ from __future__ import annotations
 import ast
 import csv
 import gzip
-import hashlib
-import html
 import io
 import json
 import multiprocessing
@@ -29,39 +27,20 @@ import os
 import re
 import shutil
 import sys
-import tempfile
 import zlib
 
 from absl import app, flags, logging
 
 from horovod_mlstm import corpus
-from horovod_mlstm.data import DOC_END, SPLITS, shard_name
+from horovod_mlstm.records import (SPLITS, DataError, ShardWriter, assign, concatenate_parts, frame, make_staging,
+                                   publish, splits_manifest)
 
 FORMATS = ("auto", "amazon_json", "csv", "text")
-_TAG = re.compile(r"<[^>]{0,200}>")
-_SPACE = re.compile(r"\s+")
 _BAD_UTF8 = re.compile("[\udc80-\udcff]")  # bytes that were not UTF-8, kept by surrogateescape
 
 
 class PreprocessError(Exception):
     """A fatal input problem, explained in one line naming the file (and line)."""
-
-
-def clean(text: str) -> str:
-    """Unescape HTML entities, strip tags, fold all whitespace (newlines too) to one space."""
-    return _SPACE.sub(" ", _TAG.sub(" ", html.unescape(text))).strip()
-
-
-def assign(document: bytes, val_fraction: float, test_fraction: float, num_shards: int = 1) -> tuple[str, int]:
-    """(split, shard) of a document, from a hash of its bytes: stable across runs, inputs and workers."""
-    digest = hashlib.blake2b(document, digest_size=16).digest()
-    h = int.from_bytes(digest[:8], "big") / 2.0**64
-    split = "val" if h < val_fraction else "test" if h < val_fraction + test_fraction else "train"
-    return split, int.from_bytes(digest[8:], "big") % num_shards
-
-
-def split_of(document: bytes, val_fraction: float, test_fraction: float) -> str:
-    return assign(document, val_fraction, test_fraction)[0]
 
 
 # ---------------------------------------------------------------- reading inputs
@@ -126,21 +105,19 @@ def documents(path: str, fmt: str, options: dict):
 def process_file(job):
     """Worker: one input file -> TFRecord parts per (split, shard) in the temp dir; returns its counts."""
     index, path, fmt, options, tmp = job
-    parts = PartWriter(tmp, f"part-{index:06d}", options["num_shards"])
+    parts = ShardWriter(tmp, f"part-{index:06d}", options["num_shards"])
     counts = {"file": path, "format": fmt, "skipped": {}}
     number = 0
     try:
         for number, text, reason in documents(path, fmt, options):
             if text is not None and _BAD_UTF8.search(text):
                 text, reason = None, "invalid UTF-8"
-            if text is not None:
-                text = clean(text)
-                if not text:
-                    text, reason = None, "empty text"
-            if text is None:
+            record = frame(text) if text is not None else None
+            if text is not None and record is None:
+                reason = "empty text"
+            if record is None:
                 counts["skipped"][reason] = counts["skipped"].get(reason, 0) + 1
                 continue
-            record = text.encode("utf-8") + DOC_END
             parts.write(record, *assign(record, options["val_fraction"], options["test_fraction"],
                                         options["num_shards"]))
     except (EOFError, gzip.BadGzipFile, zlib.error) as e:
@@ -151,94 +128,6 @@ def process_file(job):
         parts.close()
     counts.update(records=parts.records, bytes=parts.bytes)
     return counts
-
-
-# ---------------------------------------------------------------- writing shards
-
-class PartWriter:
-    """TFRecord files `{prefix}-{split}-{shard}`, opened on first use, with per-shard counts."""
-
-    def __init__(self, directory: str, prefix: str, num_shards: int):
-        self.directory, self.prefix = directory, prefix
-        self.writers = {}
-        self.records = {s: [0] * num_shards for s in SPLITS}
-        self.bytes = {s: [0] * num_shards for s in SPLITS}
-
-    def path(self, split: str, shard: int) -> str:
-        return os.path.join(self.directory, f"{self.prefix}-{split}-{shard:05d}")
-
-    def write(self, record: bytes, split: str, shard: int) -> None:
-        if (split, shard) not in self.writers:
-            import tensorflow as tf  # here, so workers import it after starting
-
-            self.writers[split, shard] = tf.io.TFRecordWriter(self.path(split, shard))
-        self.writers[split, shard].write(record)
-        self.records[split][shard] += 1
-        self.bytes[split][shard] += len(record)
-
-    def close(self) -> None:
-        for w in self.writers.values():
-            w.close()
-
-
-def merge_parts(tmp: str, prefixes: list[str], num_shards: int) -> None:
-    """Final shards = their parts concatenated in input order (TFRecord files concatenate)."""
-    for split in SPLITS:
-        for shard in range(num_shards):
-            with open(os.path.join(tmp, shard_name(split, shard, num_shards)), "wb") as out:
-                for prefix in prefixes:
-                    part = os.path.join(tmp, f"{prefix}-{split}-{shard:05d}")
-                    if os.path.exists(part):
-                        with open(part, "rb") as f:
-                            shutil.copyfileobj(f, out, 16 << 20)
-                        os.remove(part)
-
-
-def splits_manifest(records: dict, nbytes: dict, num_shards: int) -> dict:
-    return {s: {"reviews": sum(records[s]), "bytes": sum(nbytes[s]),
-                "shards": [{"file": shard_name(s, i, num_shards), "reviews": records[s][i], "bytes": nbytes[s][i]}
-                           for i in range(num_shards)]}
-            for s in SPLITS}
-
-
-def publish(tmp: str, output_dir: str, manifest: dict) -> None:
-    """Moves finished shards and the manifest from `tmp` into `output_dir`, replacing old shards."""
-    manifest_tmp = os.path.join(tmp, "manifest.json")
-    with open(manifest_tmp, "w") as f:
-        json.dump(manifest, f, indent=2)
-    os.makedirs(output_dir, exist_ok=True)
-    for name in os.listdir(output_dir):
-        if name == "manifest.json" or (name.endswith(".tfrecord") and name.split("-")[0] in SPLITS):
-            os.remove(os.path.join(output_dir, name))
-    for name in sorted(os.listdir(tmp)):
-        if name.endswith(".tfrecord"):
-            os.replace(os.path.join(tmp, name), os.path.join(output_dir, name))
-    os.replace(manifest_tmp, os.path.join(output_dir, "manifest.json"))  # last: marks the output complete
-
-
-def write_corpus(texts, output_dir: str, num_shards: int = 1, val_fraction: float = 0.001,
-                 test_fraction: float = 0.001, extra_manifest: dict | None = None) -> dict:
-    """Cleans, frames, splits and shards an iterable of texts (one process); returns the manifest."""
-    tmp = tempfile.mkdtemp(prefix=".preprocess-", dir=os.path.dirname(os.path.abspath(output_dir)) or ".")
-    try:
-        parts = PartWriter(tmp, "part", num_shards)
-        skipped = {}
-        for text in texts:
-            text = clean(text)
-            if not text:
-                skipped["empty text"] = skipped.get("empty text", 0) + 1
-                continue
-            record = text.encode("utf-8") + DOC_END
-            parts.write(record, *assign(record, val_fraction, test_fraction, num_shards))
-        parts.close()
-        merge_parts(tmp, ["part"], num_shards)
-        manifest = {"splits": splits_manifest(parts.records, parts.bytes, num_shards), "skipped": skipped,
-                    "val_fraction": val_fraction, "test_fraction": test_fraction,
-                    "command": " ".join(sys.argv), **(extra_manifest or {})}
-        publish(tmp, output_dir, manifest)
-        return manifest
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def preprocess(inputs: list[str], output_dir: str, num_shards: int, fmt: str = "auto", workers: int = 1,
@@ -261,9 +150,7 @@ def preprocess(inputs: list[str], output_dir: str, num_shards: int, fmt: str = "
             logging.info("%s: format %s (auto)", path, chosen)
         formats.append(chosen)
     total_bytes = sum(os.path.getsize(p) for p in inputs)
-    parent = os.path.dirname(os.path.abspath(output_dir))
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".preprocess-", dir=parent)
+    tmp = make_staging(output_dir)
     try:
         jobs = [(i, p, f, {**options, "num_shards": num_shards}, tmp) for i, (p, f) in enumerate(zip(inputs, formats))]
         with tqdm(total=total_bytes, unit="B", unit_scale=True, desc="preprocess", file=sys.stderr) as bar:
@@ -289,7 +176,7 @@ def preprocess(inputs: list[str], output_dir: str, num_shards: int, fmt: str = "
         if bad / (good + bad) > max_bad_fraction:
             raise PreprocessError(f"{bad} of {good + bad} records are malformed ({skipped}), more than "
                                   f"--max_bad_fraction={max_bad_fraction}")
-        merge_parts(tmp, [f"part-{job[0]:06d}" for job in jobs], num_shards)
+        concatenate_parts(tmp, [f"part-{job[0]:06d}" for job in jobs], num_shards)
         records = {s: [sum(r["records"][s][i] for r in results) for i in range(num_shards)] for s in SPLITS}
         nbytes = {s: [sum(r["bytes"][s][i] for r in results) for i in range(num_shards)] for s in SPLITS}
         manifest = {
@@ -307,37 +194,11 @@ def preprocess(inputs: list[str], output_dir: str, num_shards: int, fmt: str = "
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-BUILTIN_REVIEWS = 20000
-
-
-def prepare_builtin(output_dir: str) -> str:
-    """Writes the built-in corpus once (about 5 MB); later calls find it and return.
-
-    Safe for every rank to call at once: each writes a private directory and renames it into
-    place; whoever loses the race drops its copy (the corpus is deterministic).
-    """
-    if os.path.exists(os.path.join(output_dir, "manifest.json")):
-        return output_dir
-    parent = os.path.dirname(os.path.abspath(output_dir))
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".builtin-", dir=parent)
-    try:
-        write_corpus(corpus.texts(BUILTIN_REVIEWS), tmp, num_shards=2, val_fraction=0.05,
-                     test_fraction=0.05, extra_manifest={"formats": ["builtin"]})
-        os.rename(tmp, output_dir)
-    except OSError:
-        if not os.path.exists(os.path.join(output_dir, "manifest.json")):
-            raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return output_dir
-
-
 def main(argv):
     FLAGS = flags.FLAGS
     inputs = (FLAGS.input or []) + argv[1:]  # `--input a b c`: the shell's expansion of one glob
     if FLAGS.builtin:
-        prepare_builtin(FLAGS.output_dir)
+        corpus.prepare_builtin(FLAGS.output_dir)
         print(f"[preprocess] built-in corpus in {FLAGS.output_dir}")
         return
     if FLAGS.num_shards < 1:
@@ -349,7 +210,7 @@ def main(argv):
                               FLAGS.max_bad_fraction, text_field=FLAGS.text_field, csv_column=FLAGS.csv_column,
                               text_whole_file=FLAGS.text_whole_file, val_fraction=FLAGS.val_fraction,
                               test_fraction=FLAGS.test_fraction)
-    except PreprocessError as e:
+    except (PreprocessError, DataError) as e:
         sys.exit(f"error: {e}")
     splits = manifest["splits"]
     print(f"[preprocess] {FLAGS.output_dir}: " + ", ".join(

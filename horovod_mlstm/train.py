@@ -5,26 +5,67 @@
 
 Sections: config -> input -> model and optimizer -> update step -> checkpoint/resume ->
 loop (progress, validation, TensorBoard, summary.json). Horovod is only touched through
-horovod_mlstm.distributed. A job restarted with the same --model_dir resumes where it stopped.
+horovod_mlstm.distributed. A job restarted with the same --model_dir resumes where it stopped,
+on any number of ranks that divides its global batch.
+
+Stopping early: SIGTERM, SIGUSR1 or SIGINT (what a scheduler sends before a time limit or
+preemption, or Ctrl-C), or --max_runtime_minutes, make every rank stop after the same step
+(the request rides along with each step's allreduce), checkpoint, and exit with status 75
+(EXIT_STOPPED); the same command resumes. A diverging loss stops the job with an error
+before a checkpoint of it is written.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
+import signal
 import sys
 import time
 
+import numpy as np
 import tensorflow as tf
 from absl import app, logging
 
-from horovod_mlstm import data, distributed as dist
+from horovod_mlstm import checkpoint as ckpt_files
+from horovod_mlstm import corpus, data, distributed as dist
 from horovod_mlstm import flags as hflags
-from horovod_mlstm.checkpoint import CheckpointError, Checkpointer
-from horovod_mlstm.evaluate import LN2, bits_per_char, make_eval_step, xent
+from horovod_mlstm.checkpoint import CheckpointError, CheckpointMismatch, Checkpointer
+from horovod_mlstm.metrics import LN2, bits_per_char, make_eval_step, xent
 from horovod_mlstm.model import ModelConfig, build_model
-from horovod_mlstm.preprocess import prepare_builtin
+from horovod_mlstm.records import DataError
 from horovod_mlstm.schedule import WarmupDecaySchedule
+
+EXIT_STOPPED = 75  # EX_TEMPFAIL: stopped early and checkpointed; run the same command to resume
+
+
+class Diverged(Exception):
+    """The loss blew up; the job stops before writing a checkpoint of it."""
+
+
+class StopRequest:
+    """Set by SIGTERM/SIGUSR1/SIGINT or the wall-clock limit; each rank votes it into every step.
+
+    A second Ctrl-C aborts at once (Python's default), without the checkpoint.
+    """
+
+    def __init__(self, max_minutes: float):
+        self.reason = None
+        self.deadline = time.time() + 60 * max_minutes if max_minutes else None
+        for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
+            signal.signal(sig, self._on_signal)
+
+    def _on_signal(self, signum, frame):
+        self.reason = self.reason or signal.Signals(signum).name
+        if signum == signal.SIGINT:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+
+    def vote(self) -> float:
+        if self.reason is None and self.deadline and time.time() > self.deadline:
+            self.reason = "--max_runtime_minutes"
+        return 1.0 if self.reason else 0.0
+
 
 def check_model_dir(cfg: hflags.TrainConfig, model_config: ModelConfig) -> None:
     """A model_dir holding a different architecture is an error, not something to overwrite."""
@@ -33,33 +74,51 @@ def check_model_dir(cfg: hflags.TrainConfig, model_config: ModelConfig) -> None:
         if saved != model_config:
             raise ValueError(f"--model_dir {cfg.model_dir} holds a different model ({saved}); "
                              f"the flags ask for {model_config}. Use another --model_dir.")
+    try:
+        os.makedirs(cfg.model_dir, exist_ok=True)
+    except OSError as e:
+        raise ValueError(f"cannot create --model_dir {cfg.model_dir}: {e.strerror}") from None
+    if not os.access(cfg.model_dir, os.W_OK | os.X_OK):
+        raise ValueError(f"--model_dir {cfg.model_dir} is not writable")
 
 
-def run(cfg: hflags.TrainConfig) -> dict:
+def strict_json(value):
+    """NaN and infinities as null, so summary.json is strict JSON."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: strict_json(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [strict_json(v) for v in value]
+    return value
+
+
+def run(cfg: hflags.TrainConfig, stop: StopRequest) -> dict | None:
+    """Trains to --train_steps; returns the summary (None when there was nothing left to train)."""
     tf.keras.utils.set_random_seed(cfg.seed)
     model_config = cfg.model_config()
-    check_model_dir(cfg, model_config)
     start_world = dist.size()
-    # The job's streams: rows_per_worker per rank at start. An elastic job keeps this global
-    # batch when ranks come and go; each rank then carries total_rows / world of them.
+    # The job's streams: rows_per_worker per rank at start. The global batch stays fixed for
+    # the job (elastic resets and restarts on another number of ranks keep it).
     total_rows = cfg.rows_per_worker * start_world
-    # Validation streams, likewise fixed for the job; --eval_batch_size keeps them the same
-    # across runs with different batches, so their validation BPC compares.
+    # Validation streams, likewise fixed; --eval_batch_size keeps them the same across runs with
+    # different batches, so their validation BPC compares.
     total_val_rows = (cfg.eval_batch_size or cfg.batch_size_per_worker) * start_world
     k, L, H = cfg.backward_passes_per_step, cfg.seq_length, cfg.hidden_size
 
     # ---------------------------------------------------------------- input
+    # Checked on every rank before any collective, so a bad data dir is one line from each.
     if not cfg.data_dir:
-        prepare_builtin(cfg.data_path)  # atomic: safe for every rank to call at once
+        corpus.prepare_builtin(cfg.data_path)  # atomic: safe for every rank to call at once
+    data.check_split(cfg.data_path, "train", total_rows, L)
+    data.check_split(cfg.data_path, "val", total_val_rows, L)
 
     def input_streams(rank: int, world: int):
-        """(train, validation) byte streams of this rank for the current world size."""
-        rows, val_rows = total_rows // world, total_val_rows // world
-        if cfg.elastic:  # streams laid out over the whole split, so ranks can be reassigned
-            return (data.global_streams(cfg.data_path, "train", total_rows, L, rank * rows, rows),
-                    data.global_streams(cfg.data_path, "val", val_rows * world, L, rank * val_rows, val_rows))
-        return (data.rank_streams(cfg.data_path, "train", rows, L, rank, world),
-                data.rank_streams(cfg.data_path, "val", val_rows, L, rank, world))
+        """(train, validation) streams of this rank: its slice of one world-independent layout."""
+        rows = total_rows // world
+        val_first, val_end = rank * total_val_rows // world, (rank + 1) * total_val_rows // world
+        return (data.split_streams(cfg.data_path, "train", total_rows, L, rank * rows, rows),
+                data.split_streams(cfg.data_path, "val", total_val_rows, L, val_first, val_end - val_first))
 
     # ----------------------------------------------------- model and optimizer
     model = build_model(model_config)
@@ -77,13 +136,11 @@ def run(cfg: hflags.TrainConfig) -> dict:
     position = tf.Variable(0, dtype=tf.int64, trainable=False, name="data_position")
     skipped = tf.Variable(0, dtype=tf.int64, trainable=False, name="skipped_steps")
     chars_seen = tf.Variable(0, dtype=tf.int64, trainable=False, name="chars_seen")
-    # This rank's RNN state (its row count follows the world size) ...
+    streams = tf.Variable(total_rows, dtype=tf.int64, trainable=False, name="streams")
+    # This rank's RNN state; its row count follows the world size. Checkpoints keep it per rank.
     state_h = tf.Variable(tf.zeros([0, H]), shape=[None, H], trainable=False, name="state_h")
     state_c = tf.Variable(tf.zeros([0, H]), shape=[None, H], trainable=False, name="state_c")
-    # ... and every stream's, gathered in rank order for checkpoints and elastic commits.
-    all_h = tf.Variable(tf.zeros([total_rows, H]), trainable=False, name="all_h")
-    all_c = tf.Variable(tf.zeros([total_rows, H]), trainable=False, name="all_c")
-    synced = model.variables + optimizer.variables + [step, position, skipped, chars_seen, all_h, all_c]
+    synced = model.variables + optimizer.variables + [step, position, skipped, chars_seen]
 
     # ---------------------------------------------------------- update step
     def local_gradients(inputs, targets, h, c):
@@ -100,7 +157,7 @@ def run(cfg: hflags.TrainConfig) -> dict:
     local_gradients = tf.function(local_gradients, jit_compile=cfg.xla or None)
 
     @tf.function
-    def train_step(inputs, targets, reset):
+    def train_step(inputs, targets, reset, stop_vote):
         keep = tf.cast(tf.logical_not(reset), tf.float32)  # zero the state where the streams restart
         h_all, c_all = state_h * keep, state_c * keep
         micro = inputs.shape[0] // k
@@ -112,6 +169,10 @@ def run(cfg: hflags.TrainConfig) -> dict:
             losses.append(loss)
             new_h.append(h)
             new_c.append(c)
+        # The global loss and the stop votes, enqueued with the gradients (same Horovod cycle), so
+        # every rank sees the same values and takes the same decision after the step.
+        with tf.control_dependencies(grads):
+            loss, votes = tf.unstack(dist.mean(tf.stack([tf.reduce_mean(tf.stack(losses)), stop_vote])))
         # One ring-allreduce per update, averaging over ranks (and micro-batches).
         grads = dist.allreduce_gradients([g / k for g in grads] if k > 1 else grads)
         if loss_scaling:
@@ -131,37 +192,79 @@ def run(cfg: hflags.TrainConfig) -> dict:
         state_c.assign(tf.concat(new_c, 0))
         step.assign_add(1)
         position.assign_add(1)
-        return tf.reduce_mean(tf.stack(losses)), norm
+        return loss, norm, finite, votes
 
     eval_step = make_eval_step(model)
 
     # ------------------------------------------------- checkpoint and resume
-    ckpt = Checkpointer(cfg.model_dir, cfg.keep_checkpoints, model=model, optimizer=optimizer, step=step,
-                        position=position, skipped=skipped, chars_seen=chars_seen, all_h=all_h, all_c=all_c)
-    restored = None
-    if dist.is_chief():
-        os.makedirs(cfg.model_dir, exist_ok=True)
-        model_config.save(cfg.model_dir)
-        saved_rows = ckpt.saved_shape("all_h")
-        if saved_rows and saved_rows[0] != total_rows:
-            raise ValueError(f"the checkpoint in {cfg.model_dir} carries {saved_rows[0]} streams but this job has "
-                             f"{total_rows} (ranks x batch_size_per_worker x backward_passes_per_step); restart "
-                             "with the same global batch, or use another --model_dir")
-        restored = ckpt.restore()
+    ckpt = Checkpointer(cfg.model_dir, cfg.keep_checkpoints, writer=dist.is_chief(), model=model,
+                        optimizer=optimizer, step=step, position=position, skipped=skipped,
+                        chars_seen=chars_seen, streams=streams)
 
-    def gather_state():
-        """Every rank's RNN state into all_h/all_c (a collective: all ranks call it)."""
-        all_h.assign(dist.gather(state_h))
-        all_c.assign(dist.gather(state_c))
+    def usable(path: str) -> None:
+        """A checkpoint is used only if it has this job's streams and all of their RNN state."""
+        saved = tf.train.load_checkpoint(path).get_tensor("streams/.ATTRIBUTES/VARIABLE_VALUE")
+        if saved != total_rows:
+            raise CheckpointMismatch(
+                f"the checkpoint {path} carries {saved} streams but this job has {total_rows} (ranks x "
+                "batch_size_per_worker x backward_passes_per_step); restart with the same global batch, or use "
+                "another --model_dir")
+        ckpt_files.check_state(ckpt.directory, ckpt_files.step_of(path), total_rows, H)
 
-    def save_checkpoint():
-        gather_state()
+    restored, history, error = None, [], None
+    if dist.is_chief():  # rank 0 restores; the broadcast before the first step gives every rank its state
+        try:
+            check_model_dir(cfg, model_config)
+            model_config.save(cfg.model_dir)
+            restored = ckpt.restore(check=usable)
+            if restored and os.path.exists(os.path.join(cfg.model_dir, "summary.json")):
+                with open(os.path.join(cfg.model_dir, "summary.json")) as f:
+                    history = [h for h in json.load(f).get("history", []) if h["step"] <= step.numpy()]
+        except (CheckpointError, ValueError, OSError) as e:
+            error = e
+    dist.agree(error)
+
+    def load_state(rank: int, rows: int) -> None:
+        """This rank's rows of every stream's state at the current step (zeros at step 0)."""
+        s = int(step.numpy())
+        h, c = (ckpt_files.load_state_rows(ckpt.directory, s, rank * rows, rows, H) if s
+                else (np.zeros([rows, H], np.float32),) * 2)
+        state_h.assign(h)
+        state_c.assign(c)
+
+    def save_state(rank: int, rows: int, s: int) -> None:
+        """Every rank writes its rows of the state at step s (a collective; all ranks call it)."""
         if dist.is_chief():
-            logging.info("checkpoint %s", ckpt.save(int(step.numpy())))
+            ckpt_files.clear_state(ckpt.directory, s)
+        dist.barrier()
+        error = None
+        try:
+            ckpt_files.save_state_rows(ckpt.directory, s, rank * rows, state_h.numpy(), state_c.numpy())
+        except OSError as e:
+            error = CheckpointError(f"rank {rank} cannot write its RNN state to "
+                                    f"{ckpt_files.state_dir(ckpt.directory, s)}: {e.strerror}")
+        dist.agree(error)
+
+    def save_checkpoint(rank: int, rows: int, last_commit: int | None = None) -> None:
+        """RNN state from every rank, then rank 0 writes the model and optimizer (a collective)."""
+        s = int(step.numpy())
+        save_state(rank, rows, s)
+        error = None
+        if dist.is_chief():
+            try:
+                if not all(bool(tf.reduce_all(tf.math.is_finite(v))) for v in model.variables):
+                    raise Diverged(f"the weights are not finite at step {s}; not checkpointing them "
+                                   f"(the last good checkpoint stays in {ckpt.directory})")
+                logging.info("checkpoint %s", ckpt.save(s))
+                ckpt.prune_states(also_keep=last_commit)
+            except (CheckpointError, Diverged) as e:
+                error = e
+        dist.agree(error)
 
     # ----------------------------------------------------------------- loop
     writer = tf.summary.create_file_writer(os.path.join(cfg.model_dir, "tensorboard"))
-    log = {"train_bpc": float("nan"), "val_bpc": float("nan"), "history": [], "world_steps": {}}
+    log = {"train_bpc": float("nan"), "val_bpc": float("nan"), "history": history, "world_steps": {},
+           "stopped": None, "last_checkpoint": restored, "last_commit": None}
 
     def train_loop(elastic=None) -> dict:
         """Runs from the current step to --train_steps. Entered once, or again after each elastic reset."""
@@ -169,11 +272,20 @@ def run(cfg: hflags.TrainConfig) -> dict:
         if total_rows % world:
             raise ValueError(f"{total_rows} streams do not divide over {world} ranks")
         rows = total_rows // world
-        train_streams, val_streams = input_streams(rank, world)
-        state_h.assign(all_h[rank * rows:(rank + 1) * rows])
-        state_c.assign(all_c[rank * rows:(rank + 1) * rows])
+        error, train_streams, val_streams = None, None, None
+        try:
+            train_streams, val_streams = input_streams(rank, world)
+            load_state(rank, rows)
+        except (DataError, CheckpointError) as e:
+            error = e
+        dist.agree(error)
         chars_per_step = total_rows * L
         start_step = int(step.numpy())
+        log["last_commit"] = start_step if elastic else None  # where an elastic rollback returns to
+        log.setdefault("first_step", start_step)
+        log.setdefault("t_start", time.time())
+        if start_step >= cfg.train_steps:
+            return log
         if chief:
             print(f"[train] {world} rank(s) x {rows} streams x {L} bytes = global batch {total_rows} sequences "
                   f"({chars_per_step} chars/step); peak LR {peak_lr:.3g} ({cfg.batch_scaling} scaling); "
@@ -182,23 +294,33 @@ def run(cfg: hflags.TrainConfig) -> dict:
                      else f"continuing at step {start_step}" if start_step else "starting from scratch"),
                   flush=True)
         world_steps = dict(elastic.world_steps if elastic else log["world_steps"])
-        window_loss, window_steps, t_start = 0.0, 0, time.time()
-        t_last = t_start
+        window_loss, window_steps, skipped_in_a_row, t_last = 0.0, 0, 0, time.time()
         batches = iter(train_streams.dataset(int(position.numpy())))
         for _ in range(start_step, cfg.train_steps):
             batch = next(batches)
-            loss, norm = train_step(batch["inputs"], batch["targets"], batch["reset"])
+            loss, norm, finite, votes = train_step(batch["inputs"], batch["targets"], batch["reset"],
+                                                   tf.constant(stop.vote()))
             chars_seen.assign_add(chars_per_step)
             world_steps[world] = world_steps.get(world, 0) + 1
-            s = int(step.numpy())
+            s, loss = int(step.numpy()), float(loss)
+            # The loss is the global mean: every rank takes the same decision here.
+            if cfg.divergence_bpc and not loss / LN2 <= cfg.divergence_bpc:  # also catches NaN
+                raise Diverged(f"training diverged at step {s}: loss {loss / LN2:.4g} bits per character "
+                               f"(limit --divergence_bpc={cfg.divergence_bpc:g}); nothing after the last checkpoint "
+                               f"({log['last_checkpoint'] or 'none'}) was saved; lower --learning_rate or "
+                               "--max_learning_rate")
+            skipped_in_a_row = 0 if bool(finite) else skipped_in_a_row + 1
+            if skipped_in_a_row >= cfg.max_skipped_steps:
+                raise Diverged(f"the gradients were not finite for {skipped_in_a_row} updates in a row (step {s}); "
+                               "lower --learning_rate, or use --precision=fp32 or mixed_bfloat16")
             if chief:
                 with writer.as_default(step=s):
                     tf.summary.scalar("learning_rate", schedule(s - 1))
-            window_loss += float(loss)
+            window_loss += loss
             window_steps += 1
 
             if s % cfg.log_every == 0 or s == cfg.train_steps:
-                log["train_bpc"] = train_bpc = float(dist.mean(window_loss / window_steps)) / LN2
+                log["train_bpc"] = train_bpc = window_loss / window_steps / LN2
                 now = time.time()
                 chars_per_s = window_steps * chars_per_step / (now - t_last)
                 eta = (cfg.train_steps - s) * (now - t_last) / window_steps
@@ -225,15 +347,23 @@ def run(cfg: hflags.TrainConfig) -> dict:
                         tf.summary.scalar("val/bpc", val_bpc)
                 t_last = time.time()
 
-            if s % cfg.checkpoint_every == 0 or s == cfg.train_steps:
-                save_checkpoint()
-            if elastic and (s % cfg.commit_every == 0 or s == cfg.train_steps):
-                gather_state()
+            stopping = float(votes) > 0
+            committing = elastic and (s % cfg.commit_every == 0 or s == cfg.train_steps or stopping)
+            if s % cfg.checkpoint_every == 0 or s == cfg.train_steps or stopping:
+                save_checkpoint(rank, rows, last_commit=s if committing else log["last_commit"])
+                log["last_checkpoint"] = os.path.join(ckpt.directory, f"ckpt-{s}")
+            elif committing:
+                save_state(rank, rows, s)  # the state files of step s are what a rollback reads
+            if committing:
                 elastic.world_steps = dict(world_steps)
                 elastic.commit()  # a lost worker rolls every rank back to here
+                log["last_commit"] = s
+                if chief:
+                    ckpt.prune_states(also_keep=s)
+            if stopping:
+                log["stopped"] = stop.reason or "another rank's request"
+                break
         log["world_steps"] = world_steps
-        log["seconds"] = time.time() - t_start
-        log["steps_this_run"] = cfg.train_steps - start_step
         return log
 
     if cfg.elastic:
@@ -241,16 +371,24 @@ def run(cfg: hflags.TrainConfig) -> dict:
     else:
         dist.broadcast_variables(synced)  # rank 0's (restored or initial) state to every rank
         train_loop()
+    steps_this_run = int(step.numpy()) - log["first_step"]
+    if not steps_this_run:
+        if dist.is_chief():
+            print(f"[train] {cfg.model_dir} is already at step {int(step.numpy())} (--train_steps="
+                  f"{cfg.train_steps}): nothing to train; its checkpoints and summary.json are unchanged. Raise "
+                  "--train_steps to train further.", flush=True)
+        return None
 
     in_sync = dist.replicas_agree(model.variables)
     summary = {
         "final_step": int(step.numpy()),
-        "steps_this_run": log["steps_this_run"],
+        "stopped_early": log["stopped"],
+        "steps_this_run": steps_this_run,
         "steps_at_world_size": {str(w): n for w, n in sorted(log["world_steps"].items())},
         "train_bpc": log["train_bpc"],
         "val_bpc": log["val_bpc"],
         "chars_seen": int(chars_seen.numpy()),
-        "chars_per_second": log["steps_this_run"] * total_rows * L / max(log["seconds"], 1e-9),
+        "chars_per_second": steps_this_run * total_rows * L / max(time.time() - log["t_start"], 1e-9),
         "skipped_steps": int(skipped.numpy()),
         "world_size": dist.size(),
         "global_batch": total_rows,
@@ -260,12 +398,18 @@ def run(cfg: hflags.TrainConfig) -> dict:
         "history": log["history"],
     }
     if dist.is_chief():
-        with open(os.path.join(cfg.model_dir, "summary.json.tmp"), "w") as f:
-            json.dump(summary, f, indent=2)
-        os.replace(os.path.join(cfg.model_dir, "summary.json.tmp"), os.path.join(cfg.model_dir, "summary.json"))
-        print(f"[train] done: step {summary['final_step']}, validation bpc {summary['val_bpc']:.4f}, "
-              f"{summary['chars_per_second']:,.0f} chars/s. Checkpoints: {ckpt.directory}  "
-              f"TensorBoard: tensorboard --logdir {os.path.join(cfg.model_dir, 'tensorboard')}", flush=True)
+        path = os.path.join(cfg.model_dir, "summary.json")
+        with open(path + ".tmp", "w") as f:
+            json.dump(strict_json(summary), f, indent=2, allow_nan=False)
+        os.replace(path + ".tmp", path)
+        tensorboard = f"TensorBoard: tensorboard --logdir {os.path.join(cfg.model_dir, 'tensorboard')}"
+        if log["stopped"]:
+            print(f"[train] stopped at step {summary['final_step']} ({log['stopped']}); checkpoint "
+                  f"{log['last_checkpoint']} written; run the same command to resume. {tensorboard}", flush=True)
+        else:
+            print(f"[train] done: step {summary['final_step']}, validation bpc {summary['val_bpc']:.4f}, "
+                  f"{summary['chars_per_second']:,.0f} chars/s. Checkpoints: {ckpt.directory}  {tensorboard}",
+                  flush=True)
     return summary
 
 
@@ -276,11 +420,21 @@ def main(argv):
         cfg = hflags.TrainConfig.from_flags()
     except ValueError as e:
         sys.exit(f"error: {e}")
+    stop = StopRequest(cfg.max_runtime_minutes)
     dist.init(cfg.intra_op_threads, cfg.inter_op_threads, cfg.fp16_allreduce, cfg.cycle_time_ms)
     try:
-        run(cfg)
-    except (data.DataError, CheckpointError, ValueError, FileNotFoundError) as e:
+        summary = run(cfg, stop)
+    except (DataError, CheckpointError, Diverged, ValueError, FileNotFoundError) as e:
         sys.exit(f"error: {e}")
+    except KeyboardInterrupt:  # a second Ctrl-C: abort without the checkpoint
+        print("error: interrupted twice: stopped without checkpointing this step; the last checkpoint is intact "
+              "and the same command resumes from it", file=sys.stderr)
+        sys.exit(130)
+    except (MemoryError, tf.errors.ResourceExhaustedError):
+        sys.exit(f"error: out of memory (hidden {cfg.hidden_size}, {cfg.batch_size_per_worker} x {cfg.seq_length} "
+                 "per worker); lower --batch_size_per_worker or raise --backward_passes_per_step")
+    if summary and summary["stopped_early"]:
+        sys.exit(EXIT_STOPPED)
 
 
 def entry():

@@ -9,7 +9,7 @@ cd "$(dirname "$0")/.."
 
 PYTHON=${PYTHON:-python3.11}
 VENV=${VENV:-.venv}
-DEBS="libopenmpi-dev openmpi-bin openssh-client openssh-server iproute2 procps"
+DEBS="libopenmpi-dev openmpi-bin openssh-client openssh-server iproute2 procps strace libcap2-bin"
 
 log() { echo "[setup] $*"; }
 

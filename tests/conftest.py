@@ -50,11 +50,33 @@ def shared_dir() -> Path:
     return SHARED
 
 
+def write_shards(out: Path, shards: dict[str, list[list[bytes]]]) -> Path:
+    """A published data dir whose shards hold exactly the given records, in order: {split: [shard records]}."""
+    import tensorflow as tf
+
+    from horovod_mlstm.records import SPLITS, make_staging, publish, shard_name
+
+    staging = make_staging(str(out))
+    splits = {}
+    for split in SPLITS:
+        entries = []
+        for i, records in enumerate(shards.get(split, [])):
+            name = shard_name(split, i, len(shards[split]))
+            with tf.io.TFRecordWriter(os.path.join(staging, name)) as writer:
+                for record in records:
+                    writer.write(record)
+            entries.append({"file": name, "reviews": len(records), "bytes": sum(map(len, records))})
+        splits[split] = {"reviews": sum(e["reviews"] for e in entries), "bytes": sum(e["bytes"] for e in entries),
+                         "shards": entries}
+    publish(staging, str(out), {"splits": splits})
+    return out
+
+
 @pytest.fixture(scope="session")
 def tiny_data(tmp_path_factory) -> Path:
     """A small built-in-corpus data dir (2 shards per split), written once per session."""
     from horovod_mlstm import corpus
-    from horovod_mlstm.preprocess import write_corpus
+    from horovod_mlstm.records import write_corpus
 
     out = tmp_path_factory.mktemp("tiny_data")
     write_corpus(corpus.texts(3000, seed=1), str(out), num_shards=2, val_fraction=0.1, test_fraction=0.1)

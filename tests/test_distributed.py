@@ -1,8 +1,7 @@
 """Real multi-process Horovod runs (horovodrun -np 2 on localhost), no mocks.
 
-Data: two shards per split holding one equal-length record each. One rank with 2b streams
-then lays out exactly the streams two ranks with b streams each get (rank r reads shard r),
-so a 2-rank job and a 1-rank job on the concatenated batch must make the same updates.
+Data: two shards per split holding one equal-length record each, so a 2-rank job and a
+1-rank job on the concatenated batch see the same streams and must make the same updates.
 """
 
 from __future__ import annotations
@@ -13,9 +12,8 @@ import random
 
 import pytest
 
-from conftest import TINY_MODEL_FLAGS, horovodrun, python
+from conftest import TINY_MODEL_FLAGS, horovodrun, python, write_shards
 from horovod_mlstm import corpus, distributed as dist
-from horovod_mlstm.data import shard_name, write_records
 from test_train import assert_same_weights
 
 FLAGS = [*TINY_MODEL_FLAGS, "--batch_scaling=none", "--checkpoint_every=2", "--warmup_steps=1",
@@ -24,14 +22,15 @@ FLAGS = [*TINY_MODEL_FLAGS, "--batch_scaling=none", "--checkpoint_every=2", "--w
 
 @pytest.fixture(scope="module")
 def two_record_data(tmp_path_factory):
-    out = tmp_path_factory.mktemp("two_records")
     text = " ".join(corpus.texts(400, seed=7)).encode()
     half = 4 * 32 * 40  # 4 streams x 40 windows of 32 bytes, an exact multiple
-    for split in ("train", "val"):
-        for i in range(2):
-            start = random.Random(f"{split}{i}").randrange(0, len(text) - half)
-            write_records(str(out / shard_name(split, i, 2)), [text[start:start + half]])
-    return out
+
+    def record(split, i):
+        start = random.Random(f"{split}{i}").randrange(0, len(text) - half)
+        return [text[start:start + half]]
+
+    return write_shards(tmp_path_factory.mktemp("two_records"),
+                        {split: [record(split, i) for i in range(2)] for split in ("train", "val")})
 
 
 def test_two_ranks_match_one_rank_on_the_concatenated_batch_and_resume(tmp_path, two_record_data):

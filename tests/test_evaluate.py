@@ -8,8 +8,8 @@ import pytest
 
 from conftest import horovodrun, last_line, python
 from horovod_mlstm import data, distributed as dist
-from horovod_mlstm.evaluate import bits_per_char, xent
 from horovod_mlstm.inference import load_trained_model
+from horovod_mlstm.metrics import bits_per_char, xent
 
 
 def test_cli_matches_in_process_bpc(tmp_path, tiny_model_dir, tiny_data):
@@ -22,7 +22,7 @@ def test_cli_matches_in_process_bpc(tmp_path, tiny_model_dir, tiny_data):
     # Unscored: the first byte of each of the 4 streams and the < 4 bytes that do not fill a stream.
     assert 4 <= result["bytes_in_split"] - result["bytes_scored"] < 2 * 4
     dist.init()  # one in-process rank, for the reference computation
-    streams = data.rank_streams(str(tiny_data), "test", 4, 32)
+    streams = data.split_streams(str(tiny_data), "test", 4, 32)
     assert result["bpc"] == pytest.approx(bits_per_char(load_trained_model(str(tiny_model_dir)), streams), rel=1e-5)
     assert 0 < result["bpc"] < 8.5
 
@@ -46,20 +46,31 @@ def test_full_pass_equals_each_stream_scored_in_one_call(tiny_model_dir):
     assert bits_per_char(model, streams, windows=2) != pytest.approx(expected, rel=1e-3)  # the tail counts
 
 
-def test_two_ranks_share_the_split(tmp_path, tiny_model_dir, tiny_data):
+def test_two_ranks_share_the_split_and_score_as_one_rank_with_their_streams(tmp_path, tiny_model_dir, tiny_data):
     out = tmp_path / "eval2.json"
     horovodrun(2, "-m", "horovod_mlstm.evaluate", f"--model_dir={tiny_model_dir}", f"--data_dir={tiny_data}",
                "--split=test", "--batch_size_per_worker=4", "--seq_length=32", f"--output={out}", check=True)
     result = json.loads(out.read_text())
     assert result["ranks"] == 2 and 8 <= result["bytes_in_split"] - result["bytes_scored"] < 16
-    assert np.isfinite(result["bpc"])
+    # One stream layout whatever the world size: 2 ranks x 4 streams score what 1 rank x 8 does.
+    dist.init()
+    streams = data.split_streams(str(tiny_data), "test", 8, 32)
+    assert result["bpc"] == pytest.approx(bits_per_char(load_trained_model(str(tiny_model_dir)), streams), rel=1e-5)
+
+
+@pytest.mark.parametrize("output, message", [("missing_dir/eval.json", "does not exist"), (".", "is a directory")])
+def test_unwritable_output_fails_before_the_work(tmp_path, tiny_model_dir, tiny_data, output, message):
+    proc = python("-m", "horovod_mlstm.evaluate", f"--model_dir={tiny_model_dir}", f"--data_dir={tiny_data}",
+                  "--split=test", "--batch_size_per_worker=4", "--seq_length=32", f"--output={tmp_path / output}")
+    assert proc.returncode != 0 and message in last_line(proc.stderr) and "--output" in last_line(proc.stderr)
+    assert "bits per character" not in proc.stdout
 
 
 def test_missing_checkpoint_and_split(tmp_path, tiny_model_dir):
     proc = python("-m", "horovod_mlstm.evaluate", f"--model_dir={tmp_path}", "--split=test")
     assert proc.returncode != 0 and "no trained model" in last_line(proc.stderr)
     proc = python("-m", "horovod_mlstm.evaluate", f"--model_dir={tiny_model_dir}", f"--data_dir={tmp_path}")
-    assert proc.returncode != 0 and "no test shards" in last_line(proc.stderr)
+    assert proc.returncode != 0 and "no manifest.json in" in last_line(proc.stderr)
 
 
 def test_checkpoint_that_does_not_fit_config_is_the_last_line(tmp_path, tiny_model_dir):

@@ -92,7 +92,9 @@ def train(batch: int, lr: float, decay: str, F, data_dir: str) -> dict:
                 f"--learning_rate={lr!r}", "--batch_scaling=none", "--max_learning_rate=0",
                 f"--warmup_steps={max(1, steps // 10)}", f"--lr_decay={decay}",
                 f"--eval_every={max(1, steps // F.evals)}", f"--eval_windows={F.eval_windows}",
-                f"--eval_batch_size={max(1, F.eval_streams // F.np)}", "--clip_norm=0"]
+                f"--eval_batch_size={max(1, F.eval_streams // F.np)}", "--clip_norm=0",
+                # Diverging is an outcome to record here, not a reason to stop the job.
+                "--divergence_bpc=0", f"--max_skipped_steps={2 * steps}"]
     digest = hashlib.sha1(" ".join(settings + [f"np={F.np}"]).encode()).hexdigest()[:8]
     model_dir = os.path.join(F.out_dir, f"b{batch}_lr{lr:.4g}_{decay}_{digest}")
     summary_path = os.path.join(model_dir, "summary.json")
@@ -104,8 +106,9 @@ def train(batch: int, lr: float, decay: str, F, data_dir: str) -> dict:
               flush=True)
         jobs.run([f"--model_dir={model_dir}", *settings, f"--log_every={max(1, steps // 4)}",
                   f"--checkpoint_every={steps}", f"--intra_op_threads={F.threads}"], F.np, hostfile=F.hostfile)
-    with open(summary_path) as f:
-        summary = json.load(f)
+    with open(summary_path) as f:  # summary.json writes a non-finite BPC as null
+        summary = json.load(f, object_hook=lambda d: {k: float("nan") if v is None and "bpc" in k else v
+                                                      for k, v in d.items()})
     return {"batch": batch, "peak_lr": lr, "steps": steps, "final_bpc": summary["val_bpc"],
             "outcome": outcome(summary["history"], F.spike_bits),
             "curve": [(h["chars_seen"], h["val_bpc"]) for h in summary["history"]]}
@@ -212,8 +215,8 @@ def main(argv):
     os.makedirs(F.out_dir, exist_ok=True)
     data_dir = F.data_dir
     if not data_dir:
+        from horovod_mlstm.corpus import prepare_builtin
         from horovod_mlstm.flags import BUILTIN_DATA_DIR
-        from horovod_mlstm.preprocess import prepare_builtin
 
         data_dir = prepare_builtin(os.path.join(jobs.REPO, BUILTIN_DATA_DIR))
     try:

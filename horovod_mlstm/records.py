@@ -1,0 +1,295 @@
+"""The on-disk corpus: documents framed as TFRecords in shards, listed by manifest.json.
+
+A data directory holds `manifest.json` and, in a subdirectory named in it, the shards:
+
+    DIR/manifest.json                                  the pointer: what is published
+    DIR/shards-<run>/{train,val,test}-NNNNN-of-MMMMM.tfrecord
+
+The manifest lists every shard with its record and byte counts. Readers open only what the
+manifest lists and check each file's size against it, so a half-written or foreign shard
+is an error, never silently less data.
+
+Publishing is atomic and serialised: a run writes its shards into a private staging
+directory inside DIR, then, holding DIR/.lock, renames it to `shards-<run>`, replaces
+manifest.json with one rename, and only then removes the shards of earlier runs. A run
+killed at any point leaves either the previous output or the new one, complete; two runs
+into one DIR leave one run's complete output; staging directories of dead runs are removed
+by the next run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import errno
+import fcntl
+import glob
+import hashlib
+import html
+import json
+import os
+import re
+import shutil
+import socket
+import uuid
+
+SPLITS = ("train", "val", "test")
+DOC_END = b"\n"  # every review is framed as cleaned text + DOC_END (whitespace inside is folded)
+MANIFEST = "manifest.json"
+MANIFEST_VERSION = 2
+RECORD_OVERHEAD = 16  # a TFRecord frames each record with a length (8), its CRC (4) and a data CRC (4)
+_TAG = re.compile(r"<[^>]{0,200}>")
+_SPACE = re.compile(r"\s+")
+_STAGING = ".staging-"
+
+
+class DataError(Exception):
+    """A problem with a data directory or its files, explained in one line."""
+
+
+# ---------------------------------------------------------------- documents
+
+def clean(text: str) -> str:
+    """Unescape HTML entities, strip tags, fold all whitespace (newlines too) to one space."""
+    return _SPACE.sub(" ", _TAG.sub(" ", html.unescape(text))).strip()
+
+
+def frame(text: str) -> bytes | None:
+    """A text as a record: cleaned, UTF-8, ended by DOC_END; None when nothing is left."""
+    text = clean(text)
+    return text.encode("utf-8") + DOC_END if text else None
+
+
+def assign(record: bytes, val_fraction: float, test_fraction: float, num_shards: int = 1) -> tuple[str, int]:
+    """(split, shard) of a record, from a hash of its bytes: stable across runs, inputs and workers."""
+    digest = hashlib.blake2b(record, digest_size=16).digest()
+    h = int.from_bytes(digest[:8], "big") / 2.0**64
+    split = "val" if h < val_fraction else "test" if h < val_fraction + test_fraction else "train"
+    return split, int.from_bytes(digest[8:], "big") % num_shards
+
+
+def shard_name(split: str, index: int, count: int) -> str:
+    return f"{split}-{index:05d}-of-{count:05d}.tfrecord"
+
+
+# ---------------------------------------------------------------- writing shards
+
+class ShardWriter:
+    """TFRecord files `{prefix}-{split}-{shard}` in a directory, opened on first use, with counts."""
+
+    def __init__(self, directory: str, prefix: str, num_shards: int):
+        self.directory, self.prefix = directory, prefix
+        self.writers = {}
+        self.records = {s: [0] * num_shards for s in SPLITS}
+        self.bytes = {s: [0] * num_shards for s in SPLITS}
+
+    def path(self, split: str, shard: int) -> str:
+        return os.path.join(self.directory, f"{self.prefix}-{split}-{shard:05d}")
+
+    def write(self, record: bytes, split: str, shard: int) -> None:
+        if (split, shard) not in self.writers:
+            import tensorflow as tf  # here, so worker processes import it only once they write
+
+            self.writers[split, shard] = tf.io.TFRecordWriter(self.path(split, shard))
+        self.writers[split, shard].write(record)
+        self.records[split][shard] += 1
+        self.bytes[split][shard] += len(record)
+
+    def close(self) -> None:
+        for w in self.writers.values():
+            w.close()
+
+
+def concatenate_parts(directory: str, prefixes: list[str], num_shards: int) -> None:
+    """Final shards = their parts concatenated in `prefixes` order (TFRecord files concatenate)."""
+    for split in SPLITS:
+        for shard in range(num_shards):
+            with open(os.path.join(directory, shard_name(split, shard, num_shards)), "wb") as out:
+                for prefix in prefixes:
+                    part = os.path.join(directory, f"{prefix}-{split}-{shard:05d}")
+                    if os.path.exists(part):
+                        with open(part, "rb") as f:
+                            shutil.copyfileobj(f, out, 16 << 20)
+                        os.remove(part)
+
+
+def splits_manifest(records: dict, nbytes: dict, num_shards: int) -> dict:
+    """The manifest's "splits": reviews and bytes per split and per shard (file names unprefixed)."""
+    return {s: {"reviews": sum(records[s]), "bytes": sum(nbytes[s]),
+                "shards": [{"file": shard_name(s, i, num_shards), "reviews": records[s][i], "bytes": nbytes[s][i]}
+                           for i in range(num_shards)]}
+            for s in SPLITS}
+
+
+# ---------------------------------------------------------------- publishing
+
+def _host() -> str:
+    return socket.gethostname().replace("-", "_")  # no "-": the staging name splits on it
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_dead_staging(output_dir: str) -> list[str]:
+    """Removes staging directories left in output_dir by dead runs on this host; returns them."""
+    host = _host()
+    removed = []
+    for path in glob.glob(os.path.join(output_dir, _STAGING + "*")):
+        owner = os.path.basename(path)[len(_STAGING):].rsplit("-", 2)
+        if len(owner) == 3 and owner[0] == host and owner[1].isdigit() and not _alive(int(owner[1])):
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    return removed
+
+
+def make_staging(output_dir: str) -> str:
+    """A private directory inside output_dir for a run's shards (same filesystem: publish renames it).
+
+    Its name carries the host and pid, so a later run can tell when its owner died.
+    """
+    try:
+        os.makedirs(output_dir, exist_ok=True)
+    except OSError as e:
+        raise DataError(f"cannot create output directory {output_dir}: {e.strerror}") from None
+    if not os.access(output_dir, os.W_OK | os.X_OK):
+        raise DataError(f"output directory {output_dir} is not writable")
+    remove_dead_staging(output_dir)
+    path = os.path.join(output_dir, f"{_STAGING}{_host()}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    os.mkdir(path)
+    return path
+
+
+@contextlib.contextmanager
+def locked(output_dir: str):
+    """Holds an exclusive lock on output_dir/.lock (flock: released by the kernel if we die)."""
+    with open(os.path.join(output_dir, ".lock"), "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def publish(staging: str, output_dir: str, manifest: dict, replace: bool = True) -> bool:
+    """Makes the shards in `staging` (from make_staging) output_dir's published data, atomically.
+
+    `manifest["splits"]` names shard files relative to `staging`. With replace=False an output
+    that is already published is kept and ours dropped (for identical, deterministic data).
+    Returns whether ours was published.
+    """
+    name = "shards-" + os.path.basename(staging).rsplit("-", 1)[1]
+    manifest = {"version": MANIFEST_VERSION, **manifest}
+    for split in manifest["splits"].values():
+        for shard in split["shards"]:
+            shard["file"] = f"{name}/{shard['file']}"
+    with open(os.path.join(staging, MANIFEST), "w") as f:  # moves with the staging dir until the switch
+        json.dump(manifest, f, indent=2)
+        f.flush()
+        os.fsync(f.fileno())
+    with locked(output_dir):
+        if not replace and os.path.exists(os.path.join(output_dir, MANIFEST)):
+            shutil.rmtree(staging, ignore_errors=True)
+            return False
+        os.rename(staging, os.path.join(output_dir, name))
+        # The one step that switches the output: before it the old output is whole, after it the new one.
+        os.replace(os.path.join(output_dir, name, MANIFEST), os.path.join(output_dir, MANIFEST))
+        _fsync_dir(output_dir)
+        for entry in os.listdir(output_dir):  # what earlier runs published, no longer listed
+            path = os.path.join(output_dir, entry)
+            if entry.startswith("shards-") and entry != name:
+                shutil.rmtree(path, ignore_errors=True)
+            elif entry.endswith(".tfrecord") and entry.split("-")[0] in SPLITS:  # layout before version 2
+                os.remove(path)
+    return True
+
+
+def write_corpus(texts, output_dir: str, num_shards: int = 1, val_fraction: float = 0.001,
+                 test_fraction: float = 0.001, extra_manifest: dict | None = None, replace: bool = True) -> dict:
+    """Frames, splits, shards and publishes an iterable of texts (one process); returns the manifest."""
+    staging = make_staging(output_dir)
+    try:
+        writer = ShardWriter(staging, "part", num_shards)
+        skipped = {}
+        for text in texts:
+            record = frame(text)
+            if record is None:
+                skipped["empty text"] = skipped.get("empty text", 0) + 1
+                continue
+            writer.write(record, *assign(record, val_fraction, test_fraction, num_shards))
+        writer.close()
+        concatenate_parts(staging, ["part"], num_shards)
+        manifest = {"splits": splits_manifest(writer.records, writer.bytes, num_shards), "skipped": skipped,
+                    "val_fraction": val_fraction, "test_fraction": test_fraction, **(extra_manifest or {})}
+        publish(staging, output_dir, manifest, replace=replace)
+        return manifest
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+# ---------------------------------------------------------------- reading the manifest
+
+@dataclasses.dataclass(frozen=True)
+class Shard:
+    path: str
+    records: int
+    bytes: int
+
+
+def load_manifest(data_dir: str) -> dict:
+    """manifest.json of a data directory, checked for what readers rely on; DataError otherwise."""
+    if not os.path.isdir(data_dir):
+        raise DataError(f"data directory {data_dir!r} does not exist")
+    path = os.path.join(data_dir, MANIFEST)
+    if not os.path.exists(path):
+        leftovers = glob.glob(os.path.join(data_dir, "**", "*.tfrecord"), recursive=True)
+        why = (" (it holds shards but no manifest: output of an interrupted or foreign preprocess run)"
+               if leftovers else "")
+        raise DataError(f"no {MANIFEST} in {data_dir!r}{why}; run `python -m horovod_mlstm.preprocess` to write it")
+    try:
+        with open(path) as f:
+            manifest = json.load(f)
+        for split in SPLITS:
+            for shard in manifest["splits"][split]["shards"]:
+                if not (isinstance(shard["file"], str) and shard["reviews"] >= 0 and shard["bytes"] >= 0):
+                    raise ValueError(shard)
+    except OSError as e:
+        raise DataError(f"cannot read {path}: {e.strerror}") from None
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path} is not valid JSON ({e}); rerun preprocess") from None
+    except (KeyError, TypeError, ValueError):
+        raise DataError(f"{path} does not list each shard's record and byte counts (written by an older or "
+                        "foreign preprocess); rerun `python -m horovod_mlstm.preprocess` on the inputs") from None
+    return manifest
+
+
+def split_shards(data_dir: str, split: str) -> list[Shard]:
+    """The shards of one split in manifest order, each checked to exist with the listed size."""
+    shards = []
+    for entry in load_manifest(data_dir)["splits"][split]["shards"]:
+        path = os.path.join(data_dir, entry["file"])
+        expected = entry["bytes"] + RECORD_OVERHEAD * entry["reviews"]
+        try:
+            size = os.path.getsize(path)
+        except OSError as e:
+            reason = "is missing" if e.errno == errno.ENOENT else f"cannot be read ({e.strerror})"
+            raise DataError(f"{path} {reason}, but {MANIFEST} lists it; rerun preprocess") from None
+        if size != expected:
+            raise DataError(f"{path} has {size:,} bytes where {MANIFEST} says {expected:,} "
+                            f"({entry['reviews']:,} records); the data directory is damaged, rerun preprocess")
+        shards.append(Shard(path, entry["reviews"], entry["bytes"]))
+    return shards
