@@ -60,7 +60,7 @@ check_tools() {
   for file in TIMELINE AUTOTUNE_LOG; do
     [ -n "${!file}" ] || continue
     printf -v "$file" '%s' "$(abs_path "${!file}")"
-    [ -d "$(dirname "${!file}")" ] || die "the directory of ${!file} does not exist"
+    [ -d "$(dirname "${!file}")" ] || die "--${file,,} ${!file}: directory $(dirname "${!file}") does not exist"
   done
   [ -z "$STALL_WARN" ] || check_positive --stall_check_warning_seconds "$STALL_WARN"
   [ -z "$STALL_SHUTDOWN" ] || check_positive --stall_check_shutdown_seconds "$STALL_SHUTDOWN"
