@@ -107,7 +107,8 @@ def main(argv=None):
         print(f"\n{group}: {len(members)} tensor(s), {sum(r['bytes'] for r in members)} bytes, {info['rounds']} "
               f"rounds, median {interval} from one round's start to the next; median wall time per round:")
         for phase, (ms, seen) in info["phases"].items():
-            print(f"  {phase:<26} {ms:9.3f} ms" + (f"  (in {seen} of {info['rounds']} rounds)" if seen < info["rounds"] else ""))
+            only_some = f"  (in {seen} of {info['rounds']} rounds)" if seen < info["rounds"] else ""
+            print(f"  {phase:<26} {ms:9.3f} ms{only_some}")
 
 if __name__ == "__main__":
     main()

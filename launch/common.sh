@@ -123,7 +123,8 @@ read_hostfile() {
 # - TERM, USR1 and INT to the launcher go to the job as $FORWARD_AS (default: the same signal), so a
 #   scheduler's or a user's signal reaches train.py, which stops at a step boundary and checkpoints
 #   (each launcher sets the signal its job runner passes on to the ranks without killing them);
-# - a job that stopped that way exits 75 (horovodrun's own "exited with non-zero status" is unwrapped);
+# - a job that stopped that way exits 75 (horovodrun's own "exited with non-zero status" is unwrapped),
+#   after one line saying so and how it resumes ($RESUME_HINT);
 # - a failed job's last stderr line is rank 0's first `error:` line, rank prefix stripped.
 run_job() {
   if [ "$DRY_RUN" = 1 ]; then
@@ -152,7 +153,7 @@ run_job() {
   trap - TERM USR1 INT
   status=$(job_status "$status" "$stderr_log")
   if [ "$status" = "$EX_TEMPFAIL" ]; then
-    echo "$(basename "$0"): training stopped at a checkpoint (status 75); the same command resumes it" >&2
+    echo "$(basename "$0"): training stopped at a checkpoint (status 75); ${RESUME_HINT:-the same command resumes it}" >&2
   elif [ "$status" != 0 ]; then
     rank0_error "$stderr_log" >&2
   fi

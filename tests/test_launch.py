@@ -84,7 +84,8 @@ def test_launchers_really_train_two_processes_with_paths_from_the_callers_direct
     model = load_trained_model(str(tmp_path / "run"))
     assert sum(r["bytes"] for r in rows if r["group"] == gradients[0]) == 4 * model.count_params()
     phases = groups[gradients[0]]["phases"]
-    assert phases["NEGOTIATE_ALLREDUCE"][0] > 0 and phases["ALLREDUCE"][0] > 0 and groups[gradients[0]]["interval_ms"] > 0
+    assert phases["NEGOTIATE_ALLREDUCE"][0] > 0 and phases["ALLREDUCE"][0] > 0
+    assert groups[gradients[0]]["interval_ms"] > 0
     out = python("-m", "horovod_mlstm.timeline", str(tmp_path / "tl.json"), check=True).stdout
     assert f"{steps} rounds, median" in out and "NEGOTIATE_ALLREDUCE" in out
 
