@@ -94,6 +94,11 @@ check_flagfiles() {
   done
 }
 
+# require_command NAME HINT: a launcher's runner missing from PATH is one line (unless only printing).
+require_command() {
+  [ "$DRY_RUN" = 1 ] || command -v "$1" > /dev/null || die "$1 is not on PATH on $(hostname): $2"
+}
+
 # no_controller: the launchers other than horovodrun.sh have no Gloo/MPI choice to make.
 no_controller() { [ -z "$CONTROLLER" ] || die "$CONTROLLER applies to launch/horovodrun.sh only"; }
 
@@ -138,13 +143,15 @@ run_job() {
   local stderr_log status tee_pid
   stderr_log="$(mktemp "${TMPDIR:-/tmp}/launch-stderr.XXXXXX")"
   mkfifo "$stderr_log.fifo"
-  tee "$stderr_log" < "$stderr_log.fifo" >&2 &
+  # tee ignores the signals, or a Ctrl-C would end it and the job's last words (and its stderr) with it
+  (trap '' TERM USR1 INT; exec tee "$stderr_log" < "$stderr_log.fifo" >&2) &
   tee_pid=$!
-  "$@" 2> "$stderr_log.fifo" &
-  JOB_PID=$!
+  JOB_PID=""
   trap 'forward_signal TERM' TERM
   trap 'forward_signal USR1' USR1
   trap 'forward_signal INT' INT
+  "$@" 2> "$stderr_log.fifo" &
+  JOB_PID=$!
   while :; do
     status=0; wait "$JOB_PID" || status=$?
     kill -0 "$JOB_PID" 2>/dev/null || break  # a trapped signal interrupted wait: the job still runs
@@ -164,6 +171,7 @@ run_job() {
 forward_signal() {
   local target="$JOB_PID" signal="${FORWARD_AS:-$1}" mpirun_pid
   # horovodrun in MPI mode becomes `sh -c "mpirun ..."`; mpirun kills the ranks on SIGTERM but passes SIGUSR1 on.
+  [ -n "$JOB_PID" ] || return 0  # not started yet
   if [ "$(ps -o comm= -p "$JOB_PID")" = sh ] && mpirun_pid="$(pgrep -x -P "$JOB_PID" mpirun)"; then
     target="$mpirun_pid" signal=USR1
   fi

@@ -22,6 +22,7 @@ while [ $# -gt 0 ]; do
 done
 parse_args "${rest[@]}"
 no_controller
+require_command "$HOROVODRUN" "run make setup (it installs Horovod into .venv)"
 check_positive --min-np "$min_np"
 [ -z "$max_np" ] || check_positive --max-np "$max_np"
 env_cmd=()

@@ -10,6 +10,7 @@ set -euo pipefail
 # shellcheck source=common.sh
 source "$(dirname "$0")/common.sh"
 parse_args "$@"
+require_command "$HOROVODRUN" "run make setup (it installs Horovod into .venv)"
 read_hostfile
 cmd=("$HOROVODRUN" -np "$NP" -H "$HOSTLIST")
 [ -n "$CONTROLLER" ] && cmd+=("$CONTROLLER")

@@ -11,6 +11,7 @@ set -euo pipefail
 source "$(dirname "$0")/common.sh"
 parse_args "$@"
 no_controller
+require_command mpirun "install Open MPI (make setup does), or use launch/horovodrun.sh --gloo"
 read_hostfile
 cmd=(mpirun -np "$NP" -hostfile "$HOSTFILE" -bind-to none -map-by slot --tag-output
      -x NCCL_DEBUG=INFO -x LD_LIBRARY_PATH -x PATH -x TF_CPP_MIN_LOG_LEVEL

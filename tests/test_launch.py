@@ -245,6 +245,14 @@ def test_slurm_outside_an_allocation_says_so():
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "srun is not on PATH" in proc.stderr
 
 
+def test_mpirun_missing_is_one_line(tmp_path):
+    """Only the tools the script itself needs are on PATH: mpirun is not."""
+    for tool in ["bash", "dirname", "basename", "hostname", "id"]:
+        (tmp_path / tool).symlink_to(shutil.which(tool))
+    proc = launch("mpirun.sh", "--np", "2", env={"PATH": str(tmp_path)})
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "mpirun is not on PATH" in proc.stderr
+
+
 @pytest.fixture
 def standin_tree(tmp_path):
     """A copy of the launchers whose train.py is tests/standin_train.py (they run ROOT/train.py)."""
