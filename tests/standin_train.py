@@ -12,7 +12,7 @@ import time
 
 
 def main():
-    args = dict(arg.removeprefix("--").split("=", 1) for arg in sys.argv[1:])
+    args = dict(arg.removeprefix("--").partition("=")[::2] for arg in sys.argv[1:])  # --elastic -> ""
     rank = os.environ.get("HOROVOD_RANK") or os.environ.get("OMPI_COMM_WORLD_RANK") or os.environ.get("SLURM_PROCID")
     record = os.path.join(args["record_dir"], f"rank{rank}")
 

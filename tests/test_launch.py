@@ -268,12 +268,15 @@ def standin_tree(tmp_path):
     ("horovodrun.sh", "--gloo", "SIGTERM"),  # horovodrun+Gloo passes SIGTERM on
     ("horovodrun.sh", "--mpi", "SIGUSR1"),  # it becomes mpirun, which would kill the ranks on SIGTERM
     ("mpirun.sh", None, "SIGUSR1"),
+    ("elastic.sh", None, "SIGTERM"),  # horovodrun+Gloo in elastic mode
 ])
 def test_a_signal_to_the_launcher_reaches_every_rank_and_75_comes_back(tmp_path, standin_tree, script, controller,
                                                                       received):
     records = tmp_path / "records"
     records.mkdir()
-    cmd = ["bash", f"{standin_tree}/launch/{script}", *([controller] if controller else []), "--np", "2",
+    (tmp_path / "hosts.txt").write_text("localhost:1\n127.0.0.1:1\n")  # elastic.sh: two local "hosts"
+    hosts = ["--hostfile", str(tmp_path / "hosts.txt")] if script == "elastic.sh" else []
+    cmd = ["bash", f"{standin_tree}/launch/{script}", *([controller] if controller else []), *hosts, "--np", "2",
            f"--record_dir={records}"]
     proc = subprocess.Popen(cmd, cwd=tmp_path, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     for rank in (0, 1):
