@@ -32,22 +32,27 @@ class Span:
 
 
 def load_spans(path: str) -> list[Span]:
-    """The timeline's begin/end pairs, per tensor; ValueError naming the file if it is not a timeline."""
+    """The timeline's begin/end pairs, per tensor; ValueError if the file is not a timeline."""
     try:
         with open(path) as f:
             events = json.load(f)
     except (OSError, json.JSONDecodeError) as e:
-        raise ValueError(f"{path} is not a readable Horovod timeline: {e}") from None
-    names = {e["pid"]: e["args"]["name"] for e in events
-             if e.get("ph") == "M" and e.get("name") == "process_name" and "name" in e.get("args", {})}
-    open_spans, spans = collections.defaultdict(list), []
-    for e in events:
-        if e.get("ph") == "B":
-            open_spans[e["pid"]].append(e)
-        elif e.get("ph") == "E" and open_spans[e["pid"]]:
-            begin = open_spans[e["pid"]].pop()
-            spans.append(Span(names.get(e["pid"], str(e["pid"])), begin["name"], begin["ts"], e["ts"],
-                              e.get("args", {})))
+        raise ValueError(f"not a readable Horovod timeline: {e}") from None
+    if not isinstance(events, list) or not all(isinstance(e, dict) for e in events):
+        raise ValueError("not a Horovod timeline: expected a JSON list of trace events")
+    try:
+        names = {e["pid"]: e["args"]["name"] for e in events
+                 if e.get("ph") == "M" and e.get("name") == "process_name" and "name" in e.get("args", {})}
+        open_spans, spans = collections.defaultdict(list), []
+        for e in events:
+            if e.get("ph") == "B":
+                open_spans[e["pid"]].append(e)
+            elif e.get("ph") == "E" and open_spans[e["pid"]]:
+                begin = open_spans[e["pid"]].pop()
+                spans.append(Span(names.get(e["pid"], str(e["pid"])), begin["name"], begin["ts"], e["ts"],
+                                  e.get("args", {})))
+    except KeyError as e:
+        raise ValueError(f"not a Horovod timeline: a trace event lacks {e}") from None
     return spans
 
 
@@ -97,7 +102,7 @@ def main(argv=None):
     try:
         rows, summary = summarize(load_spans(args.timeline))
     except ValueError as e:
-        sys.exit(f"error: {e}")
+        sys.exit(f"error: {args.timeline}: {e}")
     print(f"{'tensor':<72} {'dtype':<8} {'shape':<12} {'bytes':>9} {'times':>5}")
     for row in rows:
         print(f"{row['tensor']:<72} {row['dtype']:<8} {str(row['shape']):<12} {row['bytes']:>9} {row['times']:>5}")

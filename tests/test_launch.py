@@ -289,10 +289,18 @@ def test_a_signal_to_the_launcher_reaches_every_rank_and_75_comes_back(tmp_path,
     assert out.count("[train] stopped at step 7") == 2
 
 
-def test_timeline_summary_refuses_a_file_that_is_not_a_timeline(tmp_path):
-    (tmp_path / "bad.json").write_text("[{")
+@pytest.mark.parametrize("text, message", [
+    ("[{", "not a readable Horovod timeline"),
+    ("{}", "expected a JSON list of trace events"),
+    ('[{"ph": "B", "name": "ALLREDUCE"}]', "a trace event lacks 'pid'"),
+    ("[]", "the timeline has no allreduce"),
+])
+def test_timeline_summary_refuses_a_file_that_is_not_a_timeline(tmp_path, text, message):
+    (tmp_path / "bad.json").write_text(text)
     bad = python("-m", "horovod_mlstm.timeline", str(tmp_path / "bad.json"))
-    assert bad.returncode == 1 and last_line(bad.stderr).startswith(f"error: {tmp_path}/bad.json is not a readable")
+    assert bad.returncode == 1 and last_line(bad.stderr).startswith(f"error: {tmp_path}/bad.json: ")
+    assert message in bad.stderr, bad.stderr
+    assert bad.stderr.count("\n") == 1
 
 
 def test_lint_scripts_and_dockerfile():
