@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from conftest import ENV, PYTHON, REPO, TINY_MODEL_FLAGS, last_line, python, run
+from conftest import ENV, REPO, TINY_MODEL_FLAGS, last_line, python, run
 
 DGX = "hostfiles/dgx1-16nodes.txt"
 BIN = f"{REPO}/.venv/bin"
