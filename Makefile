@@ -22,7 +22,7 @@ test: setup ## Run the test suite (CPU, real horovodrun -np 2 runs included)
 	$(PY) -m pytest -q tests
 
 train: setup ## Train the CPU demo model on the built-in corpus with 2 Horovod processes
-	$(HOROVODRUN) --gloo -np $(NP) -H localhost:$(NP) $(PY) train.py --flagfile=configs/cpu_demo.cfg $(ARGS)
+	bash launch/horovodrun.sh --gloo --np $(NP) --flagfile=configs/cpu_demo.cfg $(ARGS)
 
 lint: setup ## Shellcheck the scripts, hadolint the Dockerfile, byte-compile the package
 	$(VENV)/bin/shellcheck -x -P SCRIPTDIR launch/*.sh launch/slurm.sbatch hostfiles/discover_hosts.sh scripts/setup.sh .ci/run

@@ -1,31 +1,111 @@
 # shellcheck shell=bash disable=SC2034  # sourced; the variables are read by the launchers
-# Shared by the launchers: option parsing, hostfile reading, the venv's python.
-# Paths given to train.py (--flagfile, --data_dir, ...) are relative to the repository root.
-# Sourced, not run. Sets: ROOT PYTHON HOROVODRUN HOSTFILE NP DRY_RUN IFACE ARGS HOSTS SLOTS HOSTLIST
+# Shared by the launchers: option parsing, hostfile reading, Horovod's tools, running the job.
+# Relative paths (--flagfile, --data_dir, --model_dir, --timeline, ...) are relative to the directory the
+# launcher is called from: nothing here changes directory, and train.py is passed by absolute path.
+# Sourced, not run. Sets: ROOT CALLER_DIR PYTHON HOROVODRUN TRAIN_PY HOSTFILE NP DRY_RUN IFACE CONTROLLER
+# ARGS HOSTS SLOTS HOSTLIST TOOL_FLAGS TOOL_ENV
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+CALLER_DIR="$PWD"
 PYTHON="$ROOT/.venv/bin/python"; [ -x "$PYTHON" ] || PYTHON=python
 HOROVODRUN="$ROOT/.venv/bin/horovodrun"; [ -x "$HOROVODRUN" ] || HOROVODRUN=horovodrun
+TRAIN_PY="$ROOT/train.py"
+EX_TEMPFAIL=75  # train.py stopped early on a signal or --max_runtime_minutes, after checkpointing
 
 die() { echo "$(basename "$0"): $*" >&2; exit 2; }
 
+# abs_path P: P made absolute against the caller's directory.
+abs_path() { case "$1" in /*) echo "$1" ;; *) echo "$CALLER_DIR/$1" ;; esac; }
+
+# option_value "$@": the value of the option in $1, given as `--opt VALUE` or `--opt=VALUE`; sets VALUE and
+# SHIFT (how many arguments it used). A missing or empty value is one line, also when the option is last.
+option_value() {
+  if [[ "$1" == *=* ]]; then VALUE="${1#*=}" SHIFT=1
+  else [ $# -ge 2 ] || die "${1%%=*} needs a value"; VALUE="$2" SHIFT=2; fi
+  [ -n "$VALUE" ] || die "${1%%=*} needs a value"
+}
+
 # parse_args "$@": launcher options; everything else goes to train.py as absl flags.
 parse_args() {
-  HOSTFILE="$ROOT/hostfiles/localhost.txt" NP="" DRY_RUN=0 IFACE="" ARGS=()
+  HOSTFILE="" NP="" DRY_RUN=0 IFACE="" CONTROLLER="" ARGS=()
+  TIMELINE="" AUTOTUNE=0 AUTOTUNE_LOG="" STALL_WARN="" STALL_SHUTDOWN="" NO_STALL_CHECK=0
   while [ $# -gt 0 ]; do
-    case "$1" in
-      --hostfile) [ $# -ge 2 ] || die "--hostfile needs a file"; HOSTFILE="$2"; shift 2 ;;
-      --np) [ $# -ge 2 ] || die "--np needs a number"; NP="$2"; shift 2 ;;
-      --iface) [ $# -ge 2 ] || die "--iface needs an interface name"; IFACE="$2"; shift 2 ;;
-      --dry-run) DRY_RUN=1; shift ;;
-      *) ARGS+=("$1"); shift ;;
+    case "${1%%=*}" in
+      --hostfile) option_value "$@"; HOSTFILE="$VALUE" ;;
+      --np) option_value "$@"; NP="$VALUE" ;;
+      --iface) option_value "$@"; IFACE="$VALUE" ;;
+      --timeline) option_value "$@"; TIMELINE="$VALUE" ;;
+      --autotune_log) option_value "$@"; AUTOTUNE_LOG="$VALUE" ;;
+      --stall_check_warning_seconds) option_value "$@"; STALL_WARN="$VALUE" ;;
+      --stall_check_shutdown_seconds) option_value "$@"; STALL_SHUTDOWN="$VALUE" ;;
+      --dry-run) DRY_RUN=1 SHIFT=1 ;;
+      --autotune) AUTOTUNE=1 SHIFT=1 ;;
+      --no_stall_check) NO_STALL_CHECK=1 SHIFT=1 ;;
+      --gloo|--mpi) CONTROLLER="$1" SHIFT=1 ;;
+      *) ARGS+=("$1") SHIFT=1 ;;
     esac
+    shift "$SHIFT"
+  done
+  [ -z "$NP" ] || check_positive --np "$NP"
+  check_tools
+  check_flagfiles
+}
+
+check_positive() { [[ "$2" =~ ^[1-9][0-9]*$ ]] || die "$1 must be a positive whole number, got '$2'"; }
+
+# check_tools: validates Horovod's tool options and builds them both ways Horovod documents:
+# TOOL_FLAGS for horovodrun, TOOL_ENV (VAR=value) for mpirun -x and srun's environment.
+check_tools() {
+  TOOL_FLAGS=() TOOL_ENV=()
+  local file
+  for file in TIMELINE AUTOTUNE_LOG; do
+    [ -n "${!file}" ] || continue
+    printf -v "$file" '%s' "$(abs_path "${!file}")"
+    [ -d "$(dirname "${!file}")" ] || die "--${file,,} ${!file}: directory $(dirname "${!file}") does not exist"
+  done
+  [ -z "$STALL_WARN" ] || check_positive --stall_check_warning_seconds "$STALL_WARN"
+  [ -z "$STALL_SHUTDOWN" ] || check_positive --stall_check_shutdown_seconds "$STALL_SHUTDOWN"
+  [ -z "$AUTOTUNE_LOG" ] || [ "$AUTOTUNE" = 1 ] || die "--autotune_log needs --autotune"
+  if [ "$NO_STALL_CHECK" = 1 ] && [ -n "$STALL_WARN$STALL_SHUTDOWN" ]; then
+    die "--no_stall_check contradicts --stall_check_warning_seconds/--stall_check_shutdown_seconds"
+  fi
+  if [ -n "$STALL_WARN" ] && [ -n "$STALL_SHUTDOWN" ] && [ "$STALL_SHUTDOWN" -le "$STALL_WARN" ]; then
+    die "--stall_check_shutdown_seconds ($STALL_SHUTDOWN) must exceed --stall_check_warning_seconds ($STALL_WARN)"
+  fi
+  if [ -n "$TIMELINE" ]; then
+    TOOL_FLAGS+=(--timeline-filename "$TIMELINE"); TOOL_ENV+=("HOROVOD_TIMELINE=$TIMELINE"); fi
+  if [ "$AUTOTUNE" = 1 ]; then TOOL_FLAGS+=(--autotune); TOOL_ENV+=(HOROVOD_AUTOTUNE=1); fi
+  if [ -n "$AUTOTUNE_LOG" ]; then
+    TOOL_FLAGS+=(--autotune-log-file "$AUTOTUNE_LOG"); TOOL_ENV+=("HOROVOD_AUTOTUNE_LOG=$AUTOTUNE_LOG"); fi
+  if [ "$NO_STALL_CHECK" = 1 ]; then TOOL_FLAGS+=(--no-stall-check); TOOL_ENV+=(HOROVOD_STALL_CHECK_DISABLE=1); fi
+  if [ -n "$STALL_WARN" ]; then TOOL_FLAGS+=(--stall-check-warning-time-seconds "$STALL_WARN")
+    TOOL_ENV+=("HOROVOD_STALL_CHECK_TIME_SECONDS=$STALL_WARN"); fi
+  if [ -n "$STALL_SHUTDOWN" ]; then TOOL_FLAGS+=(--stall-check-shutdown-time-seconds "$STALL_SHUTDOWN")
+    TOOL_ENV+=("HOROVOD_STALL_SHUTDOWN_TIME_SECONDS=$STALL_SHUTDOWN"); fi
+  return 0
+}
+
+# check_flagfiles: a --flagfile that is not there is one line here, not one absl error per rank.
+check_flagfiles() {
+  local arg file
+  for arg in "${ARGS[@]}"; do
+    [[ "$arg" == --flagfile=* ]] || continue
+    file="${arg#--flagfile=}"
+    [ -f "$(abs_path "$file")" ] || die "flagfile $file not found in $CALLER_DIR (relative paths are taken from the directory you run the launcher in)"
   done
 }
 
+# require_command NAME HINT: a launcher's runner missing from PATH is one line (unless only printing).
+require_command() {
+  [ "$DRY_RUN" = 1 ] || command -v "$1" > /dev/null || die "$1 is not on PATH on $(hostname): $2"
+}
+
+# no_controller: the launchers other than horovodrun.sh have no Gloo/MPI choice to make.
+no_controller() { [ -z "$CONTROLLER" ] || die "$CONTROLLER applies to launch/horovodrun.sh only"; }
+
 # read_hostfile: Open MPI format, "host slots=N" per line (# comments, blank lines allowed).
 read_hostfile() {
+  HOSTFILE="$(abs_path "${HOSTFILE:-$ROOT/hostfiles/localhost.txt}")"
   [ -f "$HOSTFILE" ] || die "hostfile $HOSTFILE does not exist"
-  HOSTFILE="$(cd "$(dirname "$HOSTFILE")" && pwd)/$(basename "$HOSTFILE")"  # commands run from ROOT
   HOSTS=() SLOTS=0 HOSTLIST=""
   local n=0 line
   while IFS= read -r line || [ -n "$line" ]; do
@@ -40,12 +120,18 @@ read_hostfile() {
   done < "$HOSTFILE"
   [ "$SLOTS" -gt 0 ] || die "$HOSTFILE lists no hosts"
   NP=${NP:-$SLOTS}
-  [[ "$NP" =~ ^[1-9][0-9]*$ ]] || die "--np must be a positive number, got '$NP'"
   [ "$NP" -le "$SLOTS" ] || die "--np $NP is more than the $SLOTS slots in $HOSTFILE"
 }
 
-# run_or_print CMD...: with --dry-run print the exact command (shell-quoted), else run it from ROOT.
-run_or_print() {
+# run_job CMD...: with --dry-run print the exact command (shell-quoted) and exit. Otherwise run it from the
+# caller's directory and exit with its status, where:
+# - TERM, USR1 and INT to the launcher go to the job as $FORWARD_AS (default: the same signal), so a
+#   scheduler's or a user's signal reaches train.py, which stops at a step boundary and checkpoints
+#   (each launcher sets the signal its job runner passes on to the ranks without killing them);
+# - a job that stopped that way exits 75 (horovodrun's own "exited with non-zero status" is unwrapped),
+#   after one line saying so and how it resumes ($RESUME_HINT);
+# - a failed job's last stderr line is rank 0's first `error:` line, rank prefix stripped.
+run_job() {
   if [ "$DRY_RUN" = 1 ]; then
     local a out=()
     for a in "$@"; do
@@ -54,5 +140,56 @@ run_or_print() {
     echo "${out[*]}"
     exit 0
   fi
-  cd "$ROOT" && exec "$@"
+  local stderr_log status tee_pid
+  stderr_log="$(mktemp "${TMPDIR:-/tmp}/launch-stderr.XXXXXX")"
+  mkfifo "$stderr_log.fifo"
+  # tee ignores the signals, or a Ctrl-C would end it and the job's last words (and its stderr) with it
+  (trap '' TERM USR1 INT; exec tee "$stderr_log" < "$stderr_log.fifo" >&2) &
+  tee_pid=$!
+  JOB_PID=""
+  trap 'forward_signal TERM' TERM
+  trap 'forward_signal USR1' USR1
+  trap 'forward_signal INT' INT
+  "$@" 2> "$stderr_log.fifo" &
+  JOB_PID=$!
+  while :; do
+    status=0; wait "$JOB_PID" || status=$?
+    kill -0 "$JOB_PID" 2>/dev/null || break  # a trapped signal interrupted wait: the job still runs
+  done
+  wait "$tee_pid" || true
+  trap - TERM USR1 INT
+  status=$(job_status "$status" "$stderr_log")
+  if [ "$status" = "$EX_TEMPFAIL" ]; then
+    echo "$(basename "$0"): training stopped at a checkpoint (status 75); ${RESUME_HINT:-the same command resumes it}" >&2
+  elif [ "$status" != 0 ]; then
+    rank0_error "$stderr_log" >&2
+  fi
+  rm -f "$stderr_log" "$stderr_log.fifo"
+  return "$status"
+}
+
+forward_signal() {
+  local target="$JOB_PID" signal="${FORWARD_AS:-$1}" mpirun_pid
+  # horovodrun in MPI mode becomes `sh -c "mpirun ..."`; mpirun kills the ranks on SIGTERM but passes SIGUSR1 on.
+  [ -n "$JOB_PID" ] || return 0  # not started yet
+  if [ "$(ps -o comm= -p "$JOB_PID")" = sh ] && mpirun_pid="$(pgrep -x -P "$JOB_PID" mpirun)"; then
+    target="$mpirun_pid" signal=USR1
+  fi
+  echo "$(basename "$0"): got SIG$1, passing SIG$signal to the job so it checkpoints and stops" >&2
+  kill -s "$signal" "$target" 2>/dev/null || true
+}
+
+# job_status STATUS STDERR_LOG: the ranks' status; horovodrun reports any failing rank as its own status 1.
+job_status() {
+  local rank_status
+  rank_status="$(sed -nE 's/^(Exit code: |.*mpirun failed with exit code )([0-9]+)$/\2/p' "$2" | head -n 1)"
+  if [ "$1" = 1 ] && [ -n "$rank_status" ]; then echo "$rank_status"; else echo "$1"; fi
+}
+
+# rank0_error STDERR_LOG: rank 0's first `error:` line, whichever launcher prefixed it:
+# horovodrun+Gloo "[0]<stderr>:", mpirun --tag-output "[1,0]<stderr>:" (which also tags the newline that
+# sys.exit writes separately, at the end of the line), srun --label "0: ".
+rank0_error() {
+  sed -nE -e 's/\[[0-9]+,[0-9]+\]<std(err|out)>:$//' \
+    -e 's/^(\[0\]<stderr>:|\[[0-9]+,0\]<stderr>:|[[:space:]]*0: )?(error: .*)$/\2/p' "$1" | head -n 1
 }

@@ -1,23 +1,39 @@
 #!/usr/bin/env bash
 # Elastic training: horovodrun keeps the job going while workers are lost or added.
-#   launch/elastic.sh [--np N] [--min-np N] [--max-np N] [--discovery SCRIPT] [--iface IFACE]
-#                     [--dry-run] [train.py flags...]
-# Defaults: discovery hostfiles/discover_hosts.sh, --np = slots it lists now, --min-np 1,
-# --max-np = --np, --iface lo when every listed host is this machine.
+#   launch/elastic.sh [--np N] [--min-np N] [--max-np N] [--hostfile F | --discovery SCRIPT] [--iface IFACE]
+#                     [--dry-run] [--timeline FILE] [--autotune [--autotune_log FILE]]
+#                     [--stall_check_warning_seconds S] [--stall_check_shutdown_seconds S | --no_stall_check]
+#                     [train.py flags...]
+# Defaults: discovery hostfiles/discover_hosts.sh over $HOROVOD_MLSTM_ELASTIC_HOSTS or
+# hostfiles/elastic_hosts.txt (--hostfile F reads F instead: edit it while the job runs), --np = slots it
+# lists now, --min-np 1, --max-np = --np, --iface lo when every listed host is this machine.
 set -euo pipefail
 # shellcheck source=common.sh
 source "$(dirname "$0")/common.sh"
-discovery="$ROOT/hostfiles/discover_hosts.sh"
-min_np=1 max_np="" rest=()
+discovery="" min_np=1 max_np="" rest=()
 while [ $# -gt 0 ]; do
-  case "$1" in
-    --min-np) min_np="$2"; shift 2 ;;
-    --max-np) max_np="$2"; shift 2 ;;
-    --discovery) discovery="$2"; shift 2 ;;
-    *) rest+=("$1"); shift ;;
+  case "${1%%=*}" in
+    --min-np) option_value "$@"; min_np="$VALUE" ;;
+    --max-np) option_value "$@"; max_np="$VALUE" ;;
+    --discovery) option_value "$@"; discovery="$(abs_path "$VALUE")" ;;
+    *) rest+=("$1") SHIFT=1 ;;
   esac
+  shift "$SHIFT"
 done
 parse_args "${rest[@]}"
+no_controller
+require_command "$HOROVODRUN" "run make setup (it installs Horovod into .venv)"
+check_positive --min-np "$min_np"
+[ -z "$max_np" ] || check_positive --max-np "$max_np"
+env_cmd=()
+if [ -n "$HOSTFILE" ]; then
+  [ -z "$discovery" ] || die "--hostfile and --discovery exclude each other (the default discovery script reads the hostfile)"
+  HOSTFILE="$(abs_path "$HOSTFILE")"
+  [ -f "$HOSTFILE" ] || die "hostfile $HOSTFILE does not exist"
+  export HOROVOD_MLSTM_ELASTIC_HOSTS="$HOSTFILE"
+  env_cmd=(env "HOROVOD_MLSTM_ELASTIC_HOSTS=$HOSTFILE")  # shown by --dry-run; horovodrun runs discovery with it
+fi
+discovery="${discovery:-$ROOT/hostfiles/discover_hosts.sh}"
 [ -x "$discovery" ] || die "discovery script $discovery is missing or not executable"
 hosts="$("$discovery")" || die "discovery script $discovery failed"
 [ -n "$hosts" ] || die "discovery script $discovery lists no hosts"
@@ -34,4 +50,5 @@ max_np=${max_np:-$NP}
 [ -z "$IFACE" ] && [ "$all_local" = 1 ] && IFACE=lo  # NIC probing between local "hosts" would hang
 cmd=("$HOROVODRUN" -np "$NP" --min-np "$min_np" --max-np "$max_np" --host-discovery-script "$discovery")
 [ -n "$IFACE" ] && cmd+=(--network-interface "$IFACE")
-run_or_print "${cmd[@]}" "$PYTHON" "$ROOT/train.py" --elastic "${ARGS[@]}"
+FORWARD_AS=TERM  # as horovodrun.sh
+run_job "${env_cmd[@]}" "${cmd[@]}" "${TOOL_FLAGS[@]}" "$PYTHON" "$TRAIN_PY" --elastic "${ARGS[@]}"

@@ -1,12 +1,20 @@
 #!/usr/bin/env bash
 # horovodrun over a hostfile:
-#   launch/horovodrun.sh [--hostfile F] [--np N] [--iface IFACE] [--dry-run] [train.py flags...]
-# N defaults to the hostfile's slots (hostfiles/localhost.txt by default).
+#   launch/horovodrun.sh [--hostfile F] [--np N] [--iface IFACE] [--gloo|--mpi] [--dry-run]
+#                        [--timeline FILE] [--autotune [--autotune_log FILE]]
+#                        [--stall_check_warning_seconds S] [--stall_check_shutdown_seconds S | --no_stall_check]
+#                        [train.py flags...]
+# N defaults to the hostfile's slots (hostfiles/localhost.txt by default); the controller defaults to
+# horovodrun's own choice (MPI when Horovod was built with it). See docs/CLUSTER.md.
 set -euo pipefail
 # shellcheck source=common.sh
 source "$(dirname "$0")/common.sh"
 parse_args "$@"
+require_command "$HOROVODRUN" "run make setup (it installs Horovod into .venv)"
 read_hostfile
 cmd=("$HOROVODRUN" -np "$NP" -H "$HOSTLIST")
+[ -n "$CONTROLLER" ] && cmd+=("$CONTROLLER")
 [ -n "$IFACE" ] && cmd+=(--network-interface "$IFACE")
-run_or_print "${cmd[@]}" "$PYTHON" "$ROOT/train.py" "${ARGS[@]}"
+# horovodrun gives its ranks 5 s between SIGTERM and SIGKILL; SIGINT and SIGTERM both start that.
+FORWARD_AS=TERM
+run_job "${cmd[@]}" "${TOOL_FLAGS[@]}" "$PYTHON" "$TRAIN_PY" "${ARGS[@]}"

@@ -138,6 +138,26 @@ def test_launcher_dry_run_and_bad_settings(tmp_path):
     assert "train.py --elastic --train_steps=5" in proc.stdout and "--network-interface" not in proc.stdout
     bad = run(["bash", "launch/elastic.sh", "--np", "5", "--dry-run"], env=env)
     assert bad.returncode != 0 and "more than the 4 slots" in bad.stderr
-    hosts.write_text("node1 slots=2\n")
+    hosts.write_text("node1 two\n")
     bad = run(["bash", "launch/elastic.sh", "--dry-run"], env=env)
-    assert bad.returncode != 0 and "is not host:slots" in bad.stderr
+    assert bad.returncode != 0 and "'node1two' is not host:slots" in bad.stderr
+    for args, message in [(["--min-np"], "--min-np needs a value"), (["--min-np", "0"], "--min-np must be a positive"),
+                          (["--max-np=x"], "--max-np must be a positive")]:
+        bad = run(["bash", "launch/elastic.sh", "--dry-run", *args], env=env)
+        assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and message in bad.stderr, bad.stderr
+
+
+def test_launcher_hostfile_is_the_discovery_hosts_file(tmp_path):
+    """--hostfile (Open MPI "host slots=N" or discovery "host:slots" lines) is what discovery reads, not ignored."""
+    (tmp_path / "cluster.txt").write_text("# three hosts\nnode1 slots=4\nnode2:4\nnode3 slots=8  # big one\n")
+    proc = run(["bash", f"{REPO}/launch/elastic.sh", "--hostfile", "cluster.txt", "--dry-run"], cwd=tmp_path,
+               env={"HOROVOD_MLSTM_ELASTIC_HOSTS": "/nonexistent"}, check=True)
+    assert proc.stdout.startswith(f"env HOROVOD_MLSTM_ELASTIC_HOSTS={tmp_path}/cluster.txt ")
+    assert "-np 16 --min-np 1 --max-np 16 --host-discovery-script" in proc.stdout
+    discovered = run([f"{REPO}/hostfiles/discover_hosts.sh"],
+                     env={"HOROVOD_MLSTM_ELASTIC_HOSTS": str(tmp_path / "cluster.txt")})
+    assert discovered.stdout.split() == ["node1:4", "node2:4", "node3:8"]
+    for args, message in [(["--hostfile", "missing.txt"], "missing.txt does not exist"),
+                          (["--hostfile", "cluster.txt", "--discovery", "x.sh"], "exclude each other")]:
+        bad = run(["bash", f"{REPO}/launch/elastic.sh", "--dry-run", *args], cwd=tmp_path)
+        assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and message in bad.stderr, bad.stderr

@@ -1,20 +1,27 @@
-"""Launchers: exact dry-run commands for 16 DGX-1 nodes, clear errors, real 2-process runs, lint."""
+"""Launchers: exact dry-run commands for 16 DGX-1 nodes, Horovod's tools, signals and SLURM requeue,
+clear errors (one line, rank 0's error last), paths from the caller's directory, real 2-process runs, lint."""
 
 from __future__ import annotations
 
 import json
+import os
 import re
+import shutil
+import signal
+import subprocess
+import time
 
 import pytest
 
-from conftest import REPO, TINY_MODEL_FLAGS, run
+from conftest import ENV, REPO, TINY_MODEL_FLAGS, last_line, python, run
 
 DGX = "hostfiles/dgx1-16nodes.txt"
 BIN = f"{REPO}/.venv/bin"
+LAUNCHERS = ["horovodrun.sh", "mpirun.sh", "elastic.sh", "slurm.sbatch"]
 
 
-def launch(script, *args, **kw):
-    return run(["bash", f"launch/{script}", *args], **kw)
+def launch(script, *args, cwd=REPO, **kw):
+    return run(["bash", f"{REPO}/launch/{script}", *args], cwd=cwd, **kw)
 
 
 def test_horovodrun_dry_run_for_16_dgx1_nodes():
@@ -27,7 +34,7 @@ def test_horovodrun_dry_run_for_16_dgx1_nodes():
 def test_mpirun_dry_run_has_horovods_multinode_settings():
     out = launch("mpirun.sh", "--hostfile", DGX, "--iface", "ib0", "--dry-run", "--train_steps=5",
                  check=True).stdout
-    for part in ["mpirun -np 128 -hostfile", "dgx1-16nodes.txt", "-bind-to none -map-by slot",
+    for part in ["mpirun -np 128 -hostfile", "dgx1-16nodes.txt", "-bind-to none -map-by slot --tag-output",
                  "-x NCCL_DEBUG=INFO -x LD_LIBRARY_PATH -x PATH", "-mca pml ob1 -mca btl ^openib",
                  "-mca btl_tcp_if_include ib0 -x NCCL_SOCKET_IFNAME=ib0", "train.py --train_steps=5"]:
         assert part in out, part
@@ -55,12 +62,245 @@ def test_bad_hostfiles_and_too_many_processes(tmp_path, script, hostfile, args, 
 
 
 @pytest.mark.parametrize("script", ["horovodrun.sh", "mpirun.sh"])
-def test_launchers_really_train_two_processes(tmp_path, tiny_data, script):
-    model_dir = tmp_path / "run"
-    launch(script, "--hostfile", "hostfiles/localhost.txt", *TINY_MODEL_FLAGS, "--train_steps=3",
-           "--warmup_steps=1", f"--model_dir={model_dir}", f"--data_dir={tiny_data}", check=True, timeout=300)
-    summary = json.loads((model_dir / "summary.json").read_text())
-    assert summary["world_size"] == 2 and summary["final_step"] == 3 and summary["replicas_in_sync"]
+def test_launchers_really_train_two_processes_with_paths_from_the_callers_directory(tmp_path, tiny_data, script):
+    """Relative --flagfile, --data_dir, --model_dir and --timeline resolve against where the launcher is run,
+    not the repository; the timeline (a horovodrun flag or mpirun's HOROVOD_TIMELINE) has each step's allreduce."""
+    from horovod_mlstm import timeline
+    from horovod_mlstm.inference import load_trained_model
+
+    steps = 3
+    (tmp_path / "tiny.cfg").write_text("\n".join([*TINY_MODEL_FLAGS, f"--train_steps={steps}", "--warmup_steps=1"]))
+    launch(script, "--hostfile", f"{REPO}/hostfiles/localhost.txt", "--timeline", "tl.json", "--flagfile=tiny.cfg",
+           "--model_dir=run", f"--data_dir={os.path.relpath(tiny_data, tmp_path)}", cwd=tmp_path, check=True,
+           timeout=300)
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["final_step"] == steps and summary["replicas_in_sync"]
+    assert not (REPO / "run").exists() and not (REPO / "tl.json").exists()
+
+    assert json.loads((tmp_path / "tl.json").read_text())  # strict JSON, as chrome://tracing and Perfetto read it
+    rows, groups = timeline.summarize(timeline.load_spans(str(tmp_path / "tl.json")))
+    gradients = [group for group in groups if group.startswith("HorovodGroupedAllreduce")]
+    assert len(gradients) == 1 and groups[gradients[0]]["rounds"] == steps, groups
+    model = load_trained_model(str(tmp_path / "run"))
+    assert sum(r["bytes"] for r in rows if r["group"] == gradients[0]) == 4 * model.count_params()
+    phases = groups[gradients[0]]["phases"]
+    assert phases["NEGOTIATE_ALLREDUCE"][0] > 0 and phases["ALLREDUCE"][0] > 0
+    assert groups[gradients[0]]["interval_ms"] > 0
+    out = python("-m", "horovod_mlstm.timeline", str(tmp_path / "tl.json"), check=True).stdout
+    assert f"{steps} rounds, median" in out and "NEGOTIATE_ALLREDUCE" in out
+
+
+@pytest.mark.parametrize("script", ["horovodrun.sh", "mpirun.sh"])
+def test_a_failed_job_ends_with_rank_0s_error_line(tmp_path, script):
+    proc = launch(script, "--np", "2", "--batch_size_per_worker=0", f"--model_dir={tmp_path}/run", timeout=300)
+    assert proc.returncode != 0
+    assert last_line(proc.stderr) == "error: --batch_size_per_worker must be at least 1, got 0", proc.stderr[-2000:]
+
+
+@pytest.fixture
+def elastic_hosts(tmp_path):
+    """Two hosts for elastic.sh's discovery; the other launchers ignore the variable."""
+    (tmp_path / "hosts.txt").write_text("node1:2\nnode2:2\n")
+    return {"HOROVOD_MLSTM_ELASTIC_HOSTS": str(tmp_path / "hosts.txt")}
+
+
+# launcher options -> horovodrun's flags, and the variables Horovod reads under mpirun/srun ({d}: the caller's dir)
+TOOLS = [
+    (["--timeline", "tl.json"], "--timeline-filename {d}/tl.json", ["HOROVOD_TIMELINE={d}/tl.json"]),
+    (["--autotune", "--autotune_log=tune.csv"], "--autotune --autotune-log-file {d}/tune.csv",
+     ["HOROVOD_AUTOTUNE=1", "HOROVOD_AUTOTUNE_LOG={d}/tune.csv"]),
+    (["--stall_check_warning_seconds", "30", "--stall_check_shutdown_seconds=90"],
+     "--stall-check-warning-time-seconds 30 --stall-check-shutdown-time-seconds 90",
+     ["HOROVOD_STALL_CHECK_TIME_SECONDS=30", "HOROVOD_STALL_SHUTDOWN_TIME_SECONDS=90"]),
+    (["--no_stall_check"], "--no-stall-check", ["HOROVOD_STALL_CHECK_DISABLE=1"]),
+]
+
+
+@pytest.mark.parametrize("options, flags, variables", TOOLS, ids=lambda x: x[0] if isinstance(x, list) else "")
+@pytest.mark.parametrize("script", LAUNCHERS)
+def test_horovod_tools_reach_the_ranks_as_horovod_documents(tmp_path, elastic_hosts, script, options, flags,
+                                                           variables):
+    out = launch(script, *options, "--dry-run", "--train_steps=5", cwd=tmp_path, env=elastic_hosts,
+                 check=True).stdout.strip()
+    flags, variables = flags.format(d=tmp_path), [v.format(d=tmp_path) for v in variables]
+    if script in ("horovodrun.sh", "elastic.sh"):
+        assert re.search(re.escape(flags) + r" \S+/python \S+/train.py (--elastic )?--train_steps=5$", out), out
+    elif script == "mpirun.sh":
+        assert " ".join(f"-x {v}" for v in variables) + " " in out and "HOROVOD_" not in out.split("train.py")[1]
+    else:
+        assert out.startswith(f"env {' '.join(variables)} srun --ntasks=128"), out
+
+
+def test_tool_names_are_horovods_own():
+    """The flags and variables above are the ones the installed horovodrun defines (not guessed)."""
+    from horovod.runner.common.util import config_parser
+
+    for *_, variables in TOOLS:
+        for name in (v.split("=")[0] for v in variables):
+            assert getattr(config_parser, name) == name
+    help_text = run([f"{BIN}/horovodrun", "--help"], check=True).stdout
+    for _, flags, _ in TOOLS:
+        for flag in re.findall(r"--[a-z-]+", flags):
+            assert re.search(rf"^\s+{flag}\b", help_text, re.M), flag
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--np", "0"], "--np must be a positive whole number, got '0'"),
+    (["--np=abc"], "--np must be a positive whole number, got 'abc'"),
+    (["--stall_check_warning_seconds", "abc"], "--stall_check_warning_seconds must be a positive whole number"),
+    (["--stall_check_warning_seconds=60", "--stall_check_shutdown_seconds=30"],
+     "--stall_check_shutdown_seconds (30) must exceed --stall_check_warning_seconds (60)"),
+    (["--autotune_log", "tune.csv"], "--autotune_log needs --autotune"),
+    (["--no_stall_check", "--stall_check_warning_seconds=5"], "--no_stall_check contradicts"),
+    (["--timeline", "missing/tl.json"], "/missing/tl.json: directory "),
+    (["--flagfile=missing.cfg"], "flagfile missing.cfg not found in"),
+])
+@pytest.mark.parametrize("script", LAUNCHERS)
+def test_bad_launcher_settings_are_one_line(tmp_path, elastic_hosts, script, args, message):
+    proc = launch(script, *args, "--dry-run", cwd=tmp_path, env=elastic_hosts)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and message in proc.stderr, proc.stderr
+
+
+VALUE_OPTIONS = ["--hostfile", "--np", "--iface", "--timeline", "--autotune_log", "--stall_check_warning_seconds",
+                 "--stall_check_shutdown_seconds"]
+
+
+@pytest.mark.parametrize("script, option", [(s, o) for s in LAUNCHERS for o in VALUE_OPTIONS]
+                         + [("elastic.sh", o) for o in ["--min-np", "--max-np", "--discovery"]])
+def test_an_option_without_its_value_is_one_line(elastic_hosts, script, option):
+    for args in ([option], [f"{option}="]):
+        proc = launch(script, "--dry-run", "--train_steps=5", *args, env=elastic_hosts)
+        assert proc.returncode == 2 and proc.stderr.strip() == f"{script}: {option} needs a value", proc.stderr
+
+
+@pytest.mark.parametrize("script", ["mpirun.sh", "elastic.sh", "slurm.sbatch"])
+def test_controller_choice_belongs_to_horovodrun_sh(elastic_hosts, script):
+    proc = launch(script, "--gloo", "--dry-run", env=elastic_hosts)
+    assert proc.returncode == 2 and "--gloo applies to launch/horovodrun.sh only" in proc.stderr
+    assert "--gloo" in launch("horovodrun.sh", "--gloo", "--dry-run", check=True).stdout
+
+
+def test_slurm_refuses_a_hostfile():
+    proc = launch("slurm.sbatch", "--hostfile", "hostfiles/localhost.txt", "--dry-run")
+    assert proc.returncode == 2 and "--hostfile does not apply" in proc.stderr
+
+
+FAKE_SRUN = """#!/usr/bin/env bash
+# Stands in for srun: records its arguments and the signals it gets (then exits 75, as train.py does);
+# without a signal it exits $FAKE_SRUN_STATUS, or waits when that is unset.
+echo "$*" > "$FAKE_DIR/srun.args"
+for sig in TERM USR1; do trap "echo $sig >> '$FAKE_DIR/srun.signals'; kill \\$!; exit 75" $sig; done
+touch "$FAKE_DIR/srun.started"
+[ -z "${FAKE_SRUN_STATUS:-}" ] || exit "$FAKE_SRUN_STATUS"
+sleep 60 & wait
+"""
+
+
+@pytest.fixture
+def fake_slurm(tmp_path):
+    """`srun` and `scontrol` stand-ins first on PATH (SLURM is not installed here), inside job 4242."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "srun").write_text(FAKE_SRUN)
+    (bin_dir / "scontrol").write_text('#!/usr/bin/env bash\necho "$*" >> "$FAKE_DIR/scontrol.args"\n')
+    for tool in bin_dir.iterdir():
+        tool.chmod(0o755)
+    return {"PATH": f"{bin_dir}:{os.environ['PATH']}", "FAKE_DIR": str(tmp_path), "SLURM_JOB_ID": "4242"}
+
+
+def wait_for(path, proc, timeout=60):
+    deadline = time.time() + timeout
+    while not path.exists():
+        assert proc.poll() is None, f"ended ({proc.returncode}) before {path.name}: {proc.communicate()}"
+        assert time.time() < deadline, f"no {path.name} after {timeout} s"
+        time.sleep(0.1)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGUSR1, signal.SIGTERM])
+def test_slurm_passes_the_signal_to_srun_and_requeues_on_75(tmp_path, fake_slurm, sig):
+    proc = subprocess.Popen(["bash", "launch/slurm.sbatch", "--np", "2", "--train_steps=5"], cwd=REPO,
+                            env={**ENV, **fake_slurm}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_for(tmp_path / "srun.started", proc)
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 75, err
+    assert (tmp_path / "srun.signals").read_text().split() == [sig.name.removeprefix("SIG")]
+    assert (tmp_path / "scontrol.args").read_text().split() == ["requeue", "4242"]
+    assert "requeueing job 4242" in last_line(err)
+    assert "--ntasks=2" in (tmp_path / "srun.args").read_text()
+    header = (REPO / "launch" / "slurm.sbatch").read_text()
+    assert "#SBATCH --signal=B:USR1@300" in header and "#SBATCH --requeue" in header
+
+
+@pytest.mark.parametrize("status", [0, 3])
+def test_slurm_passes_other_statuses_through_without_requeue(tmp_path, fake_slurm, status):
+    proc = launch("slurm.sbatch", "--np", "2", env={**fake_slurm, "FAKE_SRUN_STATUS": str(status)})
+    assert proc.returncode == status and not (tmp_path / "scontrol.args").exists()
+
+
+def test_slurm_outside_an_allocation_says_so():
+    proc = launch("slurm.sbatch", "--np", "2", env={"SLURM_JOB_ID": ""})
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "not inside a SLURM allocation" in proc.stderr
+    proc = launch("slurm.sbatch", "--np", "2", env={"SLURM_JOB_ID": "7", "PATH": "/usr/bin:/bin"})
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "srun is not on PATH" in proc.stderr
+
+
+def test_mpirun_missing_is_one_line(tmp_path):
+    """Only the tools the script itself needs are on PATH: mpirun is not."""
+    for tool in ["bash", "dirname", "basename", "hostname", "id"]:
+        (tmp_path / tool).symlink_to(shutil.which(tool))
+    proc = launch("mpirun.sh", "--np", "2", env={"PATH": str(tmp_path)})
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "mpirun is not on PATH" in proc.stderr
+
+
+@pytest.fixture
+def standin_tree(tmp_path):
+    """A copy of the launchers whose train.py is tests/standin_train.py (they run ROOT/train.py)."""
+    tree = tmp_path / "tree"
+    shutil.copytree(REPO / "launch", tree / "launch")
+    shutil.copytree(REPO / "hostfiles", tree / "hostfiles")
+    (tree / ".venv").symlink_to(REPO / ".venv")
+    shutil.copy(REPO / "tests" / "standin_train.py", tree / "train.py")
+    return tree
+
+
+@pytest.mark.parametrize("script, controller, received", [
+    ("horovodrun.sh", "--gloo", "SIGTERM"),  # horovodrun+Gloo passes SIGTERM on
+    ("horovodrun.sh", "--mpi", "SIGUSR1"),  # it becomes mpirun, which would kill the ranks on SIGTERM
+    ("mpirun.sh", None, "SIGUSR1"),
+    ("elastic.sh", None, "SIGTERM"),  # horovodrun+Gloo in elastic mode
+])
+def test_a_signal_to_the_launcher_reaches_every_rank_and_75_comes_back(tmp_path, standin_tree, script, controller,
+                                                                      received):
+    records = tmp_path / "records"
+    records.mkdir()
+    (tmp_path / "hosts.txt").write_text("localhost:1\n127.0.0.1:1\n")  # elastic.sh: two local "hosts"
+    hosts = ["--hostfile", str(tmp_path / "hosts.txt")] if script == "elastic.sh" else []
+    cmd = ["bash", f"{standin_tree}/launch/{script}", *([controller] if controller else []), *hosts, "--np", "2",
+           f"--record_dir={records}"]
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for rank in (0, 1):
+        wait_for(records / f"rank{rank}.started", proc, timeout=120)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 75, err[-2000:]
+    assert [(records / f"rank{rank}.signals").read_text().split() for rank in (0, 1)] == [[received]] * 2
+    assert last_line(err).endswith("training stopped at a checkpoint (status 75); the same command resumes it")
+    assert out.count("[train] stopped at step 7") == 2
+
+
+@pytest.mark.parametrize("text, message", [
+    ("[{", "not a readable Horovod timeline"),
+    ("{}", "expected a JSON list of trace events"),
+    ('[{"ph": "B", "name": "ALLREDUCE"}]', "a trace event lacks 'pid'"),
+    ("[]", "the timeline has no allreduce"),
+])
+def test_timeline_summary_refuses_a_file_that_is_not_a_timeline(tmp_path, text, message):
+    (tmp_path / "bad.json").write_text(text)
+    bad = python("-m", "horovod_mlstm.timeline", str(tmp_path / "bad.json"))
+    assert bad.returncode == 1 and last_line(bad.stderr).startswith(f"error: {tmp_path}/bad.json: ")
+    assert message in bad.stderr, bad.stderr
+    assert bad.stderr.count("\n") == 1
 
 
 def test_lint_scripts_and_dockerfile():
