@@ -9,4 +9,5 @@ parse_args "$@"
 read_hostfile
 cmd=("$HOROVODRUN" -np "$NP" -H "$HOSTLIST")
 [ -n "$IFACE" ] && cmd+=(--network-interface "$IFACE")
+[ -n "${HOROVOD_CONTROLLER:-}" ] && cmd+=("--${HOROVOD_CONTROLLER,,}")  # gloo|mpi; else horovodrun picks MPI
 run_or_print "${cmd[@]}" "$PYTHON" "$ROOT/train.py" "${ARGS[@]}"
