@@ -15,7 +15,7 @@ hostname. `hosts(n, workdir)` builds exactly that:
 - an Open MPI hostfile, `<hostname> slots=1` per host.
 
 Everything (every process in the namespaces, the namespaces, and with the hub the bridge) is
-removed on exit, also when the test failed. Run commands on host k with `cluster.command(k, ...)`.
+removed on exit, also when the test failed. Run commands on host k with `cluster.command(k, cwd, ...)`.
 """
 
 from __future__ import annotations
@@ -146,14 +146,13 @@ def hosts(n: int, workdir: Path):
         _sh("ip", "-n", hub, "link", "add", "br0", "type", "bridge")
         _sh("ip", "-n", hub, "link", "set", "br0", "up")
         for k, (name, address) in enumerate(zip(names, addresses), start=1):
-            ns = name
-            _sh("ip", "netns", "add", ns)
-            cluster.namespaces.append(ns)
-            _sh("ip", "-n", hub, "link", "add", f"p{k}", "type", "veth", "peer", "name", IFACE, "netns", ns)
+            _sh("ip", "netns", "add", name)  # a host's network namespace is named after its hostname
+            cluster.namespaces.append(name)
+            _sh("ip", "-n", hub, "link", "add", f"p{k}", "type", "veth", "peer", "name", IFACE, "netns", name)
             _sh("ip", "-n", hub, "link", "set", f"p{k}", "master", "br0", "up")
-            _sh("ip", "-n", ns, "addr", "add", f"{address}/24", "dev", IFACE)
-            _sh("ip", "-n", ns, "link", "set", IFACE, "up")
-            _sh("ip", "-n", ns, "link", "set", "lo", "up")
+            _sh("ip", "-n", name, "addr", "add", f"{address}/24", "dev", IFACE)
+            _sh("ip", "-n", name, "link", "set", IFACE, "up")
+            _sh("ip", "-n", name, "link", "set", "lo", "up")
         _sh("ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", prefix, "-f", str(workdir / "id"))
         _sh("ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", prefix, "-f", str(workdir / "hostkey"))
         os.makedirs("/run/sshd", exist_ok=True)  # sshd's privilege separation directory
@@ -196,17 +195,19 @@ def _meminfo_used_bytes() -> int:
     return (kib("MemTotal") - kib("MemAvailable")) * 1024
 
 
-def _rss_bytes(pid: int, marker: str) -> int:
-    """RSS of `pid` if its command line contains `marker`, else 0 (also when it has exited)."""
+def _rss_pss_bytes(pid: int, marker: str) -> tuple[int, int]:
+    """(RSS, PSS) of `pid` if its command line contains `marker`, else (0, 0) (also once it exited).
+
+    RSS counts the pages a process shares with others (TensorFlow's libraries) in full for each
+    one; PSS divides shared pages among their users, so a sum of PSS does not count them twice.
+    """
     try:
         if marker not in Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace"):
-            return 0
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
+            return 0, 0
+        fields = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines()[1:])
     except (FileNotFoundError, ProcessLookupError):
-        pass
-    return 0
+        return 0, 0
+    return int(fields["Rss"].split()[0]) * 1024, int(fields["Pss"].split()[0]) * 1024
 
 
 @dataclasses.dataclass
@@ -214,26 +215,29 @@ class JobResult:
     proc: subprocess.CompletedProcess
     wall_seconds: float  # launch to exit
     peak_rss_bytes: int  # the largest sum, over samples, of the RSS of every process running `marker`
-    peak_used_bytes: int  # the machine's MemTotal - MemAvailable, largest sample
+    peak_pss_bytes: int  # the same for PSS
+    peak_used_bytes: int  # the machine's MemTotal - MemAvailable, largest sample (other jobs included)
     used_before_bytes: int
 
     def describe(self) -> str:
         gib = 1 << 30
-        return (f"wall {self.wall_seconds:.0f} s, peak RSS of the training processes "
-                f"{self.peak_rss_bytes / gib:.2f} GiB, machine used memory {self.used_before_bytes / gib:.2f} GiB "
-                f"before -> {self.peak_used_bytes / gib:.2f} GiB peak")
+        return (f"wall {self.wall_seconds:.0f} s; training processes' peak RSS sum {self.peak_rss_bytes / gib:.2f} GiB, "
+                f"PSS sum {self.peak_pss_bytes / gib:.2f} GiB; machine used memory {self.used_before_bytes / gib:.2f} GiB "
+                f"before, {self.peak_used_bytes / gib:.2f} GiB peak")
 
 
 def run_job(cluster: Cluster, cmd: list[str], env: dict, cwd: Path, timeout: float,
             marker: str = "train.py") -> JobResult:
     """Runs `cmd` on host 1 and measures it: wall time, and memory sampled every 0.5 s."""
     used_before = _meminfo_used_bytes()
-    peaks = {"rss": 0, "used": used_before}
+    peaks = {"rss": 0, "pss": 0, "used": used_before}
     done = threading.Event()
 
     def sample():
         while not done.wait(0.5):
-            peaks["rss"] = max(peaks["rss"], sum(_rss_bytes(pid, marker) for pid in cluster.pids()))
+            sizes = [_rss_pss_bytes(pid, marker) for pid in cluster.pids()]
+            peaks["rss"] = max(peaks["rss"], sum(rss for rss, _ in sizes))
+            peaks["pss"] = max(peaks["pss"], sum(pss for _, pss in sizes))
             peaks["used"] = max(peaks["used"], _meminfo_used_bytes())
 
     sampler = threading.Thread(target=sample, daemon=True)
@@ -245,7 +249,7 @@ def run_job(cluster: Cluster, cmd: list[str], env: dict, cwd: Path, timeout: flo
     finally:
         done.set()
         sampler.join()
-    return JobResult(proc, time.monotonic() - start, peaks["rss"], peaks["used"], used_before)
+    return JobResult(proc, time.monotonic() - start, peaks["rss"], peaks["pss"], peaks["used"], used_before)
 
 
 def write_equal_shards(out: Path, shards: int, windows: int, seq_length: int) -> Path:
