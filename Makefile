@@ -2,12 +2,11 @@
 SHELL := /bin/bash
 VENV ?= .venv
 PY := $(VENV)/bin/python
-HOROVODRUN := $(VENV)/bin/horovodrun
 SETUP_STAMP := $(VENV)/.setup-done
 NP ?= 2
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 
-.PHONY: help setup test train lint bench large-batch docker-build docker-run clean
+.PHONY: help setup test train lint bench large-batch docker-build docker-run clean cluster-test
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
@@ -20,6 +19,10 @@ $(SETUP_STAMP): scripts/setup.sh requirements.txt pyproject.toml
 
 test: setup ## Run the test suite (CPU, real horovodrun -np 2 runs included)
 	$(PY) -m pytest -q tests
+
+N ?= 16
+cluster-test: setup ## N hosts (default 16) in network namespaces with sshd: launchers, MPI and Gloo; wall time and memory
+	CLUSTER_HOSTS=$(N) $(PY) -m pytest -q -s tests/test_cluster.py
 
 train: setup ## Train the CPU demo model on the built-in corpus with 2 Horovod processes
 	bash launch/horovodrun.sh --gloo --np $(NP) --flagfile=configs/cpu_demo.cfg $(ARGS)
