@@ -48,7 +48,10 @@ max_np=${max_np:-$NP}
 [ "$NP" -ge "$min_np" ] && [ "$NP" -le "$max_np" ] || die "need --min-np ($min_np) <= --np ($NP) <= --max-np ($max_np)"
 [ "$NP" -le "$slots" ] || die "--np $NP is more than the $slots slots the discovery script lists"
 [ -z "$IFACE" ] && [ "$all_local" = 1 ] && IFACE=lo  # NIC probing between local "hosts" would hang
-cmd=("$HOROVODRUN" -np "$NP" --min-np "$min_np" --max-np "$max_np" --host-discovery-script "$discovery")
+# A host whose worker failed is blacklisted; without a cooldown it never comes back, even when the
+# discovery script lists it again (a drained host re-added, a spot node replaced). 10-300 s backoff.
+cmd=("$HOROVODRUN" -np "$NP" --min-np "$min_np" --max-np "$max_np" --host-discovery-script "$discovery"
+     --blacklist-cooldown-range 10 300)
 [ -n "$IFACE" ] && cmd+=(--network-interface "$IFACE")
 FORWARD_AS=TERM  # as horovodrun.sh
 run_job "${env_cmd[@]}" "${cmd[@]}" "${TOOL_FLAGS[@]}" "$PYTHON" "$TRAIN_PY" --elastic "${ARGS[@]}"
