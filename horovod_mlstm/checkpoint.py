@@ -122,9 +122,9 @@ class Checkpointer:
     def __init__(self, model_dir: str, keep: int = 3, writer: bool = True, **objects):
         self.directory = os.path.join(model_dir, "checkpoints")
         self.checkpoint = tf.train.Checkpoint(**objects)
+        self.keep = keep
         if writer:
             self._recover_index()
-        self.manager = tf.train.CheckpointManager(self.checkpoint, self.directory, max_to_keep=keep)
 
     def _found_on_disk(self) -> list[str]:
         """Checkpoint prefixes whose files are complete (an .index is written last), oldest first."""
@@ -189,8 +189,11 @@ class Checkpointer:
         A failed write (disk full, permissions) raises CheckpointError and leaves no temporary files;
         the previous checkpoints stay as they were.
         """
+        # A manager made now reads the index as it is: after an elastic reset the writing rank may have
+        # changed, and the checkpoints the previous one wrote must still be rotated out in turn.
+        manager = tf.train.CheckpointManager(self.checkpoint, self.directory, max_to_keep=self.keep)
         try:
-            return self.manager.save(checkpoint_number=step)
+            return manager.save(checkpoint_number=step)
         except (OSError, tf.errors.OpError) as e:
             for temp in glob.glob(os.path.join(self.directory, f"ckpt-{step}*_temp*")):
                 shutil.rmtree(temp, ignore_errors=True)
@@ -198,7 +201,7 @@ class Checkpointer:
 
     def prune_states(self, also_keep: int | None = None) -> None:
         """Removes RNN state folders no kept checkpoint (nor step `also_keep`) refers to."""
-        keep = {step_of(p) for p in self.manager.checkpoints} | {also_keep}
+        keep = {step_of(p) for p in self.candidates()} | {also_keep}
         for folder in glob.glob(os.path.join(self.directory, "rnn_state-*")):
             if step_of(folder) not in keep:
                 shutil.rmtree(folder, ignore_errors=True)

@@ -99,7 +99,7 @@ class ByteStreams:
         k = position % self.windows_per_epoch
         start = k * self.seq_length
         block = self.streams[:, start : start + self.seq_length + 1].astype(np.int32)
-        return block[:, :-1], block[:, 1:], k == 0
+        return block[:, :-1], block[:, 1:], np.bool_(k == 0)
 
     def tail(self):
         """(inputs, targets) [rows, T] for the T < seq_length bytes after the last full window.
@@ -114,15 +114,18 @@ class ByteStreams:
         return block[:, :-1], block[:, 1:]
 
     def dataset(self, start: int = 0, count: int | None = None) -> tf.data.Dataset:
-        """Windows from global position `start` on (forever, or `count` of them)."""
-        streams = tf.constant(self.streams)
-        L, W = self.seq_length, self.windows_per_epoch
+        """Windows from global position `start` on (forever, or `count` of them).
+
+        Windows are cut from the NumPy streams (tf.numpy_function), not from a tf.constant copy of
+        them, so a rank holds its share of the split once.
+        """
+        rows, L = self.rows, self.seq_length
 
         def window(position):
-            k = position % W
-            block = tf.cast(streams[:, k * L : k * L + L + 1], tf.int32)
-            return {"inputs": block[:, :-1], "targets": block[:, 1:], "reset": tf.equal(k, 0),
-                    "position": position}
+            inputs, targets, reset = tf.numpy_function(lambda p: self.window(int(p)), [position],
+                                                       (tf.int32, tf.int32, tf.bool), stateful=False)
+            return {"inputs": tf.ensure_shape(inputs, [rows, L]), "targets": tf.ensure_shape(targets, [rows, L]),
+                    "reset": tf.ensure_shape(reset, []), "position": position}
 
         stop = np.iinfo(np.int64).max if count is None else start + count
         ds = tf.data.Dataset.range(start, stop).map(window, num_parallel_calls=tf.data.AUTOTUNE,

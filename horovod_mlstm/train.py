@@ -222,7 +222,10 @@ def run(cfg: hflags.TrainConfig, stop: StopRequest) -> dict | None:
                     history = [h for h in json.load(f).get("history", []) if h["step"] <= step.numpy()]
         except (CheckpointError, ValueError, OSError) as e:
             error = e
-    dist.agree(error)
+    if cfg.elastic and error:
+        raise error  # no collective before the elastic loop: a worker joining later would never meet it
+    if not cfg.elastic:
+        dist.agree(error)
 
     def load_state(rank: int, rows: int) -> None:
         """This rank's rows of every stream's state at the current step (zeros at step 0)."""
@@ -397,6 +400,7 @@ def run(cfg: hflags.TrainConfig, stop: StopRequest) -> dict | None:
         "replicas_in_sync": in_sync,
         "history": log["history"],
     }
+    writer.flush()
     if dist.is_chief():
         path = os.path.join(cfg.model_dir, "summary.json")
         with open(path + ".tmp", "w") as f:
@@ -434,7 +438,11 @@ def main(argv):
         sys.exit(f"error: out of memory (hidden {cfg.hidden_size}, {cfg.batch_size_per_worker} x {cfg.seq_length} "
                  "per worker); lower --batch_size_per_worker or raise --backward_passes_per_step")
     if summary and summary["stopped_early"]:
-        sys.exit(EXIT_STOPPED)
+        # Everything is on disk. Skip the interpreter's teardown (seconds for TensorFlow on a busy host):
+        # horovodrun kills its ranks 5 s after it got the SIGTERM.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(EXIT_STOPPED)
 
 
 def entry():
