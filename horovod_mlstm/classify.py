@@ -108,9 +108,8 @@ def read_texts(path: str, text_column: str = "", text_field: str = "", encoding:
     elif name.endswith((".csv", ".jsonl", ".json")):
         raise InputError(f"{path}: looks like CSV or JSON lines; name the text with --text_column or --text_field")
     else:
-        text = read_decoded(path, encoding)
-        texts = [line.rstrip("\r") for line in text.split("\n")]
-        if text.endswith("\n"):
+        texts = [line.rstrip("\r") for line in read_decoded(path, encoding).split("\n")]
+        if texts[-1] == "":  # after the last newline (or an empty file)
             texts.pop()
     if not texts:
         raise InputError(f"{path}: no texts")
