@@ -178,7 +178,7 @@ class Classifier:
         """Features from another checkpoint or featurisation would be silently meaningless: refuse them."""
         from horovod_mlstm.inference import describe_checkpoint, same_checkpoint
 
-        fitted, given = self.info["checkpoint"], featurizer.identity()
+        fitted, given = {**self.info["checkpoint"], "model_dir": self.info["model_dir"]}, featurizer.identity()
         if not same_checkpoint(fitted, given):
             raise InputError(f"the classifier was fitted on features of {describe_checkpoint(fitted)}, "
                              f"not of {describe_checkpoint(given)}")

@@ -16,6 +16,7 @@ from horovod_mlstm.model import LanguageModel, ModelConfig, build_model
 from horovod_mlstm.preprocess import clean
 
 READOUTS = ("final_cell", "final_hidden", "mean_hidden", "max_hidden")
+CHECKPOINT_KEYS = ("checkpoint", "index_sha256", "config_sha256")  # what names the weights, wherever they are
 
 
 def _restore(model_dir: str) -> tuple[LanguageModel, str]:
@@ -46,7 +47,7 @@ def checkpoint_identity(model_dir: str, checkpoint: str) -> dict:
 
 def same_checkpoint(a: dict, b: dict) -> bool:
     """Two identities name the same weights (wherever the model dir has been moved to)."""
-    return all(a.get(k) == b.get(k) for k in ("checkpoint", "index_sha256", "config_sha256"))
+    return all(a.get(k) == b.get(k) for k in CHECKPOINT_KEYS)
 
 
 def describe_checkpoint(identity: dict) -> str:

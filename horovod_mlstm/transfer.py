@@ -20,6 +20,7 @@ import json
 import os
 import sys
 import time
+import warnings
 
 import numpy as np
 from absl import app, flags, logging
@@ -27,6 +28,8 @@ from absl import app, flags, logging
 from horovod_mlstm import distributed as dist
 from horovod_mlstm.checkpoint import CheckpointError
 from horovod_mlstm.classify import Classifier, InputError, check_writable, read_csv_columns, write_json
+from horovod_mlstm.flags import define_common
+from horovod_mlstm.inference import CHECKPOINT_KEYS, Featurizer, define_featurizer_flags, is_empty
 
 SPLITS = ("train", "val", "test")
 C_GRID = tuple(2.0 ** k for k in range(-6, 4))
@@ -81,20 +84,27 @@ def fit(features: dict[str, np.ndarray], labels: dict[str, np.ndarray], classes:
     Two classes add the top unit (largest |weight|) and its test accuracy alone, or top_unit
     None when L1 kept no unit at all.
     """
+    from sklearn.exceptions import ConvergenceWarning
     from sklearn.linear_model import LogisticRegression
     from sklearn.metrics import confusion_matrix, f1_score
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
-    best = None
+    best, unconverged = None, []
     for c in C_GRID:
         # Standardised units: the solvers converge ~10x faster, and weights compare across units.
         clf = make_pipeline(StandardScaler(), _logistic_regression(c, len(classes)))
-        clf.fit(features["train"], labels["train"])
+        with warnings.catch_warnings():  # one line below instead of a warning per C
+            warnings.simplefilter("ignore", ConvergenceWarning)
+            clf.fit(features["train"], labels["train"])
+        if np.max(clf[-1].n_iter_) >= clf[-1].max_iter:
+            unconverged.append(c)
         val = clf.score(features["val"], labels["val"])
         if best is None or val > best[0]:
             best = (val, c, clf)
     val_acc, c, clf = best
+    if unconverged:
+        logging.warning("the solver stopped at its iteration limit for C in %s (C=%g chosen)", unconverged, c)
     coef = clf[-1].coef_
     used = np.any(coef != 0, axis=0)
     predicted = {s: clf.predict(features[s]) for s in ("val", "test")}
@@ -110,6 +120,7 @@ def fit(features: dict[str, np.ndarray], labels: dict[str, np.ndarray], classes:
                                                   labels=range(len(classes))).tolist(),
         "units_used": int(np.count_nonzero(used)),
         "units_total": int(coef.shape[1]),
+        "unconverged_C": unconverged,
     }
     if len(classes) == 2:
         top = int(np.argmax(np.abs(coef[0]))) if used.any() else None
@@ -166,7 +177,7 @@ def features_key(FLAGS, featurizer) -> dict:
     """Everything the cached features depend on: checkpoint, input files, columns, featurisation."""
     identity = featurizer.identity()
     return {"format": FEATURES_FORMAT,
-            "checkpoint": {k: identity[k] for k in ("checkpoint", "index_sha256", "config_sha256")},
+            "checkpoint": {k: identity[k] for k in CHECKPOINT_KEYS},
             "files": {s: file_identity(getattr(FLAGS, s)) for s in SPLITS},
             "columns": [FLAGS.text_column, FLAGS.label_column], "encoding": FLAGS.encoding,
             **featurizer.settings}
@@ -197,8 +208,6 @@ def featurise_splits(FLAGS):
     """Texts' labels and features of the three splits, the classes, the featurizer and texts/s (None if cached)."""
     from tqdm import tqdm
 
-    from horovod_mlstm.inference import Featurizer
-
     data, classes = {}, None
     for split in SPLITS:  # train first: its label values define the classes for every split
         texts, labels, classes = read_labelled_csv(getattr(FLAGS, split), FLAGS.text_column, FLAGS.label_column,
@@ -223,8 +232,6 @@ def featurise_splits(FLAGS):
 
 
 def main(argv):
-    from horovod_mlstm.inference import is_empty
-
     FLAGS = flags.FLAGS
     if len(argv) > 1:
         sys.exit(f"error: unexpected arguments {argv[1:]}")
@@ -246,7 +253,7 @@ def main(argv):
     scaler, model = pipeline
     Classifier(classes, model.coef_, model.intercept_, scaler.mean_, scaler.scale_,
                {**info, "featurization": featurizer.settings, "model_dir": identity["model_dir"],
-                "checkpoint": identity}).save(out)
+                "checkpoint": {k: identity[k] for k in CHECKPOINT_KEYS}}).save(out)
     write_json(os.path.join(out, "results.json"), results)
     summary = f"[transfer] test accuracy {results['test_accuracy']:.4f}, macro-F1 {results['test_macro_f1']:.4f}, " \
               f"{len(classes)} classes, {results['units_used']} of {results['units_total']} units (C={results['C']:g})"
@@ -264,9 +271,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    from horovod_mlstm.flags import define_common
-    from horovod_mlstm.inference import define_featurizer_flags
-
     define_common()
     define_featurizer_flags(defaults=True)
     flags.DEFINE_string("train", None, "CSV of training texts and labels.")
