@@ -11,7 +11,7 @@ import pytest
 
 from conftest import last_line, python
 from horovod_mlstm import corpus
-from horovod_mlstm.classify import Classifier, InputError, read_texts
+from horovod_mlstm.classify import Classifier, InputError, check_writable, read_texts
 from horovod_mlstm.inference import Featurizer
 
 TEXTS = ["Five stars. It works great and the sound is lovely.", "Broke in a week, returned it.", "",
@@ -101,6 +101,8 @@ def test_bad_input_is_one_line_naming_the_file(tmp_path, name, content, kw, mess
         read_texts(str(path), **kw)
     with pytest.raises(InputError, match="is a directory"):
         read_texts(str(tmp_path))
+    with pytest.raises(InputError, match="cannot write there"):
+        check_writable(str(tmp_path / "no_such_dir" / "out.csv"))
 
 
 def test_classifier_from_another_version_or_checkpoint_is_refused(tmp_path, tiny_model_dir, classifier_dir):

@@ -117,11 +117,11 @@ def transfer(model_dir, paths, out, *extra, **kw):
 
 
 def test_cli_binary_and_the_features_cache(tmp_path, tiny_model_dir):
-    paths = review_csvs(tmp_path, 120, lambda r: "pos" if r["overall"] >= 4 else "neg")
+    paths = review_csvs(tmp_path, 60, lambda r: "pos" if r["overall"] >= 4 else "neg")
     out, cache = tmp_path / "out", tmp_path / "f.npz"
     proc = transfer(tiny_model_dir, paths, out, f"--features={cache}", check=True)
     results = json.loads((out / "results.json").read_text())
-    assert 0.0 <= results["test_accuracy"] <= 1.0 and results["sizes"] == {"train": 120, "val": 120, "test": 120}
+    assert 0.0 <= results["test_accuracy"] <= 1.0 and results["sizes"] == {"train": 60, "val": 60, "test": 60}
     assert 0 <= results["top_unit"] < results["units_total"] == 32 and results["labels"] == ["neg", "pos"]
     assert results["empty_texts"] == {"train": 0, "val": 0, "test": 0} and results["checkpoint"] == "ckpt-20"
     assert (out / "top_unit_histogram.png").read_bytes()[:4] == b"\x89PNG"
@@ -130,7 +130,7 @@ def test_cli_binary_and_the_features_cache(tmp_path, tiny_model_dir):
     assert saved["labels"] == ["neg", "pos"] and saved["featurization"] == {"text_prep": "project", "readout": "final_cell"}
     assert saved["top_unit"] == results["top_unit"] and saved["top_unit_weight"] == results["top_unit_weight"]
     assert saved["checkpoint"]["checkpoint"] == "ckpt-20" and len(saved["checkpoint"]["index_sha256"]) == 64
-    assert np.load(cache)["test_features"].shape == (120, 32)
+    assert np.load(cache)["test_features"].shape == (60, 32)
 
     # Same inputs: the cache is reused and gives the same result.
     proc = transfer(tiny_model_dir, paths, out, f"--features={cache}", check=True)
