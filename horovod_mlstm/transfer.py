@@ -184,7 +184,7 @@ def features_key(FLAGS, featurizer) -> dict:
 
 
 def cached_features(path: str, key: dict) -> dict | None:
-    """The features saved in PATH if they were made from exactly KEY, else None (with the reason logged)."""
+    """The features saved in PATH if they were made from exactly KEY, else None (saying why on stderr)."""
     if not path or not os.path.exists(path):
         return None
     try:
@@ -195,8 +195,6 @@ def cached_features(path: str, key: dict) -> dict | None:
         raise TransferError(f"{path}: not a features file of this tool ({e}); move it or pass another --features")
     differs = [k for k in key if stored.get(k) != key[k]]
     if differs or len(features) != len(SPLITS):
-        logging.info("features in %s were made from other inputs (differs in: %s); recomputing", path,
-                     ", ".join(differs) or "splits")
         print(f"[transfer] {path} holds features of other inputs ({', '.join(differs) or 'splits'} differ); "
               "recomputing", file=sys.stderr, flush=True)
         return None
@@ -255,6 +253,9 @@ def main(argv):
                {**info, "featurization": featurizer.settings, "model_dir": identity["model_dir"],
                 "checkpoint": {k: identity[k] for k in CHECKPOINT_KEYS}}).save(out)
     write_json(os.path.join(out, "results.json"), results)
+    for stale in ("top_unit_histogram.png", "confusion_matrix.png"):  # no earlier run's plot passes for this one
+        if os.path.exists(os.path.join(out, stale)):
+            os.remove(os.path.join(out, stale))
     summary = f"[transfer] test accuracy {results['test_accuracy']:.4f}, macro-F1 {results['test_macro_f1']:.4f}, " \
               f"{len(classes)} classes, {results['units_used']} of {results['units_total']} units (C={results['C']:g})"
     if len(classes) > 2:

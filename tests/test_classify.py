@@ -55,20 +55,21 @@ def test_csv_input_matches_the_python_api_in_input_order(tmp_path, tiny_model_di
     proc = classify(tiny_model_dir, classifier_dir / "classifier.json", source, tmp_path / "out.csv",
                     "--text_column=text", check=True)
     rows = read_output(tmp_path / "out.csv")
-    assert [r["index"] for r in rows] == ["0", "1", "2", "3", "4"] and list(rows[0]) == ["index", "label", "p_neg",
-                                                                                           "p_pos"]
+    assert [r["index"] for r in rows] == ["0", "1", "2", "3", "4"]
+    assert list(rows[0]) == ["index", "label", "p_neg", "p_pos"]
     # The empty text is kept in its place, unlabelled.
     assert rows[2]["label"] == "" and rows[2]["p_neg"] == ""
-    assert last_line(proc.stdout).startswith("[classify] 5 texts (1 empty, left unlabelled)") and "texts/s" in proc.stdout
+    assert last_line(proc.stdout).startswith("[classify] 5 texts (1 empty, left unlabelled)")
+    assert "texts/s" in last_line(proc.stdout)
     assert "text/s" in proc.stderr  # tqdm's progress
 
     classifier = Classifier.load(str(classifier_dir))
     kept = [t for t in TEXTS if t]
-    probabilities = classifier.predict_proba(Featurizer(str(tiny_model_dir), **classifier.featurization).transform(kept))
+    features = Featurizer(str(tiny_model_dir), **classifier.featurization).transform(kept)
+    probabilities = classifier.predict_proba(features)
     written = [r for r in rows if r["label"]]
     np.testing.assert_allclose([[float(r["p_neg"]), float(r["p_pos"])] for r in written], probabilities, atol=2e-6)
-    assert [r["label"] for r in written] == classifier.predict(
-        Featurizer(str(tiny_model_dir)).transform(kept)).tolist()
+    assert [r["label"] for r in written] == classifier.predict(features).tolist()
 
 
 @pytest.mark.parametrize("kind", ["jsonl", "txt"])

@@ -45,7 +45,8 @@ def test_fit_multiclass_and_the_saved_classifier_reproduces_it(tmp_path):
     loaded = Classifier.load(str(tmp_path))  # the directory or the .json both work
     np.testing.assert_allclose(loaded.predict_proba(features["test"]), pipeline.predict_proba(features["test"]),
                                rtol=1e-5, atol=1e-6)
-    assert (loaded.predict(features["test"]) == np.array(["1", "2", "4", "5"])[pipeline.predict(features["test"])]).all()
+    expected = np.array(["1", "2", "4", "5"])[pipeline.predict(features["test"])]
+    assert (loaded.predict(features["test"]) == expected).all()
 
 
 def test_when_l1_keeps_no_unit_there_is_no_top_unit():
@@ -127,7 +128,8 @@ def test_cli_binary_and_the_features_cache(tmp_path, tiny_model_dir):
     assert (out / "top_unit_histogram.png").read_bytes()[:4] == b"\x89PNG"
     assert "test accuracy" in proc.stdout and "texts/s" in proc.stdout
     saved = json.loads((out / "classifier.json").read_text())
-    assert saved["labels"] == ["neg", "pos"] and saved["featurization"] == {"text_prep": "project", "readout": "final_cell"}
+    assert saved["labels"] == ["neg", "pos"]
+    assert saved["featurization"] == {"text_prep": "project", "readout": "final_cell"}
     assert saved["top_unit"] == results["top_unit"] and saved["top_unit_weight"] == results["top_unit_weight"]
     assert saved["checkpoint"]["checkpoint"] == "ckpt-20" and len(saved["checkpoint"]["index_sha256"]) == 64
     assert np.load(cache)["test_features"].shape == (60, 32)
@@ -162,6 +164,8 @@ def test_cli_all_empty_texts_select_no_unit(tmp_path, tiny_model_dir):
     rows = [(0, " "), (1, "<br/>"), (0, ""), (1, "  ")]
     paths = {s: write_csv(tmp_path / f"{s}.csv", rows) for s in SPLITS}
     out = tmp_path / "out"
+    out.mkdir()
+    (out / "top_unit_histogram.png").write_bytes(b"an earlier run's plot")
     proc = transfer(tiny_model_dir, paths, out, check=True)
     results = json.loads((out / "results.json").read_text())
     assert results["top_unit"] is None and results["units_used"] == 0
