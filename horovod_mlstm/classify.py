@@ -9,8 +9,8 @@ order: its index, the predicted label, and the probability of each class. A text
 after the text prep gets an empty label and empty probabilities (there is nothing to classify),
 and is counted in the final line. The same in Python:
 
-    features = Featurizer(model_dir, **classifier.featurization).transform(texts)
-    probabilities = Classifier.load(path).predict_proba(features)
+    classifier = Classifier.load(path)
+    probabilities = classifier.predict_proba(Featurizer(model_dir, **classifier.featurization).transform(texts))
 """
 
 from __future__ import annotations
