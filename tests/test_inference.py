@@ -1,28 +1,53 @@
-"""The shared featuriser: batched, sorted, masked and chunked equals reading each text alone."""
+"""The shared featuriser: batched, sorted, masked and chunked equals reading each text alone, for every readout."""
 
 import numpy as np
 import pytest
 import tensorflow as tf
 
-from horovod_mlstm.inference import encode, final_states, load_trained_model
-from horovod_mlstm.model import ModelConfig, build_model
+from horovod_mlstm.inference import READOUTS, Featurizer, encode, is_empty, load_trained_model
+
+TEXTS = ["great strings", "Terrible. Broke in a week &amp; returned it", "ok", "<b>Five</b> stars",
+         "é ü 漢字 mixed bytes", "a much longer review " * 5, "line one\nline two"]
 
 
-def test_batched_masked_states_equal_one_text_at_a_time():
-    tf.keras.utils.set_random_seed(0)
-    model = build_model(ModelConfig(hidden_size=16, embed_size=8))
-    texts = ["great strings", "Terrible. Broke in a week &amp; returned it", "ok", "<b>Five</b> stars",
-             "é ü 漢字 mixed bytes", "a much longer review " * 5]
-    states, rate = final_states(model, texts, batch_size=4, chunk=7)
-    assert states.shape == (len(texts), 16) and rate > 0
-    for text, state in zip(texts, states):
-        data = np.frombuffer(encode(text), np.uint8)[None].astype(np.int32)
-        _, (_, c) = model(tf.constant(data), model.zero_state(1))
-        np.testing.assert_allclose(state, c.numpy()[0], rtol=1e-5, atol=1e-6)
+def read_alone(model, data: bytes) -> dict:
+    """Every readout of one text, from one unmasked, unchunked call."""
+    x = tf.constant(np.frombuffer(data, np.uint8)[None].astype(np.int32))
+    hs, (h, c) = model.rnn(model.embed(x), model.zero_state(1))
+    hs = hs.numpy()[0]
+    return {"final_cell": c.numpy()[0], "final_hidden": h.numpy()[0], "mean_hidden": hs.mean(0),
+            "max_hidden": hs.max(0)}
 
 
-def test_encode_frames_and_cleans_like_training_documents():
+@pytest.mark.parametrize("text_prep", ["project", "radford"])
+def test_batched_masked_features_equal_one_text_at_a_time(tiny_model_dir, text_prep):
+    featurizers = {r: Featurizer(str(tiny_model_dir), text_prep, r, batch_size=3, chunk=7) for r in READOUTS}
+    model = featurizers["final_cell"].model
+    expected = [read_alone(model, encode(t, text_prep)) for t in TEXTS]
+    for readout, featurizer in featurizers.items():
+        features = featurizer.transform(TEXTS)
+        assert features.shape == (len(TEXTS), 32) and features.dtype == np.float32
+        for row, alone in zip(features, expected):
+            np.testing.assert_allclose(row, alone[readout], rtol=1e-4, atol=1e-5, err_msg=readout)
+    # The readouts differ (padding never leaks into a mean or max: each row matched its own text above).
+    assert not np.allclose(featurizers["mean_hidden"].transform(TEXTS), featurizers["max_hidden"].transform(TEXTS))
+
+
+def test_text_preps_frame_texts_as_documented():
     assert encode("Fine &amp; <i>dandy</i>\n\n ok") == b"\nFine & dandy ok"
+    # OpenAI's encoder: unescape, newlines to spaces, strip, then "\n " + text + " "; tags stay.
+    assert encode(" Fine &amp; <i>dandy</i>\n\nok ", "radford") == b"\n Fine & <i>dandy</i>  ok "
+    assert is_empty("  <br/> \n", "project") and not is_empty("  <br/> \n", "radford")
+    assert is_empty(" \n ", "radford") and not is_empty("ok", "project")
+
+
+def test_identity_names_the_checkpoint_and_settings(tiny_model_dir):
+    featurizer = Featurizer(str(tiny_model_dir), "radford", "mean_hidden")
+    identity = featurizer.identity()
+    assert identity["checkpoint"] == "ckpt-20" and len(identity["index_sha256"]) == 64
+    assert featurizer.settings == {"text_prep": "radford", "readout": "mean_hidden"}
+    with pytest.raises(ValueError, match="readout must be one of"):
+        Featurizer(str(tiny_model_dir), readout="last")
 
 
 def test_unusable_config_json_is_one_clear_error(tmp_path):
