@@ -1,9 +1,12 @@
 """Sampling: always valid UTF-8 of exactly the asked length; unit steering and bad flags."""
 
+import signal
+import subprocess
+
 import numpy as np
 import pytest
 
-from conftest import last_line, python
+from conftest import ENV, PYTHON, REPO, last_line, python
 from horovod_mlstm.generate import allowed_next_bytes, char_length
 
 
@@ -43,11 +46,61 @@ def test_cli_samples_the_asked_length(tiny_model_dir):
 @pytest.mark.parametrize("args, message", [
     (["--set_unit=5"], "is not K=V"),
     (["--set_unit=99999=1"], "outside"),
-    (["--temperature=0"], "--temperature must be positive"),
+    (["--temperature=0"], "--temperature must be positive and finite, got 0.0"),
+    (["--temperature=-1"], "--temperature must be positive and finite, got -1.0"),
+    (["--temperature=nan"], "--temperature must be positive and finite, got nan"),
+    (["--temperature=inf"], "--temperature must be positive and finite, got inf"),
+    (["--set_unit=3=nan"], "--set_unit '3=nan': the value must be a finite number"),
+    (["--set_unit=3=-inf"], "--set_unit '3=-inf': the value must be a finite number"),
+    (["--set_unit=3=1", "--set_unit=4=0", "--set_unit=3=2"], "--set_unit gives unit 3 twice (3=1 and 3=2)"),
+    (["--prime=caf\udce9 ok"], "--prime is not valid UTF-8 (byte 0xe9 at character 3)"),
+    (["--heatmap_unit=3"], "--heatmap_unit needs --heatmap PATH"),
+    (["--heatmap=h.png"], "--heatmap needs --heatmap_unit U"),
+    (["--heatmap=/nonexistent/h.png", "--heatmap_unit=3"], "directory /nonexistent does not exist"),
+    (["--heatmap=h.png", "--heatmap_unit=32"], "--heatmap_unit unit 32 is outside 0..31"),
 ])
-def test_bad_flags(tiny_model_dir, args, message):
-    proc = python("-m", "horovod_mlstm.generate", f"--model_dir={tiny_model_dir}", "--length=5", *args)
-    assert proc.returncode != 0 and message in last_line(proc.stderr)
+def test_bad_flags(tiny_model_dir, tmp_path, args, message):
+    proc = python("-m", "horovod_mlstm.generate", f"--model_dir={tiny_model_dir}", "--length=5", *args, cwd=tmp_path)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    assert last_line(proc.stderr).startswith("error: ") and message in last_line(proc.stderr)
+    assert proc.stdout == "" and not list(tmp_path.iterdir())
+
+
+def test_heatmap_of_a_steered_sample(tiny_model_dir, tmp_path):
+    """--set_unit holds the unit while sampling; the heatmap shows it varying when the text is re-read."""
+    import matplotlib.image
+
+    heatmap = tmp_path / "heat.png"
+    proc = python("-m", "horovod_mlstm.generate", f"--model_dir={tiny_model_dir}", "--prime=The strings",
+                  "--length=150", "--seed=2", "--set_unit=5=3.0", f"--heatmap={heatmap}", check=True)
+    assert len(proc.stdout.rstrip("\n")) == len("The strings") + 150
+    rgb = matplotlib.image.imread(heatmap)[..., :3]
+    text_area = rgb[: int(rgb.shape[0] * 0.6)]  # above the colour bar
+    backgrounds = {tuple(np.round(px, 2)) for px in text_area.reshape(-1, 3)}
+    assert len(backgrounds) > 50  # many values, not one flat held colour
+
+
+@pytest.mark.parametrize("signum, status", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_a_stop_signal_ends_a_long_generation_with_one_line(tiny_model_dir, signum, status):
+    proc = subprocess.Popen([PYTHON, "-m", "horovod_mlstm.generate", f"--model_dir={tiny_model_dir}",
+                             "--length=10000000"],
+                            cwd=REPO, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        seen = []
+        for line in proc.stderr:  # start-up is done once generate says it is sampling
+            seen.append(line)
+            if "sampling" in line:
+                break
+        proc.send_signal(signum)
+        stdout, rest = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    stderr = "".join(seen) + rest
+    assert proc.returncode == status
+    assert "Traceback" not in stderr and "sampling" in "".join(seen)
+    assert last_line(stderr) == (f"error: stopped by {signal.Signals(signum).name} before the text was complete; "
+                                 "nothing printed or written")
+    assert stdout == ""
 
 
 def test_missing_model(tmp_path):
