@@ -14,7 +14,8 @@ no unit held, so under --set_unit the picture shows how the unit itself responds
 steering produced (the held value would be one flat colour).
 
 SIGINT (Ctrl-C) and SIGTERM stop a generation with one line and the shell's exit status for the
-signal (130 and 143); nothing is printed or written.
+signal (128 + its number: 130 and 143); nothing is printed or written. (Before the handlers are
+installed, in the first seconds of TensorFlow's import, Python's defaults apply.)
 """
 
 from __future__ import annotations
@@ -168,15 +169,15 @@ def main(argv):
         logging.info("sampling %d characters", FLAGS.length)
         text = sample(model, FLAGS.prime, FLAGS.length, FLAGS.temperature, FLAGS.seed, units)
         if unit_to_draw is not None:
-            steered = f", sampled with unit {unit_to_draw} held at {units[unit_to_draw]:g}" if unit_to_draw in units else ""
+            held = units.get(unit_to_draw)
+            steered = "" if held is None else f", sampled with unit {unit_to_draw} held at {held:g}"
             write_heatmap(model, prime + text.encode("utf-8"), unit_to_draw, FLAGS.heatmap,
                           title=f"unit {unit_to_draw} re-reading the generated text{steered}")
     except (CheckpointError, FileNotFoundError, HeatmapError, ValueError) as e:
         sys.exit(f"error: {e}")
     except Stopped as stop:
         name = signal.Signals(stop.args[0]).name
-        print(f"error: stopped by {name} before the text was complete; nothing printed or written",
-              file=sys.stderr, flush=True)
+        print(f"error: stopped by {name}; nothing printed or written", file=sys.stderr, flush=True)
         sys.exit(128 + stop.args[0])
     print(FLAGS.prime + text, flush=True)
 

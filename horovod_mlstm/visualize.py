@@ -1,5 +1,5 @@
-"""The sentiment-unit heatmap (Radford et al. 2017, figure 3): a text with each character coloured
-by one cell unit's value after the model has read it.
+"""The sentiment-unit heatmap, as in Radford et al. 2017's per-character pictures: a text with each
+character coloured by one cell unit's value after the model has read it.
 
     python -m horovod_mlstm.visualize --model_dir M --text "Great tuners, awful case." --unit 195
     python -m horovod_mlstm.visualize --model_dir M --text_file review.txt \
