@@ -137,7 +137,7 @@ def draw(text: str, values: np.ndarray, path: str, label: str, title: str = "", 
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            fig.savefig(partial, dpi=110)
+            fig.savefig(partial, dpi=110, format="png")
         missing = {str(w.message).split("(")[0].strip() for w in caught if "missing from" in str(w.message)}
         if missing:
             logging.warning("%d characters have no glyph in %s and show as boxes", len(missing), FONT)
@@ -165,8 +165,10 @@ def write_heatmap(model, data: bytes, unit: int, path: str, sign: float = 1.0, t
 
 
 def check_output(path: str, what: str) -> None:
-    """Before any work: the PNG's directory exists and is writable, and the path is not a directory."""
+    """Before any work: a .png path that is not a directory, in a directory that exists and is writable."""
     directory = os.path.dirname(os.path.abspath(path))
+    if not path.lower().endswith(".png"):
+        raise HeatmapError(f"{what} {path} must end in .png (the heatmap is a PNG)")
     if os.path.isdir(path):
         raise HeatmapError(f"{what} {path} is a directory")
     if not os.path.isdir(directory):

@@ -2,12 +2,14 @@
 
 import signal
 import subprocess
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 
 from conftest import ENV, PYTHON, REPO, last_line, python
-from horovod_mlstm.generate import allowed_next_bytes, char_length
+from horovod_mlstm.generate import (allowed_next_bytes, char_length, check_temperature, parse_set_units,
+                                    unit_for_heatmap)
 
 
 def test_any_walk_through_the_allowed_bytes_is_valid_utf8():
@@ -47,15 +49,10 @@ def test_cli_samples_the_asked_length(tiny_model_dir):
     (["--set_unit=5"], "is not K=V"),
     (["--set_unit=99999=1"], "outside"),
     (["--temperature=0"], "--temperature must be positive and finite, got 0.0"),
-    (["--temperature=-1"], "--temperature must be positive and finite, got -1.0"),
     (["--temperature=nan"], "--temperature must be positive and finite, got nan"),
-    (["--temperature=inf"], "--temperature must be positive and finite, got inf"),
     (["--set_unit=3=nan"], "--set_unit '3=nan': the value must be a finite number"),
-    (["--set_unit=3=-inf"], "--set_unit '3=-inf': the value must be a finite number"),
     (["--set_unit=3=1", "--set_unit=4=0", "--set_unit=3=2"], "--set_unit gives unit 3 twice (3=1 and 3=2)"),
     (["--prime=caf\udce9 ok"], "--prime is not valid UTF-8 (byte 0xe9 at character 3)"),
-    (["--heatmap_unit=3"], "--heatmap_unit needs --heatmap PATH"),
-    (["--heatmap=h.png"], "--heatmap needs --heatmap_unit U"),
     (["--heatmap=/nonexistent/h.png", "--heatmap_unit=3"], "directory /nonexistent does not exist"),
     (["--heatmap=h.png", "--heatmap_unit=32"], "--heatmap_unit unit 32 is outside 0..31"),
 ])
@@ -64,6 +61,41 @@ def test_bad_flags(tiny_model_dir, tmp_path, args, message):
     assert proc.returncode != 0 and "Traceback" not in proc.stderr
     assert last_line(proc.stderr).startswith("error: ") and message in last_line(proc.stderr)
     assert proc.stdout == "" and not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("temperature", [-1.0, float("inf"), float("-inf")])
+def test_temperature_must_be_positive_and_finite(temperature):
+    with pytest.raises(ValueError, match="--temperature must be positive and finite"):
+        check_temperature(temperature)
+
+
+@pytest.mark.parametrize("specs, message", [
+    (["3=inf"], "must be a finite number"),
+    (["3=-inf"], "must be a finite number"),
+    (["3=1", "3=1"], "gives unit 3 twice"),
+    (["3=1=2"], "is not K=V"),
+])
+def test_set_unit_specs(specs, message):
+    with pytest.raises(ValueError, match=message):
+        parse_set_units(specs)
+    assert parse_set_units(["3=1", "4=-2.5"]) == {3: 1.0, 4: -2.5}
+
+
+@pytest.mark.parametrize("heatmap, unit, set_units, expected", [
+    (None, None, {}, None),
+    ("h.png", 7, {3: 1.0}, 7),
+    ("h.png", None, {3: 1.0}, 3),
+    ("h.png", None, {3: 1.0, 4: 1.0}, "needs --heatmap_unit"),
+    ("h.png", None, {}, "needs --heatmap_unit"),
+    (None, 7, {}, "--heatmap_unit needs --heatmap"),
+])
+def test_heatmap_unit_choice(heatmap, unit, set_units, expected):
+    flag_values = SimpleNamespace(heatmap=heatmap, heatmap_unit=unit)
+    if isinstance(expected, str):
+        with pytest.raises(ValueError, match=expected):
+            unit_for_heatmap(flag_values, set_units)
+    else:
+        assert unit_for_heatmap(flag_values, set_units) == expected
 
 
 def test_heatmap_of_a_steered_sample(tiny_model_dir, tmp_path):

@@ -106,6 +106,7 @@ def latin1_file(tmp_path):
     (["--unit=1", "--text_file={latin1_file}"], "is not UTF-8 (line 2: invalid continuation byte)"),
     (["--unit=1", "--text=  <br/>  "], "--text is empty after cleaning"),
     (["--unit=1", "--text=hi", "--output=/nonexistent/h.png"], "directory /nonexistent does not exist"),
+    (["--unit=1", "--text=hi", "--output={latin1_file}"], "review.txt must end in .png"),
 ])
 def test_bad_input_is_one_line(tiny_model_dir, tmp_path, null_results, latin1_file, args, message):
     args = [a.format(null_results=null_results, latin1_file=latin1_file) for a in args]
