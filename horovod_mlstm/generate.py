@@ -120,6 +120,14 @@ def sample(model, prime: str, length: int, temperature: float = 1.0, seed: int =
     return out.decode("utf-8")
 
 
+def heatmap_of_sample(model, prime: str, text: str, unit: int, set_units: dict[int, float], path: str) -> np.ndarray:
+    """Draws `unit` over prime + sampled text as the model re-reads it, no unit held; returns the values drawn."""
+    held = set_units.get(unit)
+    steered = "" if held is None else f", sampled with unit {unit} held at {held:g}"
+    return write_heatmap(model, encode(prime) + text.encode("utf-8"), unit, path,
+                         title=f"unit {unit} re-reading the generated text{steered}")
+
+
 class Stopped(BaseException):
     """A stop signal arrived, raised from its handler wherever the main thread is.
 
@@ -169,10 +177,7 @@ def main(argv):
         logging.info("sampling %d characters", FLAGS.length)
         text = sample(model, FLAGS.prime, FLAGS.length, FLAGS.temperature, FLAGS.seed, units)
         if unit_to_draw is not None:
-            held = units.get(unit_to_draw)
-            steered = "" if held is None else f", sampled with unit {unit_to_draw} held at {held:g}"
-            write_heatmap(model, prime + text.encode("utf-8"), unit_to_draw, FLAGS.heatmap,
-                          title=f"unit {unit_to_draw} re-reading the generated text{steered}")
+            heatmap_of_sample(model, FLAGS.prime, text, unit_to_draw, units, FLAGS.heatmap)
     except (CheckpointError, FileNotFoundError, HeatmapError, ValueError) as e:
         sys.exit(f"error: {e}")
     except Stopped as stop:
