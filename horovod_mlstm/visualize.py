@@ -104,6 +104,7 @@ def draw(text: str, values: np.ndarray, path: str, label: str, title: str = "", 
     import matplotlib.pyplot as plt
 
     lines = wrap(text, width)
+    width = max(len(line) for line in lines)  # a short text gets a narrow picture
     grid = np.full((len(lines), width), np.nan)
     for row, line in enumerate(lines):
         grid[row, :len(line)] = values[line]
@@ -117,7 +118,8 @@ def draw(text: str, values: np.ndarray, path: str, label: str, title: str = "", 
     font_size, cell_w, cell_h = 12, 0.105, 0.24
     left, top, gap, bar_h, bottom = 0.3, 0.45, 0.3, 0.16, 0.5
     text_w, text_h = width * cell_w, len(lines) * cell_h
-    fig_w, fig_h = text_w + 2 * left, top + text_h + gap + bar_h + bottom
+    bar_w = min(max(text_w, 4.0), 5.0)
+    fig_w, fig_h = max(text_w, bar_w) + 2 * left, top + text_h + gap + bar_h + bottom
     fig = plt.figure(figsize=(fig_w, fig_h))
     ax = fig.add_axes([left / fig_w, (bottom + bar_h + gap) / fig_h, text_w / fig_w, text_h / fig_h])
     image = ax.imshow(grid, cmap=cmap, norm=norm, aspect="auto", interpolation="nearest",
@@ -131,13 +133,13 @@ def draw(text: str, values: np.ndarray, path: str, label: str, title: str = "", 
     ax.set_axis_off()
     if title:
         ax.set_title(title, fontsize=11, loc="left")
-    bar_ax = fig.add_axes([left / fig_w, bottom / fig_h, min(text_w, 5.0) / fig_w, bar_h / fig_h])
+    bar_ax = fig.add_axes([left / fig_w, bottom / fig_h, bar_w / fig_w, bar_h / fig_h])
     fig.colorbar(image, cax=bar_ax, orientation="horizontal").set_label(label, fontsize=10)
     partial = f"{path}.partial.png"
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            fig.savefig(partial, dpi=110, format="png")
+            fig.savefig(partial, dpi=110, format="png", bbox_inches="tight", pad_inches=0.15)  # a long title fits
         missing = {str(w.message).split("(")[0].strip() for w in caught if "missing from" in str(w.message)}
         if missing:
             logging.warning("%d characters have no glyph in %s and show as boxes", len(missing), FONT)
