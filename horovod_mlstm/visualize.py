@@ -158,9 +158,11 @@ def write_heatmap(model, data: bytes, unit: int, path: str, sign: float = 1.0, t
 
     Returns the per-character values drawn (times `sign`); the leading document end is read, not drawn.
     """
+    skip = len(DOC_END.decode("utf-8")) if data.startswith(DOC_END) else 0
+    if len(data) == skip:
+        raise HeatmapError("nothing to draw: the text is empty")
     values = unit_trace(model, data, unit) * sign
     text, per_char = per_character(data, values)
-    skip = len(DOC_END.decode("utf-8")) if data.startswith(DOC_END) else 0
     label = f"cell state of unit {unit}" if sign > 0 else f"cell state of unit {unit} × −1 (warm = positive class)"
     draw(text[skip:], per_char[skip:], path, label, title, width)
     return per_char[skip:]

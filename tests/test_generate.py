@@ -55,6 +55,7 @@ def test_cli_samples_the_asked_length(tiny_model_dir):
     (["--prime=caf\udce9 ok"], "--prime is not valid UTF-8 (byte 0xe9 at character 3)"),
     (["--heatmap=/nonexistent/h.png", "--heatmap_unit=3"], "directory /nonexistent does not exist"),
     (["--heatmap=h.png", "--heatmap_unit=32"], "--heatmap_unit unit 32 is outside 0..31"),
+    (["--heatmap=h.png", "--heatmap_unit=3", "--length=0"], "nothing to draw: the text is empty"),
 ])
 def test_bad_flags(tiny_model_dir, tmp_path, args, message):
     proc = python("-m", "horovod_mlstm.generate", f"--model_dir={tiny_model_dir}", "--length=5", *args, cwd=tmp_path)
