@@ -11,8 +11,8 @@ import tensorflow as tf
 from absl import flags
 
 from horovod_mlstm.checkpoint import latest_readable
-from horovod_mlstm.records import DOC_END, clean
 from horovod_mlstm.model import LanguageModel, ModelConfig, build_model
+from horovod_mlstm.records import DOC_END, clean
 
 READOUTS = ("final_cell", "final_hidden", "mean_hidden", "max_hidden")
 CHECKPOINT_KEYS = ("checkpoint", "index_sha256", "config_sha256")  # what names the weights, wherever they are

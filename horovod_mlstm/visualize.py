@@ -27,7 +27,7 @@ from absl import app, flags, logging
 
 from horovod_mlstm import distributed as dist
 from horovod_mlstm.checkpoint import CheckpointError
-from horovod_mlstm.data import DOC_END
+from horovod_mlstm.records import DOC_END
 from horovod_mlstm.flags import define_common
 from horovod_mlstm.inference import encode, load_trained_model
 
