@@ -80,3 +80,22 @@ def test_cycle_time_is_set_before_horovod_starts(monkeypatch):
     monkeypatch.setenv("HOROVOD_CYCLE_TIME", "1")
     dist.init(cycle_time_ms=0.0)
     assert seen[-1] == "1"
+
+
+def test_a_checkpoint_continues_on_another_number_of_ranks(tmp_path, tiny_data):
+    """4 ranks x 8 streams, then 2 x 16, then 1 x 32: the same streams, bytes and RNN states as one
+    uninterrupted 1 x 32 run, so the same final weights."""
+    flags = [*FLAGS, f"--data_dir={tiny_data}", "--checkpoint_every=100"]
+    python("train.py", *flags, f"--model_dir={tmp_path}/straight", "--batch_size_per_worker=32", "--train_steps=6",
+           check=True)
+    staged = f"--model_dir={tmp_path}/staged"
+    horovodrun(4, "train.py", *flags, staged, "--batch_size_per_worker=8", "--train_steps=2", check=True, timeout=600)
+    proc = horovodrun(2, "train.py", *flags, staged, "--batch_size_per_worker=16", "--train_steps=4", check=True,
+                      timeout=600)
+    assert "2 rank(s) x 16 streams" in proc.stdout and "at step 2" in proc.stdout
+    proc = python("train.py", *flags, staged, "--batch_size_per_worker=32", "--train_steps=6", check=True)
+    assert "1 rank(s) x 32 streams" in proc.stdout and "at step 4" in proc.stdout
+    assert_same_weights(tmp_path / "straight", tmp_path / "staged")
+    # Another global batch cannot continue it: its streams would be other bytes.
+    proc = python("train.py", *flags, staged, "--batch_size_per_worker=16", "--train_steps=8")
+    assert proc.returncode != 0 and "carries 32 streams but this job has 16" in proc.stderr.strip().splitlines()[-1]
