@@ -33,13 +33,16 @@ def encode_text(text: str, source: str) -> bytes:
     """inference.encode(text), with one error naming `source` for text that is not valid UTF-8.
 
     absl hands over command-line bytes that are not UTF-8 as lone surrogates (U+DC80..U+DCFF).
+    They are caught here, before inference.encode, which replaces them (a featurised text must not
+    stop a whole file) and would draw a "?" the user never typed.
     """
     try:
-        return encode(text)
+        text.encode("utf-8")
     except UnicodeEncodeError as e:
         bad = ord(text[e.start])
         what = f"byte 0x{bad - 0xDC00:02x}" if 0xDC80 <= bad <= 0xDCFF else f"U+{bad:04X}"
         raise HeatmapError(f"{source} is not valid UTF-8 ({what} at character {e.start})") from None
+    return encode(text)
 
 
 def unit_trace(model, data: bytes, unit: int) -> np.ndarray:
