@@ -7,219 +7,23 @@ Input: a CSV with a header (--text_column), JSON lines (--text_field), or plain 
 text per line; any of them may be gzipped. Output: a CSV with one row per input text, in input
 order: its index, the predicted label, and the probability of each class. A text that is empty
 after the text prep gets an empty label and empty probabilities (there is nothing to classify),
-and is counted in the final line. The same in Python:
-
-    classifier = Classifier.load(path)
-    probabilities = classifier.predict_proba(Featurizer(model_dir, **classifier.featurization).transform(texts))
+and is counted in the final line. The same from Python: horovod_mlstm.classifier, which this
+CLI wraps with reading, batching and writing.
 """
 
 from __future__ import annotations
 
 import csv
-import dataclasses
-import gzip
-import io
-import json
 import os
 import sys
 import time
-import zlib
 
 import numpy as np
 from absl import app, flags
 
-FORMAT = "horovod_mlstm.classifier"
-VERSION = 1
-JSON_NAME, WEIGHTS_NAME = "classifier.json", "classifier.npz"
+from horovod_mlstm.classifier import Classifier
+from horovod_mlstm.textfiles import InputError, check_writable, read_texts
 
-
-class InputError(ValueError):
-    """A file that cannot be used, explained in one line naming it (and the line where it applies)."""
-
-
-# ---------------------------------------------------------------- reading texts
-
-def read_decoded(path: str, encoding: str) -> str:
-    """A whole (optionally gzipped) file as text; a decode error names the file and line."""
-    if os.path.isdir(path):
-        raise InputError(f"{path}: is a directory, not a file")
-    try:
-        with (gzip.open if path.endswith(".gz") else open)(path, "rb") as f:
-            raw = f.read()
-    except FileNotFoundError:
-        raise InputError(f"{path}: no such file") from None
-    except (OSError, EOFError, zlib.error) as e:
-        raise InputError(f"{path}: cannot read ({getattr(e, 'strerror', None) or e})") from None
-    try:
-        return raw.decode(encoding)
-    except LookupError:
-        raise InputError(f"unknown encoding {encoding!r}") from None
-    except UnicodeDecodeError as e:
-        line = raw[:e.start].count(b"\n") + 1
-        raise InputError(f"{path}:{line}: not valid {encoding} (byte 0x{raw[e.start]:02x}); "
-                         f"pass --encoding, for example latin-1") from None
-
-
-def read_csv_columns(path: str, columns: list[str], encoding: str) -> list[tuple[int, list[str]]]:
-    """(line number, [value of each column]) for every row of a CSV with a header.
-
-    A row with fewer or more fields than the header is an error, not a guess.
-    """
-    reader = csv.reader(io.StringIO(read_decoded(path, encoding), newline=""))
-    try:
-        header = next(reader, None)
-        missing = [c for c in columns if c not in (header or [])]
-        if missing:
-            raise InputError(f"{path}:1: no column {', '.join(map(repr, missing))} "
-                             f"(columns: {', '.join(header or []) or 'none'})")
-        where = [header.index(c) for c in columns]
-        rows = []
-        for row in reader:
-            if not row:  # a blank line is not a record
-                continue
-            if len(row) != len(header):
-                raise InputError(f"{path}:{reader.line_num}: row has {len(row)} fields, the header has "
-                                 f"{len(header)}")
-            rows.append((reader.line_num, [row[i] for i in where]))
-    except csv.Error as e:
-        raise InputError(f"{path}:{reader.line_num}: malformed CSV ({e})") from None
-    return rows
-
-
-def read_texts(path: str, text_column: str = "", text_field: str = "", encoding: str = "utf-8-sig") -> list[str]:
-    """Every text of a CSV (text_column), JSON-lines (text_field) or plain one-per-line file."""
-    if text_column and text_field:
-        raise InputError("give --text_column (CSV) or --text_field (JSON lines), not both")
-    name = path[:-3] if path.endswith(".gz") else path
-    if text_column:
-        texts = [values[0] for _, values in read_csv_columns(path, [text_column], encoding)]
-    elif text_field:
-        texts = []
-        for number, line in enumerate(read_decoded(path, encoding).split("\n"), 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                raise InputError(f"{path}:{number}: not valid JSON") from None
-            if not isinstance(record, dict) or not isinstance(record.get(text_field), str):
-                raise InputError(f"{path}:{number}: no text field {text_field!r}")
-            texts.append(record[text_field])
-    elif name.endswith((".csv", ".jsonl", ".json")):
-        raise InputError(f"{path}: looks like CSV or JSON lines; name the text with --text_column or --text_field")
-    else:
-        texts = [line.rstrip("\r") for line in read_decoded(path, encoding).split("\n")]
-        if texts[-1] == "":  # after the last newline (or an empty file)
-            texts.pop()
-    if not texts:
-        raise InputError(f"{path}: no texts")
-    return texts
-
-
-# ---------------------------------------------------------------- the classifier
-
-@dataclasses.dataclass
-class Classifier:
-    """A linear classifier over standardised features, saved as classifier.npz + classifier.json.
-
-    scores = ((features - mean) / scale) @ coef.T + intercept; two classes have one row of
-    coefficients (the second label's log-odds), more classes one row each (softmax).
-    """
-
-    labels: list[str]
-    coef: np.ndarray
-    intercept: np.ndarray
-    mean: np.ndarray
-    scale: np.ndarray
-    info: dict  # C, units, featurization, checkpoint identity, top unit: the JSON's other fields
-
-    @property
-    def featurization(self) -> dict:
-        return self.info["featurization"]
-
-    def save(self, directory: str) -> str:
-        """Writes both files (each replaced whole, never half-written); returns the JSON's path."""
-        weights = os.path.join(directory, WEIGHTS_NAME)
-        with open(weights + ".tmp", "wb") as f:
-            np.savez(f, coef=self.coef, intercept=self.intercept, mean=self.mean, scale=self.scale)
-        os.replace(weights + ".tmp", weights)
-        return write_json(os.path.join(directory, JSON_NAME),
-                          {"format": FORMAT, "version": VERSION, "labels": self.labels, **self.info})
-
-    @classmethod
-    def load(cls, path: str) -> "Classifier":
-        """From classifier.json or the directory holding it (no pickle: arrays from .npz, the rest JSON)."""
-        if os.path.isdir(path):
-            path = os.path.join(path, JSON_NAME)
-        try:
-            with open(path) as f:
-                meta = json.load(f)
-        except FileNotFoundError:
-            raise InputError(f"{path}: no such classifier file") from None
-        except (OSError, ValueError) as e:
-            raise InputError(f"{path}: not a classifier file ({e})") from None
-        if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-            raise InputError(f"{path}: not a {FORMAT} file")
-        if meta.get("version") != VERSION:
-            raise InputError(f"{path}: classifier format version {meta.get('version')}, this horovod_mlstm reads "
-                             f"version {VERSION}; refit it with transfer")
-        weights = os.path.join(os.path.dirname(path), WEIGHTS_NAME)
-        try:
-            with np.load(weights, allow_pickle=False) as arrays:
-                coef, intercept, mean, scale = (arrays[k] for k in ("coef", "intercept", "mean", "scale"))
-        except (OSError, KeyError, ValueError) as e:
-            raise InputError(f"{weights}: unreadable classifier weights ({e})") from None
-        labels = meta.pop("labels")
-        for key in ("format", "version"):
-            meta.pop(key)
-        return cls(labels, coef, intercept, mean, scale, meta)
-
-    def check(self, featurizer) -> None:
-        """Features from another checkpoint or featurisation would be silently meaningless: refuse them."""
-        from horovod_mlstm.inference import describe_checkpoint, same_checkpoint
-
-        fitted, given = {**self.info["checkpoint"], "model_dir": self.info["model_dir"]}, featurizer.identity()
-        if not same_checkpoint(fitted, given):
-            raise InputError(f"the classifier was fitted on features of {describe_checkpoint(fitted)}, "
-                             f"not of {describe_checkpoint(given)}")
-        if featurizer.settings != self.featurization:
-            raise InputError(f"the classifier was fitted on features made with {self.featurization}, "
-                             f"not {featurizer.settings}")
-
-    def predict_proba(self, features: np.ndarray) -> np.ndarray:
-        """[n, classes] probabilities, columns in the order of `labels`."""
-        from scipy.special import expit, softmax
-
-        if features.ndim != 2 or features.shape[1] != self.mean.size:
-            raise InputError(f"features of shape {features.shape}: the classifier needs {self.mean.size} units")
-        scores = ((features - self.mean) / self.scale) @ self.coef.T + self.intercept
-        if len(self.labels) == 2:
-            p = expit(scores[:, 0])
-            return np.stack([1 - p, p], axis=1)
-        return softmax(scores, axis=1)
-
-    def predict(self, features: np.ndarray) -> np.ndarray:
-        return np.array(self.labels)[np.argmax(self.predict_proba(features), axis=1)]
-
-
-def write_json(path: str, value) -> str:
-    """Replaces PATH whole with VALUE as JSON, so a crash never leaves half a file."""
-    with open(path + ".tmp", "w") as f:
-        json.dump(value, f, indent=2)
-    os.replace(path + ".tmp", path)
-    return path
-
-
-def check_writable(path: str) -> None:
-    """Before any work: the output's directory exists and can be written, and PATH is not a directory."""
-    directory = os.path.dirname(os.path.abspath(path))
-    if os.path.isdir(path):
-        raise InputError(f"{path}: is a directory")
-    if not os.path.isdir(directory) or not os.access(directory, os.W_OK):
-        raise InputError(f"{path}: cannot write there ({directory} is not a writable directory)")
-
-
-# ---------------------------------------------------------------- CLI
 
 def settings_from(classifier: Classifier, FLAGS) -> dict:
     """The classifier's featurisation; an explicit flag that contradicts it is an error."""

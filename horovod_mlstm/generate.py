@@ -9,9 +9,9 @@ distribution is renormalised over them), so the output is always valid UTF-8 and
 `--length` characters (code points) long, however untrained the model.
 
 --heatmap draws the printed text (prime and sample) with each character coloured by one unit's
-cell state, drawn by visualize's code. The model re-reads the whole text from a zero state with
-no unit held, so under --set_unit the picture shows how the unit itself responds to the text the
-steering produced (the held value would be one flat colour).
+cell state, with visualize's drawing (horovod_mlstm.heatmap). The model re-reads the whole text
+from a zero state with no unit held, so under --set_unit the picture shows how the unit itself
+responds to the text the steering produced (the held value would be one flat colour).
 
 SIGINT (Ctrl-C) and SIGTERM stop a generation with one line and the shell's exit status for the
 signal (128 + its number: 130 and 143); nothing is printed or written. (Before the handlers are
@@ -31,8 +31,8 @@ from absl import app, flags, logging
 from horovod_mlstm import distributed as dist
 from horovod_mlstm.checkpoint import CheckpointError
 from horovod_mlstm.flags import define_common
+from horovod_mlstm.heatmap import HeatmapError, check_length, check_output, encode_text, write_heatmap
 from horovod_mlstm.inference import encode, load_trained_model
-from horovod_mlstm.visualize import HeatmapError, check_length, check_output, encode_text, write_heatmap
 
 
 def allowed_next_bytes(pending: bytes) -> np.ndarray:

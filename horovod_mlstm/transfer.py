@@ -27,9 +27,10 @@ from absl import app, flags, logging
 
 from horovod_mlstm import distributed as dist
 from horovod_mlstm.checkpoint import CheckpointError
-from horovod_mlstm.classify import Classifier, InputError, check_writable, read_csv_columns, write_json
+from horovod_mlstm.classifier import Classifier, write_json
 from horovod_mlstm.flags import define_common
 from horovod_mlstm.inference import CHECKPOINT_KEYS, Featurizer, define_featurizer_flags, is_empty
+from horovod_mlstm.textfiles import InputError, check_writable, read_csv_columns
 
 SPLITS = ("train", "val", "test")
 C_GRID = tuple(2.0 ** k for k in range(-6, 4))

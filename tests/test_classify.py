@@ -11,8 +11,9 @@ import pytest
 
 from conftest import last_line, python
 from horovod_mlstm import corpus
-from horovod_mlstm.classify import Classifier, InputError, check_writable, read_texts
+from horovod_mlstm.classifier import Classifier
 from horovod_mlstm.inference import Featurizer
+from horovod_mlstm.textfiles import InputError, check_writable, read_texts
 
 TEXTS = ["Five stars. It works great and the sound is lovely.", "Broke in a week, returned it.", "",
          "Terrible &amp; cheap.\nNever again.", "Wonderful gift, my son loves it."]

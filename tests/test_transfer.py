@@ -9,7 +9,8 @@ import pytest
 
 from conftest import last_line, python
 from horovod_mlstm import corpus
-from horovod_mlstm.classify import Classifier, InputError
+from horovod_mlstm.classifier import Classifier
+from horovod_mlstm.textfiles import InputError
 from horovod_mlstm.transfer import SPLITS, fit, read_labelled_csv
 
 

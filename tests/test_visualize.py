@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from conftest import last_line, python
-from horovod_mlstm.visualize import draw, per_character, wrap
+from horovod_mlstm.heatmap import draw, per_character, wrap
 
 TEXT = "Tolle Saiten, café-Qualität ★ but the case broke."
 
@@ -34,7 +34,7 @@ def test_trace_is_the_cell_state_after_each_character(tiny_model_dir):
     import tensorflow as tf
 
     from horovod_mlstm.inference import encode, load_trained_model
-    from horovod_mlstm.visualize import unit_trace
+    from horovod_mlstm.heatmap import unit_trace
 
     model = load_trained_model(str(tiny_model_dir))
     data = encode(TEXT)
