@@ -70,6 +70,9 @@ def define_training() -> None:
                          "compare validation BPC between runs with different batches (each stream starts cold).")
     flags.DEFINE_integer("checkpoint_every", 100, "Checkpoint every N steps (and at the end).")
     flags.DEFINE_integer("keep_checkpoints", 3, "Checkpoints kept.")
+    flags.DEFINE_list("milestone_chars", [], "Also keep the model when training has seen these many characters "
+                      "(e.g. 1e6,3e6,1e7) as model dirs MODEL_DIR/milestones/chars-N that evaluate and transfer "
+                      "read; never rotated out (learning curves).")
     # Stopping early.
     flags.DEFINE_float("max_runtime_minutes", 0.0, "Stop (checkpointed, exit status 75) once this much wall time has "
                        "passed, as on SIGTERM/SIGUSR1; 0 = no limit. Rerun the same command to resume.")
@@ -119,13 +122,19 @@ class TrainConfig:
     eval_batch_size: int
     checkpoint_every: int
     keep_checkpoints: int
+    milestone_chars: tuple
     max_runtime_minutes: float
     divergence_bpc: float
     max_skipped_steps: int
 
     @classmethod
     def from_flags(cls) -> "TrainConfig":
-        return cls(**{f.name: FLAGS[f.name].value for f in dataclasses.fields(cls)})
+        values = {f.name: FLAGS[f.name].value for f in dataclasses.fields(cls)}
+        try:
+            values["milestone_chars"] = tuple(sorted({int(float(v)) for v in values["milestone_chars"]}))
+        except ValueError:
+            raise ValueError(f"--milestone_chars must be numbers of characters, got {values['milestone_chars']}") from None
+        return cls(**values)
 
     def __post_init__(self):
         positive = ["seq_length", "batch_size_per_worker", "hidden_size", "embed_size", "train_steps",
@@ -147,6 +156,8 @@ class TrainConfig:
         if self.warmup_steps >= self.horizon and self.lr_decay != "constant":
             raise ValueError(f"--warmup_steps ({self.warmup_steps}) must be below the decay horizon "
                              f"({self.horizon} steps: --lr_horizon_steps, or --train_steps when that is 0)")
+        if any(m < 1 for m in self.milestone_chars):
+            raise ValueError(f"--milestone_chars must be positive, got {list(self.milestone_chars)}")
         if not self.model_dir:
             raise ValueError("--model_dir must not be empty")
 

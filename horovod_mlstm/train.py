@@ -264,6 +264,16 @@ def run(cfg: hflags.TrainConfig, stop: StopRequest) -> dict | None:
                 error = e
         dist.agree(error)
 
+    def save_milestone(chars: int, s: int) -> None:
+        """The model alone, as a model dir of its own that evaluate and transfer read (rank 0)."""
+        folder = os.path.join(cfg.model_dir, "milestones", f"chars-{chars}")
+        os.makedirs(folder, exist_ok=True)
+        model_config.save(folder)
+        Checkpointer(folder, keep=1, model=model).save(s)
+        with open(os.path.join(folder, "milestone.json"), "w") as f:
+            json.dump({"milestone_chars": chars, "chars_seen": int(chars_seen.numpy()), "step": s,
+                       "train_bpc": strict_json(log["train_bpc"])}, f, indent=2)
+
     # ----------------------------------------------------------------- loop
     writer = tf.summary.create_file_writer(os.path.join(cfg.model_dir, "tensorboard"))
     log = {"train_bpc": float("nan"), "val_bpc": float("nan"), "history": history, "world_steps": {},
@@ -319,6 +329,16 @@ def run(cfg: hflags.TrainConfig, stop: StopRequest) -> dict | None:
             if chief:
                 with writer.as_default(step=s):
                     tf.summary.scalar("learning_rate", schedule(s - 1))
+            seen = int(chars_seen.numpy())
+            for m in cfg.milestone_chars:  # each the first time training has seen that many characters
+                if seen - chars_per_step < m <= seen:
+                    error = None
+                    if chief:
+                        try:
+                            save_milestone(m, s)
+                        except (CheckpointError, OSError) as e:
+                            error = CheckpointError(f"cannot write the milestone at {m:,} characters: {e}")
+                    dist.agree(error)
             window_loss += loss
             window_steps += 1
 

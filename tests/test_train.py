@@ -117,3 +117,20 @@ def test_eval_batch_size_fixes_the_validation_streams(tmp_path, tiny_data):
     assert val_bpc == pytest.approx(evaluate(2), rel=1e-5)
     assert val_bpc < 6.0  # a model that uses context, so where streams start matters
     assert val_bpc != pytest.approx(evaluate(64), rel=1e-4)  # 64 shorter streams score differently
+
+
+def test_milestones_are_model_dirs_kept_at_character_counts(tmp_path, tiny_data):
+    """--milestone_chars keeps the model at those character counts (4 x 32 = 128 chars per step here),
+    as model dirs that evaluate reads, while the rotating checkpoints keep only the last one."""
+    model_dir = tmp_path / "run"
+    python("train.py", f"--model_dir={model_dir}", f"--data_dir={tiny_data}", "--train_steps=12",
+           "--checkpoint_every=4", "--keep_checkpoints=1", "--milestone_chars=256,1e3,1500", *TINY_MODEL_FLAGS,
+           check=True)
+    found = sorted((model_dir / "milestones").iterdir(), key=lambda p: int(p.name.split("-")[1]))
+    assert [p.name for p in found] == ["chars-256", "chars-1000", "chars-1500"]
+    steps = [json.loads((p / "milestone.json").read_text())["step"] for p in found]
+    assert steps == [2, 8, 12]  # the first step at which that many characters were seen
+    out = tmp_path / "eval.json"
+    python("-m", "horovod_mlstm.evaluate", f"--model_dir={found[0]}", f"--data_dir={tiny_data}", "--split=val",
+           "--batch_size_per_worker=4", "--seq_length=32", f"--output={out}", check=True)
+    assert json.loads(out.read_text())["bpc"] > json.loads((model_dir / "summary.json").read_text())["val_bpc"]
