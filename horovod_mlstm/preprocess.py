@@ -794,6 +794,8 @@ def preprocess(inputs: list[str], output_dir: str, num_shards: int, fmt: str = "
         _report(output_dir, manifest, sum(p.size for p in plans), time.monotonic() - started)
         return manifest
     finally:
+        if world.progress:
+            world.progress.close()  # before any last line: the bar's own last line ends with it
         if world.rank == 0 and staging:
             shutil.rmtree(staging, ignore_errors=True)
 
@@ -856,10 +858,10 @@ def _decide(world, outcomes, plans, opts, max_bad_fraction, min_eval_bytes, requ
     if bad / (good + bad) > max_bad_fraction:
         return "fail", (f"{bad:,} of {good + bad:,} records were skipped ({_reasons(skipped)}), more than "
                         f"--max_bad_fraction={max_bad_fraction}")
-    if opts.num_shards > sum(records["train"]):
-        return "fail", (f"--num_shards={opts.num_shards} is more than the {sum(records['train']):,} training "
-                        f"reviews, so most of the {3 * opts.num_shards:,} shard files would be empty; use at "
-                        "most that many (and at least the number of training ranks)")
+    if 1 < opts.num_shards > good:
+        return "fail", (f"--num_shards={opts.num_shards} is more than the {good:,} reviews, so most of the "
+                        f"{3 * opts.num_shards:,} shard files would be empty; use at most that many (and at least "
+                        "the number of training ranks)")
     totals = {s: sum(nbytes[s]) for s in SPLITS}
     if (opts.val_fraction, opts.test_fraction) == requested:
         raised = _eval_fractions(low, totals, opts, min_eval_bytes)
