@@ -15,8 +15,8 @@ no_controller
 require_command mpirun "install Open MPI (make setup does)"
 read_hostfile
 cmd=(mpirun -np "$NP" -hostfile "$HOSTFILE" -bind-to none -map-by slot --tag-output
-     -x "PYTHONPATH=$ROOT${PYTHONPATH:+:$PYTHONPATH}" -x PATH -x LD_LIBRARY_PATH -x TF_CPP_MIN_LOG_LEVEL
-     -mca pml ob1 -mca btl ^openib)
+     -x "PYTHONPATH=$ROOT${PYTHONPATH:+:$PYTHONPATH}" -x PATH -mca pml ob1 -mca btl ^openib)
+for var in LD_LIBRARY_PATH TF_CPP_MIN_LOG_LEVEL; do [ -z "${!var:-}" ] || cmd+=(-x "$var"); done
 [ "$(id -u)" = 0 ] && cmd+=(--allow-run-as-root)
 [ -n "$IFACE" ] && cmd+=(-mca btl_tcp_if_include "$IFACE")
 # mpirun answers SIGTERM/SIGINT by killing the ranks within a second, but passes SIGUSR1 on: preprocess
