@@ -5,7 +5,8 @@
 #   launch/preprocess.sh [--hostfile F] [--np N] [--iface IFACE] [--dry-run] [preprocess flags...]
 # e.g. launch/preprocess.sh --hostfile hostfiles/dgx1-16nodes.txt --np 16 --workers 8 \
 #        --input /shared/amazon/aggressive_dedup.json.gz --output_dir /shared/amazon_tfrecords --num_shards 128
-# Use one rank per host and --workers for the cores of each host (see docs/DATA.md).
+# One rank per host (--np = the number of hosts) with --workers = its cores is best for gzip input, which
+# each rank of a shared file decompresses whole (see docs/DATA.md).
 set -euo pipefail
 # shellcheck source=common.sh
 source "$(dirname "$0")/common.sh"
@@ -14,7 +15,8 @@ no_controller
 [ "${#TOOL_ENV[@]}" = 0 ] || die "Horovod's tool options (--timeline, --autotune, stall checks) do not apply to preprocess"
 require_command mpirun "install Open MPI (make setup does)"
 read_hostfile
-cmd=(mpirun -np "$NP" -hostfile "$HOSTFILE" -bind-to none -map-by slot --tag-output
+# -map-by node: ranks go round the hosts, so `--np <hosts>` is one rank per host (give it --workers <cores>)
+cmd=(mpirun -np "$NP" -hostfile "$HOSTFILE" -bind-to none -map-by node --tag-output
      -x "PYTHONPATH=$ROOT${PYTHONPATH:+:$PYTHONPATH}" -x PATH -mca pml ob1 -mca btl ^openib)
 for var in LD_LIBRARY_PATH TF_CPP_MIN_LOG_LEVEL; do [ -z "${!var:-}" ] || cmd+=(-x "$var"); done
 [ "$(id -u)" = 0 ] && cmd+=(--allow-run-as-root)

@@ -7,6 +7,9 @@ from __future__ import annotations
 import gzip
 import os
 import shutil
+import signal
+import subprocess
+import time
 
 import pytest
 
@@ -87,3 +90,24 @@ def test_two_hosts_write_one_output(tmp_path, two_hosts, inputs):
     assert shards_and_manifest(out) == sequential(inputs, tmp_path / "seq")
     # rank 1 ran on host 2, started over ssh from host 1
     assert f"Accepted publickey for root from {two_hosts.addresses[0]}" in two_hosts.sshd_logs[1].read_text()
+
+
+def test_sigterm_to_the_launcher_stops_every_rank_and_publishes_nothing(tmp_path, inputs):
+    out = tmp_path / "out"
+    preprocess(inputs[:1], str(out), 3, **OPTS)
+    before = tree(out)
+    src = tmp_path / "many.json"
+    src.write_text("".join(review_line(f"review {i} " + "text " * 50) for i in range(60000)))  # ~20 MB
+    proc = subprocess.Popen(["bash", "launch/preprocess.sh", "--np", "2", "--input", str(src), f"--output_dir={out}",
+                             "--chunk_mb=0.5", "--num_shards=3"], cwd=REPO, env=ENV, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 180
+    while len(list(out.glob(".staging-*/chunk-*"))) < 2 and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.1)  # both ranks are working
+    assert proc.poll() is None, "preprocess finished before it could be stopped"
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 143, stderr[-3000:]
+    assert last_line(stderr) == f"error: stopped by SIGUSR1; nothing was published, {out} keeps its previous output"
+    assert "Traceback" not in stderr
+    assert tree(out) == before and not list(out.glob(".staging-*"))
