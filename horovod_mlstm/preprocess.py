@@ -52,6 +52,7 @@ MB = 1 << 20
 EVAL_FRACTION_CAP = 0.1  # --min_eval_bytes never raises --val_fraction or --test_fraction above this
 BUCKET = 1e-4  # resolution of the histogram of bytes over split positions h < 2 * EVAL_FRACTION_CAP
 BUCKETS = round(2 * EVAL_FRACTION_CAP / BUCKET)
+SMALL_CORPUS_BYTES = 1 << 30  # only a corpus with less text gets a second pass for --min_eval_bytes
 STOP_SIGNALS = {signal.SIGTERM: 143, signal.SIGINT: 130, signal.SIGUSR1: 143}  # SIGUSR1: what mpirun passes on
 _BAD_UTF8 = re.compile("[\udc80-\udcff]")  # bytes that were not UTF-8, kept by surrogateescape
 _TAG_PROGRESS, _TAG_DONE, _TAG_STOP = 11, 12, 13
@@ -789,8 +790,11 @@ def preprocess(inputs: list[str], output_dir: str, num_shards: int, fmt: str = "
         for name, _ in layout:
             os.remove(os.path.join(staging, name))
         manifest["command"] = " ".join(sys.argv)
-        with _signals_deferred():
-            publish(staging, output_dir, manifest)
+        try:
+            with _signals_deferred():
+                publish(staging, output_dir, manifest)
+        except OSError as e:
+            raise PreprocessError(f"cannot publish into {output_dir}: {e.strerror or e}") from None
         _report(output_dir, manifest, sum(p.size for p in plans), time.monotonic() - started)
         return manifest
     finally:
@@ -863,15 +867,15 @@ def _decide(world, outcomes, plans, opts, max_bad_fraction, min_eval_bytes, requ
                         f"{3 * opts.num_shards:,} shard files would be empty; use at most that many (and at least "
                         "the number of training ranks)")
     totals = {s: sum(nbytes[s]) for s in SPLITS}
-    if (opts.val_fraction, opts.test_fraction) == requested:
+    if (opts.val_fraction, opts.test_fraction) == requested and sum(totals.values()) < SMALL_CORPUS_BYTES:
         raised = _eval_fractions(low, totals, opts, min_eval_bytes)
         if raised != requested:
             return "rerun", *raised
     for split in ("val", "test"):
         fraction = getattr(opts, f"{split}_fraction")
         if fraction > 0 and totals[split] < min_eval_bytes:
-            logging.warning("the %s split has %d bytes, fewer than --min_eval_bytes=%d even with --%s_fraction=%g: "
-                            "the corpus is small; training may need a smaller --eval_batch_size or --seq_length",
+            logging.warning("the %s split has %d bytes, fewer than --min_eval_bytes=%d with --%s_fraction=%g: raise "
+                            "the fraction, or training may need a smaller --eval_batch_size or --seq_length",
                             split, totals[split], min_eval_bytes, split, fraction)
     if (opts.val_fraction, opts.test_fraction) != requested:
         print(f"[preprocess] small corpus: --val_fraction {requested[0]:g} -> {opts.val_fraction:g}, "
