@@ -344,6 +344,27 @@ def test_a_signal_stops_cleanly_and_keeps_the_previous_output(tmp_path, good_out
     assert tree(out) == before and not list(out.glob(".staging-*"))
 
 
+def test_a_killed_worker_is_one_line_naming_the_file(tmp_path, good_output):
+    out, before = good_output
+    src = tmp_path / "many.json"
+    src.write_text("".join(review_line(f"review {i} " + "text " * 50) for i in range(60000)))  # ~20 MB
+    proc = subprocess.Popen([*PREPROCESS, "--input", str(src), f"--output_dir={out}", "--workers=2",
+                             "--chunk_mb=0.5", "--num_shards=1"], cwd=REPO, env=ENV, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 180
+    while not list(out.glob(".staging-*/chunk-*")) and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.1)
+    workers = [int(pid) for pid in open(f"/proc/{proc.pid}/task/{proc.pid}/children").read().split()
+               if b"spawn_main" in open(f"/proc/{pid}/cmdline", "rb").read()]
+    assert len(workers) == 2 and proc.poll() is None
+    os.kill(workers[0], signal.SIGKILL)  # as the OOM killer would
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 1 and "Traceback" not in stderr
+    assert last_line(stderr) == (f"error: {src}: a worker process died on it (killed, or out of memory: lower "
+                                 "--workers or --chunk_mb)")
+    assert tree(out) == before and not list(out.glob(".staging-*"))
+
+
 def test_cli_success_and_one_line_failure(tmp_path):
     src = tmp_path / "r.json"
     src.write_text("".join(review_line(f"cli review {i}") for i in range(30)))
