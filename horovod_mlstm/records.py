@@ -60,12 +60,18 @@ def frame(text: str) -> bytes | None:
     return text.encode("utf-8") + DOC_END if text else None
 
 
+def split_position(record: bytes) -> tuple[float, int]:
+    """(h in [0, 1), n) from a hash of a record's bytes: `assign` puts it in val when h < val_fraction,
+    and in shard n % num_shards. Public so a preprocessor can size the splits before choosing fractions."""
+    digest = hashlib.blake2b(record, digest_size=16).digest()
+    return int.from_bytes(digest[:8], "big") / 2.0**64, int.from_bytes(digest[8:], "big")
+
+
 def assign(record: bytes, val_fraction: float, test_fraction: float, num_shards: int = 1) -> tuple[str, int]:
     """(split, shard) of a record, from a hash of its bytes: stable across runs, inputs and workers."""
-    digest = hashlib.blake2b(record, digest_size=16).digest()
-    h = int.from_bytes(digest[:8], "big") / 2.0**64
+    h, n = split_position(record)
     split = "val" if h < val_fraction else "test" if h < val_fraction + test_fraction else "train"
-    return split, int.from_bytes(digest[8:], "big") % num_shards
+    return split, n % num_shards
 
 
 def shard_name(split: str, index: int, count: int) -> str:
