@@ -449,12 +449,18 @@ def measure_fresh(**shape) -> dict:
 
 
 def fit_per_stream(runs: list[dict]) -> dict | None:
-    """Least-squares line through the measured growth against streams: slope per stream and intercept."""
+    """Least-squares line through the measured growth against streams: slope per stream and intercept,
+    and the slope between each pair of neighbouring stream counts."""
     if len({r["streams"] for r in runs}) < 2:
         return None
-    slope, intercept = np.polyfit([r["streams"] for r in runs], [r["memory"]["growth_in_update"] for r in runs], 1)
-    return {"streams": [r["streams"] for r in runs], "slope_bytes_per_stream": float(slope),
-            "intercept_bytes": float(intercept)}
+    streams = [r["streams"] for r in runs]
+    growth = [r["memory"]["growth_in_update"] for r in runs]
+    slope, intercept = np.polyfit(streams, growth, 1)
+    # Slopes between neighbouring runs: where the peak moves from the parameter-sized phase of the
+    # update (weight gradients, Adam) to the end of the backward pass, they change.
+    steps = [(b - a) / (t - s) for s, t, a, b in zip(streams, streams[1:], growth, growth[1:])]
+    return {"streams": streams, "slope_bytes_per_stream": float(slope), "intercept_bytes": float(intercept),
+            "slopes_between_runs": steps}
 
 
 # Stated bandwidths of a DGX-1 (V100) cluster, per direction, for the allreduce projection.
@@ -562,7 +568,7 @@ def gib(nbytes: float) -> str:
 
 def paper_tables(result: dict) -> str:
     """The measurement, the fit and the capacity as Markdown tables (docs/CAPACITY.md)."""
-    m, fit, cap = result["memory"], result["fit"], result["capacity"]
+    m, fit = result["memory"], result["fit"]
     act = result["activations"]
     lines = [f"hidden {result['hidden']}, {result['streams']} streams x {result['seq_length']} bytes per rank, "
              f"{result['precision']}, {result['micro_batches']} micro-batch(es); one update in a fresh process", "",
@@ -585,12 +591,19 @@ def paper_tables(result: dict) -> str:
              f"| RNN state, per rank / whole job at 128 ranks | {gib(result['rnn_state_bytes_per_rank'])} / "
              f"{gib(128 * result['rnn_state_bytes_per_rank'])} | written with checkpoint.save_state_rows |",
              f"| update time | {result['update_seconds']:.1f} s ({result['chars_per_s']:,.0f} chars/s) | measured |", "",
-             "| streams | update s | peak RSS | growth | computed activations |", "|---:|---:|---:|---:|---:|"]
-    for r in result["runs"]:
+             "| streams | update s | peak RSS | growth | growth per stream since the row above | computed activations |",
+             "|---:|---:|---:|---:|---:|---:|"]
+    steps = [None] + (fit["slopes_between_runs"] if fit else [])
+    for r, step in zip(result["runs"], steps):
         computed = activation_bytes(r["hidden"], r["streams"] // r["micro_batches"], r["seq_length"], r["precision"])
         lines.append(f"| {r['streams']} | {r['update_seconds']:.1f} | {gib(r['memory']['max_rss_after_update'])} | "
-                     f"{gib(r['memory']['growth_in_update'])} | {gib(computed['total'])} |")
-    lines += ["", f"Per rank at {cap['streams_per_rank']} streams (computed device bytes: weights + Adam, "
+                     f"{gib(r['memory']['growth_in_update'])} | {gib(step) if step else ''} | {gib(computed['total'])} |")
+    return "\n".join(lines + ["", capacity_tables(result, result["capacity"])])
+
+
+def capacity_tables(result: dict, cap: dict) -> str:
+    """capacity(result, streams) as Markdown: per rank, per job, and the allreduce projection."""
+    lines = [f"Per rank at {cap['streams_per_rank']} streams (computed device bytes: weights + Adam, "
               "working set, activations of one micro-batch; no runtime):", "",
               "| --backward_passes_per_step | streams per micro-batch | per-rank memory | from the fit | "
               + " | ".join(DEVICES) + " |", "|---:|---:|---:|---:|" + "---|" * len(DEVICES)]

@@ -52,6 +52,8 @@ def test_paper_json_has_every_field(paper_result):
     assert memory["max_rss_after_update"] >= memory["rss_model_built"] > 0
     assert memory["growth_in_update"] == memory["max_rss_after_update"] - memory["rss_model_built"]
     assert [r["streams"] for r in result["runs"]] == [2, 4, 8] and result["fit"]["streams"] == [2, 4, 8]
+    growth = [r["memory"]["growth_in_update"] for r in result["runs"]]
+    assert result["fit"]["slopes_between_runs"] == [(growth[1] - growth[0]) / 2, (growth[2] - growth[1]) / 4]
     assert result["update_seconds"] > 0
     assert result["optimizer_bytes"] >= 2 * result["parameter_bytes"]  # Adam's two moments
     assert result["checkpoint_bytes"] >= result["parameter_bytes"] + result["optimizer_bytes"]
