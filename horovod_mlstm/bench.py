@@ -422,7 +422,8 @@ def paper_measure(hidden: int, streams: int, seq: int, precision: str, micro_bat
 
     with tempfile.TemporaryDirectory(prefix="bench-paper-") as tmp:
         tf.train.Checkpoint(model=model, optimizer=optimizer).write(os.path.join(tmp, "ckpt", "ckpt"))
-        checkpoint = sum(os.path.getsize(os.path.join(tmp, "ckpt", name)) for name in os.listdir(os.path.join(tmp, "ckpt")))
+        folder = os.path.join(tmp, "ckpt")
+        checkpoint = sum(os.path.getsize(os.path.join(folder, name)) for name in os.listdir(folder))
         zeros = np.zeros([streams, hidden], np.float32)
         state = os.path.getsize(ckpt_files.save_state_rows(tmp, 0, 0, zeros, zeros))
 
@@ -518,7 +519,10 @@ def capacity(result: dict, streams: int) -> dict:
 def paper_main():
     """--paper: each shape measured in its own fresh process, after checking it fits the memory limit."""
     hidden, streams, seq, precision = FLAGS.paper_hidden, FLAGS.paper_streams, FLAGS.paper_seq, FLAGS.paper_precision
-    fit_streams = [int(x) for x in FLAGS.paper_fit_streams.split(",") if x.strip()]
+    try:
+        fit_streams = [int(x) for x in FLAGS.paper_fit_streams.split(",") if x.strip()]
+    except ValueError:
+        sys.exit(f"error: --paper_fit_streams={FLAGS.paper_fit_streams!r} is not a list of stream counts like 8,16,32")
     k = FLAGS.paper_micro_batches
     if min([hidden, streams, seq, k, *fit_streams]) < 1:
         sys.exit("error: --paper_hidden, --paper_streams, --paper_seq, --paper_micro_batches and "
@@ -539,8 +543,9 @@ def paper_main():
         try:
             runs[count] = measure_fresh(hidden=hidden, streams=count, seq=seq, precision=precision,
                                         micro_batches=k, threads=FLAGS.threads)
-        except BrokenProcessPool:
-            sys.exit(f"error: the process measuring {count} streams died (killed for memory?); lower --paper_streams")
+        except (BrokenProcessPool, MemoryError, tf.errors.ResourceExhaustedError):
+            sys.exit(f"error: the process measuring {count} streams ran out of memory or was killed; "
+                     "lower --paper_streams or --paper_fit_streams")
         r = runs[count]
         print(f"[bench] paper shape hidden {hidden}, {count} streams x {seq}, {precision}, k={k}: update "
               f"{r['update_seconds']:.1f} s, peak RSS {r['memory']['max_rss_after_update'] / GIB:.2f} GiB, "
@@ -587,17 +592,20 @@ def paper_tables(result: dict) -> str:
              f"| optimizer state (Adam) | {gib(result['optimizer_bytes'])} | real variables |",
              f"| allreduced per step, float32 / --fp16_allreduce | {gib(result['allreduce_bytes']['fp32'])} / "
              f"{gib(result['allreduce_bytes']['fp16_allreduce'])} | real gradients |",
-             f"| checkpoint, rank 0's model + optimizer | {gib(result['checkpoint_bytes'])} | written with tf.train.Checkpoint |",
+             f"| checkpoint, rank 0's model + optimizer | {gib(result['checkpoint_bytes'])} | "
+             "written with tf.train.Checkpoint |",
              f"| RNN state, per rank / whole job at 128 ranks | {gib(result['rnn_state_bytes_per_rank'])} / "
              f"{gib(128 * result['rnn_state_bytes_per_rank'])} | written with checkpoint.save_state_rows |",
-             f"| update time | {result['update_seconds']:.1f} s ({result['chars_per_s']:,.0f} chars/s) | measured |", "",
-             "| streams | update s | peak RSS | growth | growth per stream since the row above | computed activations |",
+             f"| update time | {result['update_seconds']:.1f} s ({result['chars_per_s']:,.0f} chars/s) | measured |",
+             "", "| streams | update s | peak RSS | growth | growth per stream since the row above "
+             "| computed activations |",
              "|---:|---:|---:|---:|---:|---:|"]
     steps = [None] + (fit["slopes_between_runs"] if fit else [])
     for r, step in zip(result["runs"], steps):
         computed = activation_bytes(r["hidden"], r["streams"] // r["micro_batches"], r["seq_length"], r["precision"])
         lines.append(f"| {r['streams']} | {r['update_seconds']:.1f} | {gib(r['memory']['max_rss_after_update'])} | "
-                     f"{gib(r['memory']['growth_in_update'])} | {gib(step) if step else ''} | {gib(computed['total'])} |")
+                     f"{gib(r['memory']['growth_in_update'])} | {gib(step) if step else ''} | "
+                     f"{gib(computed['total'])} |")
     return "\n".join(lines + ["", capacity_tables(result, result["capacity"])])
 
 
@@ -620,7 +628,8 @@ def capacity_tables(result: dict, cap: dict) -> str:
                      f"{gib(sent['fp32'])} / {gib(sent['fp16_allreduce'])} |")
     lines += ["", "PROJECTION (not measured): ring allreduce of one step's gradients on 16 DGX-1 nodes, "
               "2(N-1)/N x bytes / bandwidth, NVLink 150 GB/s per GPU, 4 x 100 Gb/s EDR per node, latency ignored:", "",
-              "| gradients | flat, one ring (100 Gb/s) | flat, four rings (4 x 100 Gb/s) | hierarchical (NVLink + IB) |",
+              "| gradients | flat, one ring (100 Gb/s) | flat, four rings (4 x 100 Gb/s) "
+              "| hierarchical (NVLink + IB) |",
               "|---|---:|---:|---:|"]
     for name, p in cap["allreduce_projection"].items():
         lines.append(f"| {name}: {gib(result['allreduce_bytes'][name])} | {p['flat_one_ring'] * 1e3:.1f} ms | "

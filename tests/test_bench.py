@@ -114,6 +114,12 @@ def test_paper_bad_micro_batches_is_one_line():
                                       "--paper_fit_streams")
 
 
+def test_paper_bad_fit_streams_is_one_line():
+    proc = python("-m", "horovod_mlstm.bench", *TINY_PAPER, "--paper_fit_streams=8,x")
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    assert last_line(proc.stderr) == "error: --paper_fit_streams='8,x' is not a list of stream counts like 8,16,32"
+
+
 def test_ring_allreduce_projection_formula():
     from horovod_mlstm.bench import allreduce_projection, ring_seconds
 
