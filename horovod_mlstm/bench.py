@@ -612,7 +612,8 @@ def paper_tables(result: dict) -> str:
 def capacity_tables(result: dict, cap: dict) -> str:
     """capacity(result, streams) as Markdown: per rank, per job, and the allreduce projection."""
     lines = [f"Per rank at {cap['streams_per_rank']} streams (computed device bytes: weights + Adam, "
-              "working set, activations of one micro-batch; no runtime):", "",
+              "working set, activations of one micro-batch; no runtime). Rows with k > 1 assume the micro-batches "
+              "run one after another, which train.py's step does not ensure (docs/CAPACITY.md):", "",
               "| --backward_passes_per_step | streams per micro-batch | per-rank memory | from the fit | "
               + " | ".join(DEVICES) + " |", "|---:|---:|---:|---:|" + "---|" * len(DEVICES)]
     for row in cap["per_rank"]:
