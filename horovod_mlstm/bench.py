@@ -5,22 +5,34 @@ against a plain Keras mLSTM, 1 -> 2 process scaling, and the input side. One run
                                   [--repeats 5] [--output bench.json] [--quick]
 
 Every timing is the median of --repeats runs after a warm-up, with min and max as the spread.
+
+    python -m horovod_mlstm.bench --paper [--paper_hidden 4096] [--paper_streams 256] [--paper_seq 256]
+                                  [--paper_precision mixed_bfloat16] [--paper_fit_streams 8,16,32,64]
+
+measures instead the memory, communication and checkpoint bytes of one real update at the paper's
+per-rank shape, each run in a fresh process (see paper_main); it refuses shapes whose computed peak
+exceeds 8 GiB unless --paper_force is given.
 """
 
 from __future__ import annotations
 
 import json
+import multiprocessing
 import os
 import platform
 import re
+import resource
 import sys
 import tempfile
 import time
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 
 import numpy as np
 import tensorflow as tf
 from absl import app, flags
 
+from horovod_mlstm import checkpoint as ckpt_files
 from horovod_mlstm import corpus, jobs
 from horovod_mlstm.data import ByteStreams
 from horovod_mlstm.metrics import xent
@@ -192,6 +204,8 @@ def input_rates(repeats: int) -> dict:
 
 def main(argv):
     del argv
+    if FLAGS.paper:
+        return paper_main()
     quick = FLAGS.quick
     hiddens = [int(h) for h in FLAGS.hidden_sizes.split(",") if h] if not quick else [32]
     precisions = FLAGS.precisions.split(",")
@@ -285,6 +299,346 @@ def machine() -> dict:
             "tensorflow": tf.__version__, "threads": FLAGS.threads}
 
 
+# ---------------------------------------------------------------- the paper's per-rank shape
+
+GIB = 2 ** 30
+PAPER_MEMORY_LIMIT = 8 * GIB  # what one measurement may take of this machine's 24 GiB, shared with other jobs
+PAPER_RANKS = (1, 8, 128)  # one GPU, one DGX-1, the paper's 16 DGX-1 nodes
+MICRO_BATCHES = (1, 2, 4, 8)  # --backward_passes_per_step values the capacity table shows
+DEVICES = {"V100 16 GB": 16 * GIB, "V100 32 GB": 32 * GIB, "H100 80 GB": 80 * GIB}
+
+
+def compute_dtype_bytes(precision: str) -> int:
+    return tf.as_dtype(tf.keras.mixed_precision.Policy(PRECISIONS[precision]).compute_dtype).size
+
+
+def activation_bytes(hidden: int, streams: int, seq: int, precision: str) -> dict:
+    """Bytes of the per-timestep tensors one update keeps, from their shapes and dtypes in model.py.
+
+    saved_by_forward: what _forward(save=True) keeps per step for the backward pass: h_prev, hm, m
+    in the compute dtype, the four gates, c_prev and tanh_c in float32.
+    read_by_backward: the input projections [T, B, 5n] in the compute dtype and the float32
+    gradient d_hs [T, B, n] that _backward reads.
+    kept_by_backward: the TensorArrays _backward fills over the reverse loop: d_z [T, B, 4n], d_xm
+    and d_hm [T, B, n], in the compute dtype.
+    stacked_by_backward: after the loop, those arrays stacked (a copy while the arrays still live)
+    and d_proj = concat(d_z, d_xm) [T, B, 5n]. All four are alive together as the backward pass
+    ends, which is when the update's memory peaks.
+    """
+    d, f32 = compute_dtype_bytes(precision), 4
+    cells = streams * seq * hidden
+    parts = {"saved_by_forward": cells * (3 * d + 6 * f32),
+             "read_by_backward": cells * (5 * d + f32),
+             "kept_by_backward": cells * 6 * d,
+             "stacked_by_backward": cells * (6 * d + 5 * d)}
+    return {**parts, "total": sum(parts.values())}
+
+
+def working_set_bytes(parameter_bytes: int, precision: str, micro_batches: int = 1) -> int:
+    """Parameter-sized temporaries of one update: the gradients, the clipped gradients, the
+    weight-normed float32 weights and their gradients (4 float32 copies), the weights and their
+    gradients in the compute dtype, and with micro-batches the running sum of the gradients."""
+    copies = 4 + 2 * compute_dtype_bytes(precision) / 4 + (micro_batches > 1)
+    return int(copies * parameter_bytes)
+
+
+def update_need(parameters: int, hidden: int, streams: int, seq: int, precision: str, micro_batches: int = 1) -> dict:
+    """Computed device bytes of one update: float32 weights, Adam's two moments, the working set
+    and the activations of one micro-batch (what a GPU would hold, without its runtime)."""
+    weights = 4 * parameters
+    parts = {"weights_and_adam": 3 * weights, "working_set": working_set_bytes(weights, precision, micro_batches),
+             "activations": activation_bytes(hidden, streams // micro_batches, seq, precision)["total"]}
+    return {**parts, "total": sum(parts.values())}
+
+
+def parameter_count(hidden: int, precision: str) -> int:
+    """Trainable parameters of the model build_model makes, built in a graph so nothing is allocated."""
+    with tf.Graph().as_default():
+        model = build_model(ModelConfig(hidden_size=hidden, precision=precision))
+        count = sum(v.shape.num_elements() for v in model.trainable_variables)
+    set_precision("fp32")
+    return count
+
+
+def current_rss() -> int:
+    """Resident bytes of this process now (ru_maxrss only gives the high-water mark)."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def max_rss() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def paper_measure(hidden: int, streams: int, seq: int, precision: str, micro_batches: int, threads: int) -> dict:
+    """One real update (forward, hand-written backward, Adam) at this per-rank shape, in this process.
+
+    The update splits the streams into `micro_batches` and sums their gradients as train.py's step
+    does with --backward_passes_per_step. Meant to run in a fresh process, so that the peak
+    resident size is this update's alone.
+    """
+    tf.config.threading.set_intra_op_parallelism_threads(threads)
+    model = build_model(ModelConfig(hidden_size=hidden, precision=precision))
+    variables = model.trainable_variables
+    optimizer = tf.keras.optimizers.Adam(1e-3)
+    loss_scaling = precision == "mixed_float16"
+    if loss_scaling:  # as in train.py
+        optimizer = tf.keras.mixed_precision.LossScaleOptimizer(optimizer)
+    optimizer.build(variables)
+    gradient_sizes = []  # (elements, bytes) of each gradient the allreduce gets, recorded at tracing
+
+    @tf.function
+    def local_gradients(inputs, targets, h, c):
+        with tf.GradientTape() as tape:
+            loss = tf.reduce_mean(xent(targets, model(inputs, (h, c))[0]))
+            scaled = optimizer.get_scaled_loss(loss) if loss_scaling else loss
+        return [tf.convert_to_tensor(g) for g in tape.gradient(scaled, variables)]
+
+    @tf.function
+    def update(inputs, targets, h, c):
+        micro, grads = streams // micro_batches, None
+        for j in range(micro_batches):
+            rows = slice(j * micro, (j + 1) * micro)
+            g = local_gradients(inputs[rows], targets[rows], h[rows], c[rows])
+            grads = g if grads is None else [a + b for a, b in zip(grads, g)]
+        sizes = [v.shape.num_elements() for v in variables]  # a dense gradient has its variable's shape
+        gradient_sizes[:] = [(n, n * g.dtype.size) for n, g in zip(sizes, grads)]
+        grads = [g / micro_batches for g in grads] if micro_batches > 1 else grads
+        if loss_scaling:
+            grads = optimizer.get_unscaled_gradients(grads)
+        grads, norm = tf.clip_by_global_norm(grads, 1.0)
+        optimizer.apply_gradients(zip(grads, variables))
+        return norm
+
+    rng = np.random.default_rng(0)
+    inputs, targets = (tf.constant(rng.integers(0, 256, (streams, seq)), tf.int32) for _ in range(2))
+    h, c = (tf.constant(rng.uniform(-1, 1, (streams, hidden)), tf.float32) for _ in range(2))
+    update.get_concrete_function(inputs, targets, h, c)  # trace now: the timing and the growth are the update's
+    baseline_rss, baseline_max_rss = current_rss(), max_rss()
+    start = time.perf_counter()
+    norm = float(update(inputs, targets, h, c))
+    seconds = time.perf_counter() - start
+    peak = max_rss()
+
+    with tempfile.TemporaryDirectory(prefix="bench-paper-") as tmp:
+        tf.train.Checkpoint(model=model, optimizer=optimizer).write(os.path.join(tmp, "ckpt", "ckpt"))
+        folder = os.path.join(tmp, "ckpt")
+        checkpoint = sum(os.path.getsize(os.path.join(folder, name)) for name in os.listdir(folder))
+        zeros = np.zeros([streams, hidden], np.float32)
+        state = os.path.getsize(ckpt_files.save_state_rows(tmp, 0, 0, zeros, zeros))
+
+    def nbytes(vs):
+        return sum(v.shape.num_elements() * v.dtype.size for v in vs)
+
+    return {"hidden": hidden, "streams": streams, "seq_length": seq, "precision": precision,
+            "micro_batches": micro_batches, "update_seconds": seconds, "grad_norm": norm,
+            "chars_per_s": streams * seq / seconds,
+            "memory": {"max_rss_model_built": baseline_max_rss, "rss_model_built": baseline_rss,
+                       "max_rss_after_update": peak, "growth_in_update": peak - baseline_rss,
+                       "max_rss_after_checkpoint": max_rss()},
+            "parameters": sum(v.shape.num_elements() for v in variables),
+            "parameter_bytes": nbytes(model.variables), "optimizer_bytes": nbytes(optimizer.variables),
+            "allreduce_bytes": {"fp32": sum(b for _, b in gradient_sizes),
+                                "fp16_allreduce": sum(n for n, _ in gradient_sizes) * tf.float16.size},
+            "checkpoint_bytes": checkpoint, "rnn_state_bytes_per_rank": state}
+
+
+def measure_fresh(**shape) -> dict:
+    """paper_measure in a new process (spawned, not forked: nothing of this one is inherited)."""
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return pool.submit(paper_measure, **shape).result()
+
+
+def fit_per_stream(runs: list[dict]) -> dict | None:
+    """Least-squares line through the measured growth against streams: slope per stream and intercept,
+    and the slope between each pair of neighbouring stream counts."""
+    if len({r["streams"] for r in runs}) < 2:
+        return None
+    streams = [r["streams"] for r in runs]
+    growth = [r["memory"]["growth_in_update"] for r in runs]
+    slope, intercept = np.polyfit(streams, growth, 1)
+    # Slopes between neighbouring runs: where the peak moves from the parameter-sized phase of the
+    # update (weight gradients, Adam) to the end of the backward pass, they change.
+    steps = [(b - a) / (t - s) for s, t, a, b in zip(streams, streams[1:], growth, growth[1:])]
+    return {"streams": streams, "slope_bytes_per_stream": float(slope), "intercept_bytes": float(intercept),
+            "slopes_between_runs": steps}
+
+
+# Stated bandwidths of a DGX-1 (V100) cluster, per direction, for the allreduce projection.
+NVLINK_BYTES_PER_S = 6 * 25e9  # per V100: six NVLink 2.0 links of 25 GB/s
+INFINIBAND_NODE_BYTES_PER_S = 4 * 100e9 / 8  # per node: four 100 Gb/s EDR InfiniBand adapters
+NODES, GPUS_PER_NODE = 16, 8
+
+
+def ring_seconds(nbytes: float, ranks: int, bytes_per_s: float) -> float:
+    """Bandwidth term of a ring allreduce: each rank sends and receives 2(N-1)/N of the buffer."""
+    return 2 * (ranks - 1) / ranks * nbytes / bytes_per_s
+
+
+def allreduce_projection(nbytes: int) -> dict:
+    """Seconds to allreduce `nbytes` on 16 DGX-1 nodes, from the stated bandwidths (latency ignored).
+
+    flat_one_ring: one ring through all 128 GPUs; it leaves each node on one 100 Gb/s adapter.
+    flat_four_rings: four rings, a quarter of the buffer each, one per adapter (what NCCL does).
+    hierarchical: reduce-scatter over NVLink in each node, 8 allreduces of 1/8 of the buffer across
+    the 16 nodes sharing the node's four adapters, allgather over NVLink (HOROVOD_HIERARCHICAL_ALLREDUCE).
+    """
+    ranks, inter = NODES * GPUS_PER_NODE, INFINIBAND_NODE_BYTES_PER_S
+    intra = 2 * (GPUS_PER_NODE - 1) / GPUS_PER_NODE * nbytes / NVLINK_BYTES_PER_S
+    across = ring_seconds(nbytes / GPUS_PER_NODE, NODES, inter / GPUS_PER_NODE)
+    return {"flat_one_ring": ring_seconds(nbytes, ranks, inter / 4),
+            "flat_four_rings": ring_seconds(nbytes, ranks, inter),
+            "hierarchical": intra + across, "hierarchical_nvlink_part": intra, "hierarchical_infiniband_part": across}
+
+
+def capacity(result: dict, streams: int) -> dict:
+    """Per-rank memory at `streams` per rank with k micro-batches, and job totals at 1, 8 and 128 ranks,
+    from the measured bytes of `result` and the activation formula (and the fit, where measured)."""
+    shape = {"hidden": result["hidden"], "seq": result["seq_length"], "precision": result["precision"]}
+    fit = result.get("fit")
+    per_rank = []
+    for k in (k for k in MICRO_BATCHES if streams % k == 0):
+        need = update_need(result["parameters"], streams=streams, micro_batches=k, **shape)
+        row = {"micro_batches": k, "streams_per_micro_batch": streams // k, "computed": need}
+        if fit and result["micro_batches"] == 1:  # the measured model and optimizer plus the fitted growth
+            row["from_fit"] = (result["parameter_bytes"] + result["optimizer_bytes"] + fit["intercept_bytes"]
+                               + fit["slope_bytes_per_stream"] * streams / k
+                               + (k > 1) * result["allreduce_bytes"]["fp32"])
+        row["fits"] = {name: need["total"] <= size for name, size in DEVICES.items()}
+        per_rank.append(row)
+    state = result["rnn_state_bytes_per_rank"] * streams // result["streams"]
+    jobs_ = [{"ranks": n, "global_streams": n * streams, "chars_per_step": n * streams * result["seq_length"],
+              "memory_bytes": n * per_rank[0]["computed"]["total"], "rnn_state_bytes": n * state,
+              "checkpoint_bytes": result["checkpoint_bytes"] + n * state,
+              "allreduce_bytes_per_rank": {c: 2 * (n - 1) / n * b for c, b in result["allreduce_bytes"].items()}}
+             for n in PAPER_RANKS]
+    return {"streams_per_rank": streams, "per_rank": per_rank, "jobs": jobs_,
+            "allreduce_projection": {c: allreduce_projection(b) for c, b in result["allreduce_bytes"].items()}}
+
+
+def paper_main():
+    """--paper: each shape measured in its own fresh process, after checking it fits the memory limit."""
+    hidden, streams, seq, precision = FLAGS.paper_hidden, FLAGS.paper_streams, FLAGS.paper_seq, FLAGS.paper_precision
+    try:
+        fit_streams = [int(x) for x in FLAGS.paper_fit_streams.split(",") if x.strip()]
+    except ValueError:
+        sys.exit(f"error: --paper_fit_streams={FLAGS.paper_fit_streams!r} is not a list of stream counts like 8,16,32")
+    k = FLAGS.paper_micro_batches
+    if min([hidden, streams, seq, k, *fit_streams]) < 1:
+        sys.exit("error: --paper_hidden, --paper_streams, --paper_seq, --paper_micro_batches and "
+                 "--paper_fit_streams must be positive")
+    if any(s % k for s in [streams, *fit_streams]):
+        sys.exit(f"error: --paper_micro_batches={k} must divide --paper_streams and every --paper_fit_streams")
+    parameters = parameter_count(hidden, precision)
+    runtime = current_rss()  # this process with TensorFlow loaded: where a fresh measuring process starts
+    for flag, count in [("--paper_streams", streams)] + [("--paper_fit_streams", s) for s in fit_streams]:
+        need = runtime + update_need(parameters, hidden, count, seq, precision, k)["total"]
+        if need > PAPER_MEMORY_LIMIT and not FLAGS.paper_force:
+            sys.exit(f"error: hidden {hidden} with {count} streams x {seq} bytes ({precision}) needs about "
+                     f"{need / GIB:.1f} GiB (computed), over the {PAPER_MEMORY_LIMIT / GIB:.0f} GiB limit of this "
+                     f"shared machine; lower {flag}, or pass --paper_force on a machine with the memory")
+
+    runs = {}
+    for count in sorted({streams, *fit_streams}):
+        try:
+            runs[count] = measure_fresh(hidden=hidden, streams=count, seq=seq, precision=precision,
+                                        micro_batches=k, threads=FLAGS.threads)
+        except (BrokenProcessPool, MemoryError, tf.errors.ResourceExhaustedError):
+            sys.exit(f"error: the process measuring {count} streams ran out of memory or was killed; "
+                     "lower --paper_streams or --paper_fit_streams")
+        r = runs[count]
+        print(f"[bench] paper shape hidden {hidden}, {count} streams x {seq}, {precision}, k={k}: update "
+              f"{r['update_seconds']:.1f} s, peak RSS {r['memory']['max_rss_after_update'] / GIB:.2f} GiB, "
+              f"growth {r['memory']['growth_in_update'] / GIB:.2f} GiB", flush=True)
+    result = dict(runs[streams])
+    result["activations"] = activation_bytes(hidden, streams // k, seq, precision)
+    result["computed_need"] = update_need(parameters, hidden, streams, seq, precision, k)
+    result["runtime_rss"] = runtime
+    result["runs"] = [runs[c] for c in sorted(runs)]
+    result["fit"] = fit_per_stream(result["runs"])
+    result["computed_activation_bytes_per_stream"] = activation_bytes(hidden, 1, seq, precision)["total"] / k
+    result["capacity"] = capacity(result, streams)
+    result["command"], result["machine"] = " ".join(sys.argv), machine()
+    os.makedirs(os.path.dirname(os.path.abspath(FLAGS.output)), exist_ok=True)
+    with open(FLAGS.output, "w") as f:
+        json.dump(result, f, indent=2)
+    print(paper_tables(result))
+    print(f"[bench] wrote {FLAGS.output}")
+
+
+def gib(nbytes: float) -> str:
+    """Bytes in GiB, or in MiB below one GiB."""
+    return f"{nbytes / GIB:.2f} GiB" if nbytes >= GIB else f"{nbytes / 2 ** 20:.1f} MiB"
+
+
+def paper_tables(result: dict) -> str:
+    """The measurement, the fit and the capacity as Markdown tables (docs/CAPACITY.md)."""
+    m, fit = result["memory"], result["fit"]
+    act = result["activations"]
+    lines = [f"hidden {result['hidden']}, {result['streams']} streams x {result['seq_length']} bytes per rank, "
+             f"{result['precision']}, {result['micro_batches']} micro-batch(es); one update in a fresh process", "",
+             "| quantity | bytes | how |", "|---|---:|---|",
+             f"| peak RSS of the process (ru_maxrss) | {gib(m['max_rss_after_update'])} | measured |",
+             f"| model built (RSS before the update) | {gib(m['rss_model_built'])} | measured |",
+             f"| growth in the update | {gib(m['growth_in_update'])} | measured |",
+             f"| activations at the end of the backward pass | {gib(act['total'])} | computed: "
+             + ", ".join(f"{k} {gib(v)}" for k, v in act.items() if k != "total") + " |",
+             f"| activations per stream: computed / fitted slope of the growth | "
+             f"{gib(result['computed_activation_bytes_per_stream'])}"
+             + (f" / {gib(fit['slope_bytes_per_stream'])} | fit over {fit['streams']} streams (intercept "
+                f"{gib(fit['intercept_bytes'])}; working set computed {gib(result['computed_need']['working_set'])}) |"
+                if fit else " / (no fit) | |"),
+             f"| parameters ({result['parameters']:,}) | {gib(result['parameter_bytes'])} | real variables |",
+             f"| optimizer state (Adam) | {gib(result['optimizer_bytes'])} | real variables |",
+             f"| allreduced per step, float32 / --fp16_allreduce | {gib(result['allreduce_bytes']['fp32'])} / "
+             f"{gib(result['allreduce_bytes']['fp16_allreduce'])} | real gradients |",
+             f"| checkpoint, rank 0's model + optimizer | {gib(result['checkpoint_bytes'])} | "
+             "written with tf.train.Checkpoint |",
+             f"| RNN state, per rank / whole job at 128 ranks | {gib(result['rnn_state_bytes_per_rank'])} / "
+             f"{gib(128 * result['rnn_state_bytes_per_rank'])} | written with checkpoint.save_state_rows |",
+             f"| update time | {result['update_seconds']:.1f} s ({result['chars_per_s']:,.0f} chars/s) | measured |",
+             "", "| streams | update s | peak RSS | growth | growth per stream since the row above "
+             "| computed activations |",
+             "|---:|---:|---:|---:|---:|---:|"]
+    steps = [None] + (fit["slopes_between_runs"] if fit else [])
+    for r, step in zip(result["runs"], steps):
+        computed = activation_bytes(r["hidden"], r["streams"] // r["micro_batches"], r["seq_length"], r["precision"])
+        lines.append(f"| {r['streams']} | {r['update_seconds']:.1f} | {gib(r['memory']['max_rss_after_update'])} | "
+                     f"{gib(r['memory']['growth_in_update'])} | {gib(step) if step else ''} | "
+                     f"{gib(computed['total'])} |")
+    return "\n".join(lines + ["", capacity_tables(result, result["capacity"])])
+
+
+def capacity_tables(result: dict, cap: dict) -> str:
+    """capacity(result, streams) as Markdown: per rank, per job, and the allreduce projection."""
+    lines = [f"Per rank at {cap['streams_per_rank']} streams (computed device bytes: weights + Adam, "
+              "working set, activations of one micro-batch; no runtime). Rows with k > 1 assume the micro-batches "
+              "run one after another, which train.py's step does not ensure (docs/CAPACITY.md):", "",
+              "| --backward_passes_per_step | streams per micro-batch | per-rank memory | from the fit | "
+              + " | ".join(DEVICES) + " |", "|---:|---:|---:|---:|" + "---|" * len(DEVICES)]
+    for row in cap["per_rank"]:
+        lines.append(f"| {row['micro_batches']} | {row['streams_per_micro_batch']} | {gib(row['computed']['total'])} | "
+                     + (gib(row["from_fit"]) if "from_fit" in row else "") + " | "
+                     + " | ".join("fits" if ok else "**does not fit**" for ok in row["fits"].values()) + " |")
+    lines += ["", "| ranks | global streams | chars per step | memory, all ranks | RNN state | checkpoint | "
+              "allreduce sent per rank, fp32 / fp16 |", "|---:|---:|---:|---:|---:|---:|---:|"]
+    for j in cap["jobs"]:
+        sent = j["allreduce_bytes_per_rank"]
+        lines.append(f"| {j['ranks']} | {j['global_streams']:,} | {j['chars_per_step']:,} | {gib(j['memory_bytes'])} | "
+                     f"{gib(j['rnn_state_bytes'])} | {gib(j['checkpoint_bytes'])} | "
+                     f"{gib(sent['fp32'])} / {gib(sent['fp16_allreduce'])} |")
+    lines += ["", "PROJECTION (not measured): ring allreduce of one step's gradients on 16 DGX-1 nodes, "
+              "2(N-1)/N x bytes / bandwidth, NVLink 150 GB/s per GPU, 4 x 100 Gb/s EDR per node, latency ignored:", "",
+              "| gradients | flat, one ring (100 Gb/s) | flat, four rings (4 x 100 Gb/s) "
+              "| hierarchical (NVLink + IB) |",
+              "|---|---:|---:|---:|"]
+    for name, p in cap["allreduce_projection"].items():
+        lines.append(f"| {name}: {gib(result['allreduce_bytes'][name])} | {p['flat_one_ring'] * 1e3:.1f} ms | "
+                     f"{p['flat_four_rings'] * 1e3:.1f} ms | {p['hierarchical'] * 1e3:.1f} ms "
+                     f"({p['hierarchical_nvlink_part'] * 1e3:.1f} + {p['hierarchical_infiniband_part'] * 1e3:.1f}) |")
+    return "\n".join(lines)
+
+
 if __name__ == "__main__":
     flags.DEFINE_string("hidden_sizes", "256,1024,4096", "mLSTM sizes to measure (empty: only scaling and input).")
     flags.DEFINE_string("precisions", "fp32,mixed_bfloat16", "Precisions to measure.")
@@ -293,4 +647,14 @@ if __name__ == "__main__":
     flags.DEFINE_bool("scaling", True, "Measure 1 vs 2 processes with real train.py runs.")
     flags.DEFINE_bool("quick", False, "Tiny sizes, one repeat: a smoke test of the harness.")
     flags.DEFINE_string("output", "bench.json", "Where the JSON results go.")
+    flags.DEFINE_bool("paper", False, "Measure one update at the paper's per-rank shape instead (memory, bytes).")
+    flags.DEFINE_integer("paper_hidden", 4096, "--paper: mLSTM units.")
+    flags.DEFINE_integer("paper_streams", 256, "--paper: streams (sequences) per rank.")
+    flags.DEFINE_integer("paper_seq", 256, "--paper: bytes per window.")
+    flags.DEFINE_enum("paper_precision", "mixed_bfloat16", list(PRECISIONS), "--paper: precision (bf16 stands in "
+                      "on CPU for the GPU's fp16: same byte sizes).")
+    flags.DEFINE_integer("paper_micro_batches", 1, "--paper: micro-batches per update (--backward_passes_per_step).")
+    flags.DEFINE_string("paper_fit_streams", "8,16,32,64", "--paper: further stream counts to measure for the "
+                        "linear fit of memory against streams; empty = none.")
+    flags.DEFINE_bool("paper_force", False, "--paper: run even when the computed peak exceeds 8 GiB.")
     app.run(main)

@@ -1,8 +1,10 @@
-"""The benchmark harness runs end to end on tiny sizes and writes well-formed results (no timing asserts)."""
+"""The benchmark harness runs end to end on tiny sizes and writes well-formed results (no timing asserts),
+and --paper measures the bytes of one update and refuses shapes over the memory limit."""
 
 import json
 
-from conftest import python
+import pytest
+from conftest import last_line, python
 
 
 def test_quick_bench_writes_every_section(tmp_path):
@@ -25,3 +27,104 @@ def test_quick_bench_writes_every_section(tmp_path):
 def test_unknown_precision_is_one_line():
     proc = python("-m", "horovod_mlstm.bench", "--quick", "--precisions=fp8")
     assert proc.returncode != 0 and "unknown precision 'fp8'" in proc.stderr.strip().splitlines()[-1]
+
+
+# ---------------------------------------------------------------- --paper: the paper's per-rank shape
+
+TINY_PAPER = ["--paper", "--paper_hidden=64", "--paper_streams=4", "--paper_seq=32"]
+
+
+@pytest.fixture(scope="module")
+def paper_result(tmp_path_factory):
+    """One tiny --paper run with a fit over 2, 4 and 8 streams: (its JSON, its stdout)."""
+    out = tmp_path_factory.mktemp("paper") / "paper.json"
+    proc = python("-m", "horovod_mlstm.bench", *TINY_PAPER, "--paper_fit_streams=2,8", f"--output={out}",
+                  check=True, timeout=600)
+    return json.loads(out.read_text()), proc.stdout
+
+
+def test_paper_json_has_every_field(paper_result):
+    result, stdout = paper_result
+    assert {"memory", "activations", "computed_need", "parameters", "parameter_bytes", "optimizer_bytes",
+            "allreduce_bytes", "checkpoint_bytes", "rnn_state_bytes_per_rank", "update_seconds", "runs", "fit",
+            "capacity", "machine", "command"} <= set(result)
+    memory = result["memory"]
+    assert memory["max_rss_after_update"] >= memory["rss_model_built"] > 0
+    assert memory["growth_in_update"] == memory["max_rss_after_update"] - memory["rss_model_built"]
+    assert [r["streams"] for r in result["runs"]] == [2, 4, 8] and result["fit"]["streams"] == [2, 4, 8]
+    growth = [r["memory"]["growth_in_update"] for r in result["runs"]]
+    assert result["fit"]["slopes_between_runs"] == [(growth[1] - growth[0]) / 2, (growth[2] - growth[1]) / 4]
+    assert result["update_seconds"] > 0
+    assert result["optimizer_bytes"] >= 2 * result["parameter_bytes"]  # Adam's two moments
+    assert result["checkpoint_bytes"] >= result["parameter_bytes"] + result["optimizer_bytes"]
+    state = 2 * 4 * 4 * 64  # float32 [2, rows, hidden], plus the .npy header
+    assert state < result["rnn_state_bytes_per_rank"] <= state + 256
+    cap = result["capacity"]
+    assert [row["micro_batches"] for row in cap["per_rank"]] == [1, 2, 4]  # 8 does not divide 4 streams
+    assert [j["ranks"] for j in cap["jobs"]] == [1, 8, 128]
+    assert cap["jobs"][2]["rnn_state_bytes"] == 128 * result["rnn_state_bytes_per_rank"]
+    assert "PROJECTION (not measured)" in stdout and "| --backward_passes_per_step |" in stdout
+
+
+def test_paper_activation_memory_is_the_formula(paper_result):
+    result, _ = paper_result
+    cells, bf16, f32 = 4 * 32 * 64, 2, 4  # streams x seq x hidden
+    expected = {"saved_by_forward": cells * (3 * bf16 + 6 * f32),  # h_prev, hm, m; gates (4n), c_prev, tanh_c
+                "read_by_backward": cells * (5 * bf16 + f32),  # proj [T, B, 5n], d_hs
+                "kept_by_backward": cells * 6 * bf16,  # d_z (4n), d_xm, d_hm
+                "stacked_by_backward": cells * 11 * bf16}  # the three stacked, and d_proj (5n)
+    assert result["activations"] == {**expected, "total": cells * 78}
+    assert result["computed_activation_bytes_per_stream"] == 32 * 64 * 78
+
+
+def test_paper_allreduce_is_four_bytes_per_parameter(paper_result):
+    result, _ = paper_result
+    n = result["parameters"]
+    # hidden 64, embed 64: embedding, W_x, W_h, W_mx, W_mh, b, the four weight-norm gains, softmax
+    assert n == 256 * 64 + 64 * 256 + 64 * 256 + 64 * 64 + 64 * 64 + 256 + 256 + 256 + 64 + 64 + 64 * 256 + 256
+    assert result["parameter_bytes"] == 4 * n
+    assert result["allreduce_bytes"] == {"fp32": 4 * n, "fp16_allreduce": 2 * n}
+
+
+def test_paper_micro_batches_split_the_activations(tmp_path):
+    out = tmp_path / "paper.json"
+    python("-m", "horovod_mlstm.bench", *TINY_PAPER, "--paper_micro_batches=2", "--paper_fit_streams=",
+           f"--output={out}", check=True, timeout=600)
+    result = json.loads(out.read_text())
+    assert result["micro_batches"] == 2 and result["fit"] is None
+    assert result["activations"]["total"] == 2 * 32 * 64 * 78  # one micro-batch of 2 streams
+
+
+def test_paper_refuses_a_shape_over_the_memory_limit_in_one_line(tmp_path):
+    out = tmp_path / "paper.json"
+    proc = python("-m", "horovod_mlstm.bench", "--paper", f"--output={out}", timeout=300)  # 4096 x 256 streams
+    lines = [line for line in proc.stderr.strip().splitlines() if line.strip()]
+    assert proc.returncode != 0 and not out.exists() and "[bench] paper shape" not in proc.stdout
+    assert "Traceback" not in proc.stderr
+    assert lines[-1].startswith("error: hidden 4096 with 256 streams x 256 bytes")
+    assert "GiB (computed)" in lines[-1] and "lower --paper_streams" in lines[-1] and "--paper_force" in lines[-1]
+    need = float(lines[-1].split("needs about ")[1].split(" GiB")[0])
+    assert need > 8
+
+
+def test_paper_bad_micro_batches_is_one_line():
+    proc = python("-m", "horovod_mlstm.bench", *TINY_PAPER, "--paper_micro_batches=3")
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    assert last_line(proc.stderr) == ("error: --paper_micro_batches=3 must divide --paper_streams and every "
+                                      "--paper_fit_streams")
+
+
+def test_paper_bad_fit_streams_is_one_line():
+    proc = python("-m", "horovod_mlstm.bench", *TINY_PAPER, "--paper_fit_streams=8,x")
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    assert last_line(proc.stderr) == "error: --paper_fit_streams='8,x' is not a list of stream counts like 8,16,32"
+
+
+def test_ring_allreduce_projection_formula():
+    from horovod_mlstm.bench import allreduce_projection, ring_seconds
+
+    assert ring_seconds(1e9, 2, 1e9) == pytest.approx(1.0)  # 2 ranks: each sends half twice
+    p = allreduce_projection(128e6)
+    assert p["flat_four_rings"] == pytest.approx(2 * 127 / 128 * 128e6 / 50e9)
+    assert p["flat_one_ring"] == pytest.approx(4 * p["flat_four_rings"])
+    assert p["hierarchical"] == pytest.approx(2 * 7 / 8 * 128e6 / 150e9 + 2 * 15 / 16 * 128e6 / 50e9)
