@@ -67,6 +67,67 @@ class StopRequest:
         return 1.0 if self.reason else 0.0
 
 
+def make_update(model, optimizer, micro_batches: int = 1, clip_norm: float = 0.0, xla: bool = False):
+    """The update step: update(inputs, targets, h, c, stop_vote) -> (loss, grad_norm, finite, votes, h, c).
+
+    The rank's streams are split into `micro_batches` whose gradients are summed; one fused
+    ring-allreduce averages them over ranks; the averaged, unscaled gradients are clipped to
+    `clip_norm` (0 = off) and applied, unless one is not finite (then the update is skipped, as
+    loss scaling does). The global mean loss and the ranks' stop votes are allreduced with the
+    gradients, so every rank takes the same decision after the step.
+    """
+    variables = model.trainable_variables
+    loss_scaling = isinstance(optimizer, tf.keras.mixed_precision.LossScaleOptimizer)
+
+    @tf.function(jit_compile=xla or None)
+    def local_gradients(inputs, targets, h, c):
+        """Loss and this rank's gradients for one micro-batch (XLA-compiled with --xla)."""
+        with tf.GradientTape() as tape:
+            logits, (h, c) = model(inputs, (h, c))
+            loss = tf.reduce_mean(xent(targets, logits))
+            scaled = optimizer.get_scaled_loss(loss) if loss_scaling else loss
+        # Dense embedding gradients (256 x embed is tiny): they add across micro-batches and
+        # allreduce as one fused buffer, like DistributedGradientTape(sparse_as_dense=True).
+        grads = [tf.convert_to_tensor(g) for g in tape.gradient(scaled, variables)]
+        return loss, grads, h, c
+
+    @tf.function
+    def apply(grads, loss, stop_vote):
+        # Enqueued with the gradients (same Horovod cycle): the global loss and the stop votes.
+        with tf.control_dependencies(grads):
+            loss, votes = tf.unstack(dist.mean(tf.stack([loss, stop_vote])))
+        grads = dist.allreduce_gradients([g / micro_batches for g in grads] if micro_batches > 1 else grads)
+        if loss_scaling:
+            grads = optimizer.get_unscaled_gradients(grads)
+        finite = tf.reduce_all([tf.reduce_all(tf.math.is_finite(g)) for g in grads])
+        if clip_norm:
+            grads, norm = tf.clip_by_global_norm(grads, clip_norm)
+        else:
+            norm = tf.linalg.global_norm(grads)
+        if loss_scaling:
+            optimizer.apply_gradients(zip(grads, variables))  # skips the update itself when not finite
+        else:
+            tf.cond(finite, lambda: optimizer.apply_gradients(zip(grads, variables)), lambda: optimizer.iterations)
+        return loss, norm, finite, votes
+
+    def update(inputs, targets, h, c, stop_vote):
+        # Micro-batches run one after another from Python: inside one graph TensorFlow runs them side
+        # by side and holds all their activations at once, so accumulation would not save memory.
+        micro = inputs.shape[0] // micro_batches
+        grads, losses, new_h, new_c = None, [], [], []
+        for j in range(micro_batches):
+            rows = slice(j * micro, (j + 1) * micro)
+            loss, g, h_j, c_j = local_gradients(inputs[rows], targets[rows], h[rows], c[rows])
+            grads = g if grads is None else [a + b for a, b in zip(grads, g)]
+            losses.append(loss)
+            new_h.append(h_j)
+            new_c.append(c_j)
+        loss, norm, finite, votes = apply(grads, tf.reduce_mean(tf.stack(losses)), tf.cast(stop_vote, tf.float32))
+        return loss, norm, finite, votes, tf.concat(new_h, 0), tf.concat(new_c, 0)
+
+    return update
+
+
 def check_model_dir(cfg: hflags.TrainConfig, model_config: ModelConfig) -> None:
     """A model_dir holding a different architecture is an error, not something to overwrite."""
     if os.path.exists(os.path.join(cfg.model_dir, "config.json")):
@@ -122,7 +183,6 @@ def run(cfg: hflags.TrainConfig, stop: StopRequest) -> dict | None:
 
     # ----------------------------------------------------- model and optimizer
     model = build_model(model_config)
-    variables = model.trainable_variables
     peak_lr = cfg.peak_lr(start_world)
     schedule = WarmupDecaySchedule(peak_lr, cfg.warmup_steps, cfg.horizon, cfg.lr_decay)
     optimizer = tf.keras.optimizers.Adam(schedule, beta_1=cfg.adam_beta1, beta_2=cfg.adam_beta2,
@@ -130,7 +190,7 @@ def run(cfg: hflags.TrainConfig, stop: StopRequest) -> dict | None:
     loss_scaling = cfg.precision == "mixed_float16"
     if loss_scaling:
         optimizer = tf.keras.mixed_precision.LossScaleOptimizer(optimizer)  # dynamic loss scale
-    optimizer.build(variables)
+    optimizer.build(model.trainable_variables)
 
     step = tf.Variable(0, dtype=tf.int64, trainable=False, name="step")
     position = tf.Variable(0, dtype=tf.int64, trainable=False, name="data_position")
@@ -143,53 +203,14 @@ def run(cfg: hflags.TrainConfig, stop: StopRequest) -> dict | None:
     synced = model.variables + optimizer.variables + [step, position, skipped, chars_seen]
 
     # ---------------------------------------------------------- update step
-    def local_gradients(inputs, targets, h, c):
-        """Loss and this rank's gradients for one micro-batch (XLA-compiled with --xla)."""
-        with tf.GradientTape() as tape:
-            logits, (h, c) = model(inputs, (h, c))
-            loss = tf.reduce_mean(xent(targets, logits))
-            scaled = optimizer.get_scaled_loss(loss) if loss_scaling else loss
-        # Dense embedding gradients (256 x embed is tiny): they add across micro-batches and
-        # allreduce as one fused buffer, like DistributedGradientTape(sparse_as_dense=True).
-        grads = [tf.convert_to_tensor(g) for g in tape.gradient(scaled, variables)]
-        return loss, grads, h, c
+    update = make_update(model, optimizer, k, cfg.clip_norm, cfg.xla)
 
-    local_gradients = tf.function(local_gradients, jit_compile=cfg.xla or None)
-
-    @tf.function
     def train_step(inputs, targets, reset, stop_vote):
         keep = tf.cast(tf.logical_not(reset), tf.float32)  # zero the state where the streams restart
-        h_all, c_all = state_h * keep, state_c * keep
-        micro = inputs.shape[0] // k
-        grads, losses, new_h, new_c = None, [], [], []
-        for j in range(k):  # micro-batch j: rows [j*micro, (j+1)*micro) of this rank's streams
-            rows_j = slice(j * micro, (j + 1) * micro)
-            loss, g, h, c = local_gradients(inputs[rows_j], targets[rows_j], h_all[rows_j], c_all[rows_j])
-            grads = g if grads is None else [a + b for a, b in zip(grads, g)]
-            losses.append(loss)
-            new_h.append(h)
-            new_c.append(c)
-        # The global loss and the stop votes, enqueued with the gradients (same Horovod cycle), so
-        # every rank sees the same values and takes the same decision after the step.
-        with tf.control_dependencies(grads):
-            loss, votes = tf.unstack(dist.mean(tf.stack([tf.reduce_mean(tf.stack(losses)), stop_vote])))
-        # One ring-allreduce per update, averaging over ranks (and micro-batches).
-        grads = dist.allreduce_gradients([g / k for g in grads] if k > 1 else grads)
-        if loss_scaling:
-            grads = optimizer.get_unscaled_gradients(grads)
-        finite = tf.reduce_all([tf.reduce_all(tf.math.is_finite(g)) for g in grads])
-        if cfg.clip_norm:
-            grads, norm = tf.clip_by_global_norm(grads, cfg.clip_norm)
-        else:
-            norm = tf.linalg.global_norm(grads)
-        if loss_scaling:
-            optimizer.apply_gradients(zip(grads, variables))  # skips the update itself when not finite
-        else:
-            tf.cond(finite, lambda: optimizer.apply_gradients(zip(grads, variables)),
-                    lambda: optimizer.iterations)
+        loss, norm, finite, votes, h, c = update(inputs, targets, state_h * keep, state_c * keep, stop_vote)
         skipped.assign_add(tf.cast(tf.logical_not(finite), tf.int64))
-        state_h.assign(tf.concat(new_h, 0))
-        state_c.assign(tf.concat(new_c, 0))
+        state_h.assign(h)
+        state_c.assign(c)
         step.assign_add(1)
         position.assign_add(1)
         return loss, norm, finite, votes
