@@ -6,7 +6,7 @@ SETUP_STAMP := $(VENV)/.setup-done
 NP ?= 2
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 
-.PHONY: help setup test train lint bench large-batch docker-build docker-run clean cluster-test
+.PHONY: help setup test train lint bench capacity large-batch docker-build docker-run clean cluster-test
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
@@ -34,6 +34,9 @@ lint: setup ## Shellcheck the scripts, hadolint the Dockerfile, byte-compile the
 
 bench: setup ## Throughput benchmark: machine limit, this project vs plain Keras, scaling, input
 	$(PY) -m horovod_mlstm.bench --output bench_out/bench.json $(ARGS)
+
+capacity: setup ## The paper's per-rank shape: memory, allreduce bytes, checkpoint size (docs/CAPACITY.md)
+	$(PY) -m horovod_mlstm.bench --paper --paper_micro_batches=4 --paper_fit_streams= --output bench_out/paper.json $(ARGS)
 
 SST := ../shared/data/sst
 large-batch: setup ## The large-batch experiment of docs/LARGE_BATCH.md: SST from ../shared if present, else the built-in corpus
