@@ -12,8 +12,8 @@ regression.
 
 Tasks: SST (train/dev/test.csv, column `sentence`) and IMDB (train.csv.gz cut by one seeded
 stratified order into --imdb_train training and the next --imdb_val validation reviews; the first
---imdb_test of test.csv.gz in another such order; and for M and the baselines also --final_imdb_test
-test reviews, `all` being the 25,000). Every model reads each split once (Featurizer.transform_all)
+--imdb_test of test.csv.gz in another such order, and for M and the baselines also the first
+--final_imdb_test, `all` being the 25,000). Every model reads each split once (Featurizer.transform_all)
 and the project's L1 logistic regression (transfer.fit: C chosen on val) is fit on every readout;
 the readout reported as the model's is the one best on val, never on test. --imdb_* 0 (or an empty
 --sst_dir / --imdb_dir) leaves a task out.
@@ -70,6 +70,12 @@ class Split:
     texts: list[str]
     labels: np.ndarray
     source: dict  # the file's size and hash, and which of its rows
+    rows: np.ndarray | None = None  # those rows (None: all, in file order)
+
+    def starts(self, other: "Split") -> bool:
+        """This split is the first rows of OTHER (same file), so its features are a slice of OTHER's."""
+        return (self.rows is not None and other.rows is not None and self.source["file"] == other.source["file"]
+                and np.array_equal(other.rows[:len(self.rows)], self.rows))
 
 
 @dataclasses.dataclass
@@ -105,7 +111,7 @@ def subsample(path: str, texts: list[str], labels: np.ndarray, rows: np.ndarray 
               "rows": hashlib.sha256(rows.astype(np.int64).tobytes()).hexdigest() if rows is not None else "all"}
     if rows is None:
         return Split(texts, labels, source)
-    return Split([texts[i] for i in rows], labels[rows], source)
+    return Split([texts[i] for i in rows], labels[rows], source, rows)
 
 
 def load_sst(directory: str) -> Task:
@@ -119,7 +125,10 @@ def load_sst(directory: str) -> Task:
 
 
 def load_imdb(directory: str, n_train: int, n_val: int, n_test: int, final_test: int | None, seed: int) -> Task:
-    """Seeded stratified subsamples of the labelled IMDB reviews (final_test None = every test review)."""
+    """Seeded stratified subsamples of the labelled IMDB reviews (final_test None = every test review).
+
+    The test reviews are the first of final_test's, in one order, so a model scored on both reads them once.
+    """
     train_path, test_path = os.path.join(directory, "train.csv.gz"), os.path.join(directory, "test.csv.gz")
     texts, labels, classes = read_labelled_csv(train_path, "text", "label")
     if n_train + n_val > len(texts):
@@ -129,13 +138,16 @@ def load_imdb(directory: str, n_train: int, n_val: int, n_test: int, final_test:
     splits = {"train": subsample(train_path, texts, labels, order[:n_train]),
               "val": subsample(train_path, texts, labels, order[n_train:n_train + n_val])}
     texts, labels, _ = read_labelled_csv(test_path, "text", "label", classes)
-    largest = max(n_test, final_test or len(texts))
-    if largest > len(texts):
-        raise InputError(f"{test_path}: {len(texts):,} reviews, fewer than the {largest:,} asked for")
+    final_test = final_test or len(texts)
+    if final_test < n_test:
+        raise InputError(f"--final_imdb_test {final_test:,} is below --imdb_test {n_test:,}; the final test set "
+                         "holds the one every model is scored on")
+    if final_test > len(texts):
+        raise InputError(f"{test_path}: {len(texts):,} reviews, fewer than the {final_test:,} asked for")
     order = stratified_order(labels, seed + 1)  # another file, another order
     splits["test"] = subsample(test_path, texts, labels, order[:n_test])
     if final_test != n_test:
-        splits["final_test"] = subsample(test_path, texts, labels, order[:final_test] if final_test else None)
+        splits["final_test"] = subsample(test_path, texts, labels, order[:final_test])
     return Task("imdb", classes, splits)
 
 
@@ -445,10 +457,17 @@ def score_system(system: System, tasks: list[Task], F) -> tuple[dict, list[dict]
     rows = []
     for task in tasks:
         splits = [s for s in task.splits if s != "final_test" or system.kind != "milestone"]
+        sliced = "final_test" in splits and task.splits["test"].starts(task.splits["final_test"])
         features = {}
         for split in splits:
+            if split == "test" and sliced:
+                continue
             features[split], summary["featurised"][f"{task.name}/{split}"] = featurise(featurizer, system, task, split,
                                                                                        F.out_dir)
+        if sliced:
+            size = task.splits["test"].labels.size
+            features["test"] = {r: values[:size] for r, values in features["final_test"].items()}
+            summary["featurised"][f"{task.name}/test"] = {"texts": size, "sliced_from": "final_test"}
         rows += score_readouts(system, task, features, F.seed)
         chosen = next(r for r in rows[-len(READOUTS):] if r["chosen_on_val"])
         log(f"{system.name} {task.name}: test accuracy {chosen['test_accuracy']:.4f} with {chosen['readout']} "
@@ -511,7 +530,7 @@ if __name__ == "__main__":
     flags.DEFINE_string("out_dir", "runs/transfer_suite", "Where results, figures, features/ and untrained/ go.")
     flags.DEFINE_string("sst_dir", "../shared/data/sst", "SST's train/dev/test.csv; empty = leave SST out.")
     flags.DEFINE_string("imdb_dir", "../shared/data/imdb", "IMDB's train/test.csv.gz; empty = leave IMDB out.")
-    flags.DEFINE_integer("imdb_train", 5000, "IMDB training reviews (from train.csv.gz).", lower_bound=0)
+    flags.DEFINE_integer("imdb_train", 2000, "IMDB training reviews (from train.csv.gz).", lower_bound=0)
     flags.DEFINE_integer("imdb_val", 1000, "IMDB validation reviews (from train.csv.gz, none of the training ones).",
                          lower_bound=0)
     flags.DEFINE_integer("imdb_test", 2000, "IMDB test reviews every model is scored on (from test.csv.gz).",
