@@ -200,6 +200,13 @@ def untrained_model_dir(model_dir: str, out_dir: str, seed: int) -> str:
     return folder
 
 
+def check_model_dir(system: System) -> None:
+    """Before any work: the model's config.json reads and it has a checkpoint (restoring comes later)."""
+    ModelConfig.load(system.model_dir)
+    if not Checkpointer(system.model_dir, writer=False).candidates():
+        raise CheckpointError(f"{system.name}: no checkpoint in {system.model_dir}/checkpoints")
+
+
 def checkpoint_chars(checkpoint: str) -> int | None:
     """Characters a training checkpoint had seen (None for one without the counter, e.g. imported)."""
     import tensorflow as tf
@@ -468,10 +475,11 @@ def score_system(system: System, tasks: list[Task], F) -> tuple[dict, list[dict]
             size = task.splits["test"].labels.size
             features["test"] = {r: values[:size] for r, values in features["final_test"].items()}
             summary["featurised"][f"{task.name}/test"] = {"texts": size, "sliced_from": "final_test"}
-        rows += score_readouts(system, task, features, F.seed)
-        chosen = next(r for r in rows[-len(READOUTS):] if r["chosen_on_val"])
+        task_rows = score_readouts(system, task, features, F.seed)
+        rows += task_rows
+        chosen = next(r for r in task_rows if r["chosen_on_val"])
         log(f"{system.name} {task.name}: test accuracy {chosen['test_accuracy']:.4f} with {chosen['readout']} "
-            f"(chosen on val, {chosen['val_accuracy']:.4f})"
+            f"(chosen on val, {chosen['val_accuracy']:.4f}; fits {sum(r['fit_seconds'] for r in task_rows):.0f} s)"
             + (f"; {chosen['final_test_accuracy']:.4f} on {task.splits['final_test'].labels.size:,} test texts"
                if "final_test_accuracy" in chosen else ""))
     if F.bpc_data_dir and system.kind != "baseline":
@@ -501,6 +509,8 @@ def main(argv):
                                                         "(make train writes one to runs/cpu_demo)"})
         for s in skipped:
             log(f"skipping {s['system']}: {s['reason']}")
+        for system in systems:
+            check_model_dir(system)
         summaries, rows = [], []
         for system in systems:
             summary, system_rows = score_system(system, tasks, F)
