@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 
 from conftest import TINY_MODEL_FLAGS, last_line, python
-from horovod_mlstm.experiments.transfer_suite import (Split, System, Task, load_tasks, score_readouts,
-                                                      stratified_order, tfidf_rows)
+from horovod_mlstm.experiments.transfer_suite import (Split, Task, load_tasks, score_readouts, stratified_order,
+                                                      tfidf_rows)
 from horovod_mlstm.inference import READOUTS, Featurizer
 from horovod_mlstm.textfiles import InputError
 
@@ -94,8 +94,7 @@ def test_readout_and_c_are_chosen_on_val_never_on_test():
     features = {s: {r: labels[s][:, None] * (k + 1) * 0.3 + rng.normal(size=(len(y), 6)) for k, r in enumerate(READOUTS)}
                 for s, y in labels.items()}
     task = Task("toy", ["0", "1"], {s: Split([""] * len(y), y, {}) for s, y in labels.items()})
-    system = System("m", "milestone", "")
-    rows, flipped = score_readouts(system, task, features, seed=0), score_readouts(system, flipped_test(task), features, 0)
+    rows, flipped = score_readouts(task, features, seed=0), score_readouts(flipped_test(task), features, seed=0)
     chosen = [r for r in rows if r["chosen_on_val"]]
     assert len(chosen) == 1 and chosen[0]["val_accuracy"] == max(r["val_accuracy"] for r in rows)
     for a, b in zip(rows, flipped):
@@ -181,6 +180,7 @@ def test_suite_end_to_end_then_a_rerun_featurises_nothing(pretrained, task_dirs,
     # untrained weights are read back, none is computed again.
     again = python(*args, f"--demo_model_dir={pretrained}", check=True, timeout=600)
     assert "featurised" not in again.stdout and "from the cache" in again.stdout, again.stdout
+    assert again.stdout.count("fits from the cache") == 10  # 5 models x 2 tasks: not one classifier refitted
     rerun = json.loads((out / "results.json").read_text())
     assert rerun["skipped"] == [] and {r["system"] for r in rerun["rows"]} == set(models) | {"demo", "tfidf"}
     same = [r for r in rerun["rows"] if r["system"] != "demo"]

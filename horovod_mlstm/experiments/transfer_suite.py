@@ -19,9 +19,10 @@ the readout reported as the model's is the one best on val, never on test. --imd
 --sst_dir / --imdb_dir) leaves a task out.
 
 Features are cached in O/features/ under a digest of what they depend on (checkpoint name and
-hashes, the file's hash and which of its rows, the text prep), as is each model's validation BPC on
---bpc_data_dir (fixed --bpc_streams x --seq_length streams), so a rerun, or one after a new
-milestone, reads only what is new. Writes O/results.json (every number, with sizes, seeds and wall
+hashes, the file's hash and which of its rows, the text prep), as are each model's classifiers
+(also keyed by --seed and transfer.py's hash) and its validation BPC on --bpc_data_dir (fixed
+--bpc_streams x --seq_length streams), so a rerun, or one after a new milestone, computes only what
+is new. Writes O/results.json (every number, with sizes, seeds and wall
 times), O/results.md, O/accuracy_vs_chars.png and O/bpc_vs_chars.png.
 """
 
@@ -40,7 +41,7 @@ import time
 import numpy as np
 from absl import app, flags
 
-from horovod_mlstm import data, distributed as dist
+from horovod_mlstm import data, distributed as dist, transfer
 from horovod_mlstm.checkpoint import CheckpointError, Checkpointer
 from horovod_mlstm.classifier import write_json
 from horovod_mlstm.flags import define_common
@@ -296,7 +297,7 @@ def validation_bpc(featurizer: Featurizer, system: System, F) -> dict:
 
 # ------------------------------------------------------------------ classifiers
 
-def score_readouts(system: System, task: Task, features: dict, seed: int) -> list[dict]:
+def score_readouts(task: Task, features: dict, seed: int) -> list[dict]:
     """A row per readout: transfer.fit (C on val) plus the final test set where there is one; the row
     with the best val accuracy (the first readout on ties) is marked chosen_on_val."""
     labels = {s: split.labels for s, split in task.splits.items()}
@@ -307,8 +308,7 @@ def score_readouts(system: System, task: Task, features: dict, seed: int) -> lis
         result, classifier = fit({s: features[s][readout] for s in ("train", "val", "test")}, labels, task.classes)
         if "final_test" in features:
             result["final_test_accuracy"] = classifier.score(features["final_test"][readout], labels["final_test"])
-        rows.append({"system": system.name, "kind": system.kind, "chars": system.chars, "task": task.name,
-                     "readout": readout, **result, "fit_seconds": time.time() - start})
+        rows.append({"readout": readout, **result, "fit_seconds": time.time() - start})
     best = max(rows, key=lambda r: r["val_accuracy"])  # max keeps the first of equals
     for row in rows:
         row["chosen_on_val"] = row is best
@@ -475,11 +475,19 @@ def score_system(system: System, tasks: list[Task], F) -> tuple[dict, list[dict]
             size = task.splits["test"].labels.size
             features["test"] = {r: values[:size] for r, values in features["final_test"].items()}
             summary["featurised"][f"{task.name}/test"] = {"texts": size, "sliced_from": "final_test"}
-        task_rows = score_readouts(system, task, features, F.seed)
+        # L1 fits on weak features (early milestones, untrained) take minutes per C: cached like the features.
+        key = {"format": CACHE_FORMAT, "checkpoint": {k: identity[k] for k in CHECKPOINT_KEYS},
+               "sources": {s: {k: v for k, v in task.splits[s].source.items() if k != "file"} for s in features},
+               "text_prep": F.text_prep, "seed": F.seed, "transfer_py": file_digest(transfer.__file__)}
+        fitted, from_cache = cached(F.out_dir, f"fits-{task.name}", key,
+                                    lambda: score_readouts(task, features, F.seed), arrays=False)
+        task_rows = [{"system": system.name, "kind": system.kind, "chars": system.chars, "task": task.name, **r}
+                     for r in fitted]
         rows += task_rows
         chosen = next(r for r in task_rows if r["chosen_on_val"])
+        took = "fits from the cache" if from_cache else f"fits {sum(r['fit_seconds'] for r in task_rows):.0f} s"
         log(f"{system.name} {task.name}: test accuracy {chosen['test_accuracy']:.4f} with {chosen['readout']} "
-            f"(chosen on val, {chosen['val_accuracy']:.4f}; fits {sum(r['fit_seconds'] for r in task_rows):.0f} s)"
+            f"(chosen on val, {chosen['val_accuracy']:.4f}; {took})"
             + (f"; {chosen['final_test_accuracy']:.4f} on {task.splits['final_test'].labels.size:,} test texts"
                if "final_test_accuracy" in chosen else ""))
     if F.bpc_data_dir and system.kind != "baseline":
