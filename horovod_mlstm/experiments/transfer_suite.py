@@ -322,7 +322,8 @@ def tfidf_rows(task: Task, text_prep: str) -> list[dict]:
 
     start = time.time()
     prep = TEXT_PREPS[text_prep][0]
-    vectorizer = TfidfVectorizer(ngram_range=(1, 2), min_df=2, sublinear_tf=True, preprocessor=lambda t: prep(t).lower())
+    vectorizer = TfidfVectorizer(ngram_range=(1, 2), min_df=2, sublinear_tf=True,
+                                 preprocessor=lambda text: prep(text).lower())
     x = {"train": vectorizer.fit_transform(task.splits["train"].texts)}
     x.update({s: vectorizer.transform(split.texts) for s, split in task.splits.items() if s != "train"})
     y = {s: split.labels for s, split in task.splits.items()}
