@@ -20,10 +20,10 @@ the readout reported as the model's is the one best on val, never on test. --imd
 
 Features are cached in O/features/ under a digest of what they depend on (checkpoint name and
 hashes, the file's hash and which of its rows, the text prep), as are each model's classifiers
-(also keyed by --seed and transfer.py's hash) and its validation BPC on --bpc_data_dir (fixed
---bpc_streams x --seq_length streams), so a rerun, or one after a new milestone, computes only what
-is new. Writes O/results.json (every number, with sizes, seeds and wall
-times), O/results.md, O/accuracy_vs_chars.png and O/bpc_vs_chars.png.
+(also keyed by --seed, transfer.py's hash and the scikit-learn version) and its validation BPC on
+--bpc_data_dir (fixed --bpc_streams x --seq_length streams), so a rerun, or one after a new
+milestone, computes only what is new. Writes O/results.json (every number, with sizes, seeds and
+wall times), O/results.md, O/accuracy_vs_chars.png and O/bpc_vs_chars.png.
 """
 
 from __future__ import annotations
@@ -39,6 +39,7 @@ import sys
 import time
 
 import numpy as np
+import sklearn
 from absl import app, flags
 
 from horovod_mlstm import data, distributed as dist, transfer
@@ -479,7 +480,8 @@ def score_system(system: System, tasks: list[Task], F) -> tuple[dict, list[dict]
         # L1 fits on weak features (early milestones, untrained) take minutes per C: cached like the features.
         key = {"format": CACHE_FORMAT, "checkpoint": {k: identity[k] for k in CHECKPOINT_KEYS},
                "sources": {s: {k: v for k, v in task.splits[s].source.items() if k != "file"} for s in features},
-               "text_prep": F.text_prep, "seed": F.seed, "transfer_py": file_digest(transfer.__file__)}
+               "text_prep": F.text_prep, "seed": F.seed, "transfer_py": file_digest(transfer.__file__),
+               "sklearn": sklearn.__version__}
         fitted, from_cache = cached(F.out_dir, f"fits-{task.name}", key,
                                     lambda: score_readouts(task, features, F.seed), arrays=False)
         task_rows = [{"system": system.name, "kind": system.kind, "chars": system.chars, "task": task.name, **r}
