@@ -136,10 +136,17 @@ class Featurizer:
 
     def transform(self, texts: list[str], progress=None) -> np.ndarray:
         """[len(texts), hidden] float32 features; `progress(n)` is called after each batch of n texts."""
+        return self.transform_all(texts, progress)[self.readout]
+
+    def transform_all(self, texts: list[str], progress=None) -> dict[str, np.ndarray]:
+        """{readout: [len(texts), hidden] float32} for every readout, from one pass over the texts.
+
+        Comparing readouts (or caching them) then costs one read of the texts, not four.
+        """
         encoded = [np.frombuffer(encode(t, self.text_prep), np.uint8) for t in texts]
         order = np.argsort([len(e) for e in encoded], kind="stable")
         n = self.model.config.hidden_size
-        out = np.zeros([len(texts), n], np.float32)
+        out = {r: np.zeros([len(texts), n], np.float32) for r in READOUTS}
         for first in range(0, len(order), self.batch_size):
             rows = order[first:first + self.batch_size]
             lengths = np.array([len(encoded[i]) for i in rows])
@@ -153,8 +160,10 @@ class Featurizer:
             for t in range(0, lengths.max(), self.chunk):
                 h, c, total, peak = self._step(padded[:, t:t + self.chunk], h, c, mask[:, t:t + self.chunk],
                                                total, peak)
-            out[rows] = {"final_cell": c, "final_hidden": h, "mean_hidden": total / lengths[:, None].astype(np.float32),
-                         "max_hidden": peak}[self.readout].numpy()
+            batch = {"final_cell": c, "final_hidden": h, "mean_hidden": total / lengths[:, None].astype(np.float32),
+                     "max_hidden": peak}
+            for readout, values in batch.items():
+                out[readout][rows] = values.numpy()
             if progress:
                 progress(len(rows))
         return out

@@ -1,0 +1,189 @@
+"""The transfer suite: every readout from one pass, splits that are stratified and disjoint, choices that never
+see test labels, and a tiny end-to-end run (milestones, baselines, cache, report) that a rerun only reads back."""
+
+import csv
+import gzip
+import json
+import random
+import types
+
+import numpy as np
+import pytest
+
+from conftest import TINY_MODEL_FLAGS, last_line, python
+from horovod_mlstm.experiments.transfer_suite import (Split, Task, load_tasks, score_readouts, stratified_order,
+                                                      tfidf_rows)
+from horovod_mlstm.inference import READOUTS, Featurizer
+from horovod_mlstm.textfiles import InputError
+
+POSITIVE, NEGATIVE = ["great", "lovely", "superb", "fun"], ["awful", "boring", "broken", "dull"]
+FILLER = ["the", "film", "was", "plot", "a", "really"]
+
+
+def reviews(n: int, seed: int) -> list[tuple[int, str]]:
+    """n (label, text) rows, alternating labels; one sentiment word among filler."""
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        words = [rng.choice(POSITIVE if i % 2 else NEGATIVE)] + rng.choices(FILLER, k=5)
+        rng.shuffle(words)
+        rows.append((i % 2, " ".join(words)))
+    return rows
+
+
+def write_csv(path, header: list[str], rows: list[list]) -> None:
+    with (gzip.open if path.suffix == ".gz" else open)(path, "wt", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(header)
+        writer.writerows(rows)
+
+
+@pytest.fixture(scope="module")
+def task_dirs(tmp_path_factory):
+    """SST's layout (label,sentence; train/dev/test.csv) and IMDB's (label,stars,text; gzipped), a few dozen rows."""
+    sst, imdb = tmp_path_factory.mktemp("sst"), tmp_path_factory.mktemp("imdb")
+    for name, n, seed in (("train", 40, 1), ("dev", 20, 2), ("test", 20, 3)):
+        write_csv(sst / f"{name}.csv", ["label", "sentence"], [list(r) for r in reviews(n, seed)])
+    for name, n, seed in (("train", 60, 4), ("test", 40, 5)):
+        write_csv(imdb / f"{name}.csv.gz", ["label", "stars", "text"],
+                  [[label, 8 if label else 2, text + "<br /><br />the end"] for label, text in reviews(n, seed)])
+    return sst, imdb
+
+
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory, tiny_data):
+    """A tiny model trained for 8 steps (128 characters a step) keeping milestones at 256 and 512 characters."""
+    model_dir = tmp_path_factory.mktemp("suite") / "model"
+    python("train.py", f"--model_dir={model_dir}", f"--data_dir={tiny_data}", "--train_steps=8",
+           "--checkpoint_every=8", "--milestone_chars=256,512", *TINY_MODEL_FLAGS, check=True)
+    return model_dir
+
+
+def test_transform_all_equals_transform_for_every_readout(pretrained):
+    texts = [text for _, text in reviews(9, 0)] + ["a much longer review " * 12, "é 漢字"]
+    featurizer = Featurizer(str(pretrained), batch_size=4, chunk=16)
+    every = featurizer.transform_all(texts)
+    assert set(every) == set(READOUTS)
+    for readout in READOUTS:
+        alone = Featurizer(str(pretrained), readout=readout, batch_size=4, chunk=16).transform(texts)
+        np.testing.assert_array_equal(every[readout], alone, err_msg=readout)
+    assert not np.allclose(every["final_cell"], every["mean_hidden"])
+
+
+def test_stratified_order_prefixes_keep_proportions_and_slices_are_disjoint():
+    labels = np.array([0] * 30 + [1] * 10)  # 3:1
+    order = stratified_order(labels, seed=7)
+    assert sorted(order) == list(range(40))
+    for n in (4, 8, 20):
+        assert np.count_nonzero(labels[order[:n]] == 1) == n // 4
+    assert np.array_equal(order, stratified_order(labels, seed=7))
+    assert not np.array_equal(order, stratified_order(labels, seed=8))
+
+
+def flipped_test(task: Task) -> Task:
+    """The same task with every test label flipped: anything chosen on test would change."""
+    splits = dict(task.splits)
+    splits["test"] = Split(task.splits["test"].texts, 1 - task.splits["test"].labels, task.splits["test"].source)
+    return Task(task.name, task.classes, splits)
+
+
+def test_readout_and_c_are_chosen_on_val_never_on_test():
+    rng = np.random.default_rng(0)
+    labels = {s: rng.integers(0, 2, n) for s, n in (("train", 60), ("val", 40), ("test", 40))}
+    # Each readout carries the label with a different amount of noise, so they score differently.
+    features = {s: {r: y[:, None] * (k + 1) * 0.3 + rng.normal(size=(len(y), 6)) for k, r in enumerate(READOUTS)}
+                for s, y in labels.items()}
+    task = Task("toy", ["0", "1"], {s: Split([""] * len(y), y, {}) for s, y in labels.items()})
+    rows, flipped = score_readouts(task, features, seed=0), score_readouts(flipped_test(task), features, seed=0)
+    chosen = [r for r in rows if r["chosen_on_val"]]
+    assert len(chosen) == 1 and chosen[0]["val_accuracy"] == max(r["val_accuracy"] for r in rows)
+    for a, b in zip(rows, flipped):
+        assert (a["C"], a["val_accuracy"], a["chosen_on_val"]) == (b["C"], b["val_accuracy"], b["chosen_on_val"])
+        assert b["test_accuracy"] == pytest.approx(1 - a["test_accuracy"])
+
+    rows = reviews(60, 1)
+    texts = {"train": rows[:30], "val": rows[30:45], "test": rows[45:]}
+    task = Task("toy", ["0", "1"], {s: Split([t for _, t in v], np.array([y for y, _ in v]), {})
+                                    for s, v in texts.items()})
+    (a,), (b,) = tfidf_rows(task, "project"), tfidf_rows(flipped_test(task), "project")
+    assert (a["C"], a["val_accuracy"]) == (b["C"], b["val_accuracy"])
+    assert b["test_accuracy"] == pytest.approx(1 - a["test_accuracy"]) and a["test_accuracy"] > 0.8
+
+
+def suite_flags(sst, imdb, **overrides):
+    values = {"sst_dir": str(sst), "imdb_dir": str(imdb), "bpc_data_dir": "", "bpc_streams": 4, "seq_length": 32,
+              "imdb_train": 30, "imdb_val": 20, "imdb_test": 20, "final_imdb_test": "all", "seed": 0}
+    return types.SimpleNamespace(**{**values, **overrides})
+
+
+def test_bad_inputs_are_one_clear_line(task_dirs, tmp_path):
+    sst, imdb = task_dirs
+    tasks = load_tasks(suite_flags(sst, imdb))
+    assert [t.name for t in tasks] == ["sst", "imdb"]
+    imdb_splits = tasks[1].splits
+    assert {s: v.labels.size for s, v in imdb_splits.items()} == {"train": 30, "val": 20, "test": 20, "final_test": 40}
+    assert not set(imdb_splits["train"].texts) & set(imdb_splits["val"].texts)  # disjoint (the texts are distinct)
+    assert imdb_splits["train"].labels.mean() == 0.5 and imdb_splits["test"].starts(imdb_splits["final_test"])
+    for flags, message in [({"sst_dir": str(tmp_path / "nope")}, r"--sst_dir .*nope: no such directory"),
+                           ({"imdb_train": 50}, r"train.csv.gz: 60 reviews, fewer than --imdb_train \+ --imdb_val"),
+                           ({"final_imdb_test": "most"}, "--final_imdb_test must be a number of reviews or 'all'"),
+                           ({"final_imdb_test": "10"}, "--final_imdb_test 10 is below --imdb_test 20"),
+                           ({"sst_dir": "", "imdb_dir": ""}, "no task")]:
+        with pytest.raises(InputError, match=message):
+            load_tasks(suite_flags(sst, imdb, **flags))
+    write_csv(tmp_path / "train.csv", ["label", "text"], [[0, "x"], [1, "y"]])
+    with pytest.raises(InputError, match=r"train.csv:1: no column 'sentence' \(columns: label, text\)"):
+        load_tasks(suite_flags(tmp_path, imdb))
+    proc = python("-m", "horovod_mlstm.experiments.transfer_suite", f"--model_dir={tmp_path}",
+                  f"--out_dir={tmp_path / 'out'}", f"--sst_dir={sst}", f"--imdb_dir={imdb}")
+    assert proc.returncode != 0
+    assert last_line(proc.stderr) == f"error: --model_dir {tmp_path}: no trained model there (missing config.json)"
+
+
+def test_suite_end_to_end_then_a_rerun_featurises_nothing(pretrained, task_dirs, tiny_data, tmp_path):
+    sst, imdb = task_dirs
+    out = tmp_path / "suite"
+    args = ["-m", "horovod_mlstm.experiments.transfer_suite", f"--model_dir={pretrained}", f"--out_dir={out}",
+            f"--sst_dir={sst}", f"--imdb_dir={imdb}", "--imdb_train=30", "--imdb_val=20", "--imdb_test=20",
+            "--final_imdb_test=all", f"--bpc_data_dir={tiny_data}", "--bpc_streams=4", "--seq_length=32",
+            "--batch_size_per_worker=8", "--intra_op_threads=1", "--inter_op_threads=1"]
+    first = python(*args, f"--demo_model_dir={tmp_path / 'no_demo'}", check=True, timeout=600)
+    for name in ("results.json", "results.md", "accuracy_vs_chars.png", "bpc_vs_chars.png", "untrained/config.json"):
+        assert (out / name).is_file(), name
+    for png in ("accuracy_vs_chars.png", "bpc_vs_chars.png"):
+        assert (out / png).read_bytes()[:4] == b"\x89PNG"
+    results = json.loads((out / "results.json").read_text())
+    models = ["chars-256", "chars-512", "final", "untrained"]
+    found = {(r["system"], r["task"], r["readout"]) for r in results["rows"]}
+    assert found == {(m, t, r) for m in models for t in ("sst", "imdb") for r in READOUTS} | {
+        ("tfidf", "sst", "word 1-2 grams"), ("tfidf", "imdb", "word 1-2 grams")}
+    assert results["skipped"] == [{"system": "demo", "reason": f"no trained model in --demo_model_dir "
+                                   f"'{tmp_path / 'no_demo'}' (make train writes one to runs/cpu_demo)"}]
+    for (system, task) in {(r["system"], r["task"]) for r in results["rows"]}:
+        group = [r for r in results["rows"] if (r["system"], r["task"]) == (system, task)]
+        chosen = [r for r in group if r["chosen_on_val"]]
+        assert len(chosen) == 1 and chosen[0]["val_accuracy"] == max(r["val_accuracy"] for r in group)
+        # The full test set is for the final model and the baselines, not for every milestone.
+        assert ("final_test_accuracy" in chosen[0]) == (task == "imdb" and not system.startswith("chars-"))
+    assert results["tasks"]["imdb"]["final_test"]["size"] == 40 and results["tasks"]["imdb"]["train"]["size"] == 30
+    systems = {s["name"]: s for s in results["systems"]}
+    assert [systems[m]["chars"] for m in models] == [256, 512, 1024, None]
+    bpc = [systems[m]["bpc"]["val_bpc"] for m in models[:3]]
+    assert bpc[0] > bpc[2] and "bpc" not in systems["untrained"]
+    table = (out / "results.md").read_text()
+    assert "## imdb (train 30, val 20, test 20, final_test 40)" in table and "| chars-512 | 512 |" in table
+    assert "TF-IDF (C=" in table and "Skipped: demo" in table
+    # Milestones read 3 + 3 splits; the final model and the untrained one 3 + 3 too, their IMDB test set
+    # being the first reviews of the full one (read once, sliced).
+    assert first.stdout.count("featurised") == 4 * (3 + 3) and "fits from the cache" not in first.stdout
+
+    # Rerun with a demo model that is the final model under another name: every feature, BPC and the
+    # untrained weights are read back, none is computed again.
+    again = python(*args, f"--demo_model_dir={pretrained}", check=True, timeout=600)
+    assert "featurised" not in again.stdout and "from the cache" in again.stdout, again.stdout
+    assert again.stdout.count("fits from the cache") == 10  # 5 models x 2 tasks: not one classifier refitted
+    rerun = json.loads((out / "results.json").read_text())
+    assert rerun["skipped"] == [] and {r["system"] for r in rerun["rows"]} == set(models) | {"demo", "tfidf"}
+    same = [r for r in rerun["rows"] if r["system"] != "demo"]
+    assert [(r["system"], r["test_accuracy"]) for r in same] == [(r["system"], r["test_accuracy"])
+                                                                 for r in results["rows"]]
