@@ -74,9 +74,11 @@ def read_labelled_csv(path: str, text_column: str, label_column: str, classes: l
 def _logistic_regression(c: float, classes: int):
     from sklearn.linear_model import LogisticRegression
 
+    # tol 1e-3 (liblinear's default is 1e-4): on 512-unit features it cut a fit at C = 4 from 122 s to
+    # 15 s with the same validation accuracy (measured for the transfer suite). Seeded: reproducible.
     if classes == 2:
-        return LogisticRegression(penalty="l1", C=c, solver="liblinear", max_iter=1000)
-    return LogisticRegression(penalty="l1", C=c, solver="saga", max_iter=500, tol=1e-3)  # multinomial
+        return LogisticRegression(penalty="l1", C=c, solver="liblinear", max_iter=1000, tol=1e-3, random_state=0)
+    return LogisticRegression(penalty="l1", C=c, solver="saga", max_iter=500, tol=1e-3, random_state=0)  # multinomial
 
 
 def fit(features: dict[str, np.ndarray], labels: dict[str, np.ndarray], classes: list[str]):

@@ -94,7 +94,7 @@ def test_readout_and_c_are_chosen_on_val_never_on_test():
     features = {s: {r: y[:, None] * (k + 1) * 0.3 + rng.normal(size=(len(y), 6)) for k, r in enumerate(READOUTS)}
                 for s, y in labels.items()}
     task = Task("toy", ["0", "1"], {s: Split([""] * len(y), y, {}) for s, y in labels.items()})
-    rows, flipped = score_readouts(task, features, seed=0), score_readouts(flipped_test(task), features, seed=0)
+    rows, flipped = score_readouts(task, features), score_readouts(flipped_test(task), features)
     chosen = [r for r in rows if r["chosen_on_val"]]
     assert len(chosen) == 1 and chosen[0]["val_accuracy"] == max(r["val_accuracy"] for r in rows)
     for a, b in zip(rows, flipped):

@@ -298,14 +298,13 @@ def validation_bpc(featurizer: Featurizer, system: System, F) -> dict:
 
 # ------------------------------------------------------------------ classifiers
 
-def score_readouts(task: Task, features: dict, seed: int) -> list[dict]:
+def score_readouts(task: Task, features: dict) -> list[dict]:
     """A row per readout: transfer.fit (C on val) plus the final test set where there is one; the row
     with the best val accuracy (the first readout on ties) is marked chosen_on_val."""
     labels = {s: split.labels for s, split in task.splits.items()}
     rows = []
     for readout in READOUTS:
         start = time.time()
-        np.random.seed(seed)  # liblinear draws from NumPy's global generator: the same fit on every rerun
         result, classifier = fit({s: features[s][readout] for s in ("train", "val", "test")}, labels, task.classes)
         if "final_test" in features:
             result["final_test_accuracy"] = classifier.score(features["final_test"][readout], labels["final_test"])
@@ -483,7 +482,7 @@ def score_system(system: System, tasks: list[Task], F) -> tuple[dict, list[dict]
                "text_prep": F.text_prep, "seed": F.seed, "transfer_py": file_digest(transfer.__file__),
                "sklearn": sklearn.__version__}
         fitted, from_cache = cached(F.out_dir, f"fits-{task.name}", key,
-                                    lambda: score_readouts(task, features, F.seed), arrays=False)
+                                    lambda: score_readouts(task, features), arrays=False)
         task_rows = [{"system": system.name, "kind": system.kind, "chars": system.chars, "task": task.name, **r}
                      for r in fitted]
         rows += task_rows
