@@ -6,7 +6,8 @@ SETUP_STAMP := $(VENV)/.setup-done
 NP ?= 2
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 
-.PHONY: help setup test train lint bench capacity large-batch docker-build docker-run clean cluster-test
+.PHONY: help setup test train lint bench capacity large-batch docker-build docker-run docker-base docker-test wheelhouse \
+	clean cluster-test
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
@@ -28,7 +29,7 @@ train: setup ## Train the CPU demo model on the built-in corpus with 2 Horovod p
 	bash launch/horovodrun.sh --gloo --np $(NP) --flagfile=configs/cpu_demo.cfg $(ARGS)
 
 lint: setup ## Shellcheck the scripts, hadolint the Dockerfile, byte-compile the package
-	$(VENV)/bin/shellcheck -x -P SCRIPTDIR launch/*.sh launch/slurm.sbatch hostfiles/discover_hosts.sh scripts/setup.sh .ci/run
+	$(VENV)/bin/shellcheck -x -P SCRIPTDIR launch/*.sh launch/slurm.sbatch hostfiles/discover_hosts.sh scripts/*.sh .ci/run
 	$(VENV)/bin/hadolint Dockerfile
 	$(PY) -m compileall -q horovod_mlstm tests train.py
 
@@ -51,15 +52,21 @@ large-batch: setup ## The large-batch experiment of docs/LARGE_BATCH.md: SST fro
 	fi
 
 DEVICE ?= gpu
-IMAGE ?= horovod_mlstm:$(DEVICE)
-GPUS := $(shell command -v nvidia-smi >/dev/null 2>&1 && echo --gpus all)
-docker-build: ## Build the image (DEVICE=gpu|cpu; cpu uses ubuntu:22.04 as the base)
-	docker build -t $(IMAGE) --build-arg DEVICE=$(DEVICE) $(if $(filter cpu,$(DEVICE)),--build-arg BASE_IMAGE=ubuntu:22.04) .
+DOCKER_ENV = DEVICE=$(DEVICE) $(if $(IMAGE),IMAGE=$(IMAGE)) $(if $(BASE_IMAGE),BASE_IMAGE=$(BASE_IMAGE)) NP=$(NP)
+docker-build: ## Build the image (DEVICE=gpu|cpu; offline when wheelhouse/ is full; BASE_IMAGE= to override)
+	$(DOCKER_ENV) bash scripts/docker.sh build
 
-docker-run: ## Run the embedded default in the image (data, runs and hostfiles mounted)
-	docker run --rm $(GPUS) -v $(CURDIR)/data:/opt/horovod_mlstm/data -v $(CURDIR)/runs:/opt/horovod_mlstm/runs \
-	  -v $(CURDIR)/hostfiles:/opt/horovod_mlstm/hostfiles $(IMAGE) \
-	  -np $(NP) -H localhost:$(NP) python train.py --flagfile=configs/cpu_demo.cfg $(ARGS)
+docker-run: ## Train the 2-process demo in the image, runs/ and data/ mounted (or: make docker-run CMD="...")
+	$(DOCKER_ENV) bash scripts/docker.sh run $(CMD)
+
+docker-base: ## Debian 12 base image horovod_mlstm-base:bookworm from debootstrap (no registry needed)
+	bash scripts/docker.sh base
+
+wheelhouse: ## Download every pinned wheel and Horovod's source into wheelhouse/ (for offline image builds)
+	DEVICE=$(DEVICE) bash scripts/docker.sh wheelhouse
+
+docker-test: ## Start dockerd, build the CPU image offline on the debootstrap base, train the demo in it, check it
+	bash scripts/docker.sh test
 
 clean: ## Remove runs/, data/ and caches (keeps .venv)
 	rm -rf runs data bench_out .pytest_cache

@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import json
 import os
+import pathlib
 import re
 import shutil
 import signal
 import subprocess
+import tempfile
 import time
 
 import pytest
@@ -305,18 +307,63 @@ def test_timeline_summary_refuses_a_file_that_is_not_a_timeline(tmp_path, text, 
 
 def test_lint_scripts_and_dockerfile():
     run([f"{BIN}/shellcheck", "-x", "-P", "SCRIPTDIR", *map(str, sorted((REPO / "launch").glob("*.sh"))),
-         "launch/slurm.sbatch", "hostfiles/discover_hosts.sh", "scripts/setup.sh", ".ci/run"], check=True)
+         *map(str, sorted((REPO / "scripts").glob("*.sh"))), "launch/slurm.sbatch", "hostfiles/discover_hosts.sh",
+         ".ci/run"], check=True)
     run([f"{BIN}/hadolint", "Dockerfile"], check=True)
 
 
 def test_dockerfile_pins_the_stack_and_orders_layers():
     text = (REPO / "Dockerfile").read_text()
+    steps = (REPO / "scripts" / "image.sh").read_text()
     base = re.search(r"ARG BASE_IMAGE=(\S+)", text).group(1)
     assert ":" in base and not base.endswith(":latest")
-    assert "horovod==0.28.1" in text and "HOROVOD_GPU_OPERATIONS=NCCL" in text and "tensorflow==" in text
-    assert "python3.11" in text and "HOROVOD_WITH_MPI=1" in text and "HOROVOD_WITH_GLOO=1" in text
-    # requirements and Horovod come before the code, so a code change does not rebuild Horovod
-    assert text.index("COPY requirements.txt") < text.index("horovod==0.28.1") < text.index("COPY . .")
-    assert 'ENTRYPOINT ["horovodrun"]' in text
-    # the image and `make setup` install the same requirements.txt, so their versions agree
+    assert "horovod==0.28.1" in steps and "HOROVOD_GPU_OPERATIONS=NCCL" in steps and "tensorflow==" in steps
+    assert "python3.11" in steps and "HOROVOD_WITH_MPI=1" in steps and "HOROVOD_WITH_GLOO=1" in steps
+    # requirements and Horovod come before the code, so a code change does not rebuild Horovod;
+    # the final stage copies the built venv, never the wheelhouse or the compilers
+    assert (text.index("COPY requirements.txt") < text.index("image.sh horovod")
+            < text.index("COPY --from=build /opt/venv") < text.index("COPY horovod_mlstm/"))
+    assert "COPY . ." not in text and text.count("COPY wheelhouse/") == 1
+    # pip goes offline exactly when the wheelhouse holds wheels
+    assert "PIP_NO_INDEX=1" in steps and "/wheelhouse/*.whl" in steps
     assert "tensorflow-cpu==2.15.1" in (REPO / "requirements.txt").read_text()
+
+
+def fake_commands(tmp_path, **scripts):
+    """A bin directory of stand-in executables, first on PATH."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for name, body in scripts.items():
+        (bin_dir / name).write_text(f"#!/bin/sh\n{body}\n")
+        (bin_dir / name).chmod(0o755)
+    os.chmod(tmp_path, 0o755)
+    return {**ENV, "PATH": f"{bin_dir}:{ENV['PATH']}"}
+
+
+def test_docker_daemon_without_permission_is_one_line(tmp_path):
+    env = fake_commands(tmp_path, docker="echo 'permission denied while trying to connect to the Docker daemon "
+                                         "socket at unix:///var/run/docker.sock' >&2; exit 1")
+    proc = run(["bash", "scripts/docker.sh", "daemon"], cwd=REPO, env=env)
+    assert proc.returncode == 1 and proc.stderr.count("\n") == 1, proc.stderr
+    assert proc.stderr.startswith("[docker] error: no permission to use the Docker daemon")
+
+
+def test_docker_daemon_that_cannot_start_names_the_cause(tmp_path):
+    env = fake_commands(tmp_path, docker="echo 'Cannot connect to the Docker daemon' >&2; exit 1",
+                        dockerd="echo 'level=fatal msg=\"failed to start daemon: iptables not found\"'; exit 1")
+    proc = run(["bash", "scripts/docker.sh", "daemon"], cwd=REPO, env=env)
+    assert proc.returncode == 1 and last_line(proc.stderr).startswith("[docker] error: dockerd did not start: ")
+    assert "iptables not found" in proc.stderr and proc.stderr.count("error") == 1, proc.stderr
+
+
+def test_docker_daemon_not_running_without_root_is_one_line():
+    if os.geteuid() != 0 or not shutil.which("setpriv"):
+        pytest.skip("needs root and setpriv to run the script as another user")
+    public = pathlib.Path(tempfile.mkdtemp(prefix="docker-fakes-"))  # pytest's tmp_path is private to root
+    try:
+        env = fake_commands(public, docker="echo 'Cannot connect to the Docker daemon' >&2; exit 1", dockerd="exit 0")
+        proc = run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "bash", "scripts/docker.sh",
+                    "daemon"], cwd=REPO, env={**env, "HOME": str(public)})
+    finally:
+        shutil.rmtree(public)
+    assert proc.returncode == 1 and proc.stderr == "[docker] error: dockerd is not running and starting it needs root\n"
