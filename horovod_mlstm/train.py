@@ -323,7 +323,8 @@ def run(cfg: hflags.TrainConfig, stop: StopRequest) -> dict | None:
         if chief:
             print(f"[train] {world} rank(s) x {rows} streams x {L} bytes = global batch {total_rows} sequences "
                   f"({chars_per_step} chars/step); peak LR {peak_lr:.3g} ({cfg.batch_scaling} scaling); "
-                  f"{cfg.precision}; hidden {H}; "
+                  + ("Adasum gradient reduction; " if cfg.gradient_reduction == "adasum" else "")
+                  + f"{cfg.precision}; hidden {H}; "
                   + (f"resumed from {restored} at step {start_step}" if restored and not elastic
                      else f"continuing at step {start_step}" if start_step else "starting from scratch"),
                   flush=True)
@@ -437,6 +438,7 @@ def run(cfg: hflags.TrainConfig, stop: StopRequest) -> dict | None:
         "world_size": dist.size(),
         "global_batch": total_rows,
         "peak_learning_rate": peak_lr,
+        "gradient_reduction": cfg.gradient_reduction,
         "precision": cfg.precision,
         "replicas_in_sync": in_sync,
         "history": log["history"],
@@ -466,7 +468,11 @@ def main(argv):
     except ValueError as e:
         sys.exit(f"error: {e}")
     stop = StopRequest(cfg.max_runtime_minutes)
-    dist.init(cfg.intra_op_threads, cfg.inter_op_threads, cfg.fp16_allreduce, cfg.cycle_time_ms)
+    try:  # every rank refuses a reduction its launcher cannot run, with the same line
+        dist.init(cfg.intra_op_threads, cfg.inter_op_threads, cfg.fp16_allreduce, cfg.cycle_time_ms,
+                  cfg.gradient_reduction)
+    except ValueError as e:
+        sys.exit(f"error: {e}")
     try:
         summary = run(cfg, stop)
     except (DataError, CheckpointError, Diverged, ValueError, FileNotFoundError) as e:
