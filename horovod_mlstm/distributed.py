@@ -86,7 +86,7 @@ def allreduce_gradients(grads):
     tensor by tensor: orthogonal gradients add up, parallel ones average; the result is not
     divided by the number of ranks (Adasum needs no learning-rate scaling with ranks). One rank
     keeps its gradients as they are (Adasum of one gradient is itself). Each tensor is its own
-    hvd.allreduce (Horovod still fuses them in one cycle): Horovod 0.28.1's grouped_allreduce
+    hvd.allreduce (tensor fusion may still batch them): Horovod 0.28.1's grouped_allreduce
     with op=Adasum fails in its own Python code ("UnboundLocalError: cannot access local
     variable 'tensor'", or "'tensor' is used before assignment" inside a tf.function).
     """

@@ -71,10 +71,11 @@ def make_update(model, optimizer, micro_batches: int = 1, clip_norm: float = 0.0
     """The update step: update(inputs, targets, h, c, stop_vote) -> (loss, grad_norm, finite, votes, h, c).
 
     The rank's streams are split into `micro_batches` whose gradients are summed; one fused
-    ring-allreduce averages them over ranks; the averaged, unscaled gradients are clipped to
-    `clip_norm` (0 = off) and applied, unless one is not finite (then the update is skipped, as
-    loss scaling does). The global mean loss and the ranks' stop votes are allreduced with the
-    gradients, so every rank takes the same decision after the step.
+    ring-allreduce averages them over ranks (or Adasum combines them: --gradient_reduction);
+    the combined, unscaled gradients are clipped to `clip_norm` (0 = off) and applied, unless
+    one is not finite (then the update is skipped, as loss scaling does). The global mean loss
+    and the ranks' stop votes are allreduced with the gradients, so every rank takes the same
+    decision after the step.
     """
     variables = model.trainable_variables
     loss_scaling = isinstance(optimizer, tf.keras.mixed_precision.LossScaleOptimizer)
