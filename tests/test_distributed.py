@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 
 import numpy as np
 import pytest
@@ -109,6 +110,7 @@ def horovodrun_with(controller: str, np: int, *args: str, **kw):
 
 ADASUM_PROBE = """
 import json
+import sys
 import tensorflow as tf
 from horovod_mlstm import distributed as dist
 dist.init(gradient_reduction="adasum")
@@ -116,27 +118,28 @@ a = [[3.0, 0.0], [1.0, 2.0], [4.0]]   # rank 0's gradients (three tensors)
 b = [[0.0, 4.0], [2.0, 4.0], [4.0]]   # rank 1's: orthogonal, parallel, equal to rank 0's
 mine = a if dist.rank() == 0 else b
 out = tf.function(dist.allreduce_gradients)([tf.constant(g) for g in mine])
-print("RESULT", json.dumps([o.numpy().tolist() for o in out]), flush=True)
+sys.stdout.write("RESULT " + json.dumps([o.numpy().tolist() for o in out]) + "\\n")  # one write: one line
+sys.stdout.flush()
 """
 
 
-def adasum_result(stdout: str) -> list:
-    results = {line.split("RESULT ", 1)[1] for line in stdout.splitlines() if "RESULT " in line}
-    assert len(results) == 1, stdout  # every rank holds the same combination
-    return json.loads(results.pop())
+def adasum_result(stdout: str, ranks: int) -> list:
+    stdout = re.sub(r"\[\d+,\d+\]<stdout>:", "", stdout)  # mpirun's tags, which it also puts inside lines
+    results = [line.split("RESULT ", 1)[1] for line in stdout.splitlines() if "RESULT " in line]
+    assert len(results) == ranks and len(set(results)) == 1, stdout  # every rank holds the same combination
+    return json.loads(results[0])
 
 
 def test_adasum_combines_gradients_tensor_by_tensor_without_dividing_by_ranks():
     """Adasum(a, b) = (1 - a.b / 2|a|^2) a + (1 - a.b / 2|b|^2) b, per tensor: orthogonal gradients add
     up (an average would halve them), parallel ones average, equal ones stay. One rank: its own."""
     proc = horovodrun_with("--mpi", 2, "-c", ADASUM_PROBE, check=True, timeout=300)
-    assert proc.stdout.count("RESULT ") == 2
-    out = adasum_result(proc.stdout)
+    out = adasum_result(proc.stdout, ranks=2)
     np.testing.assert_allclose(out[0], [3.0, 4.0])   # orthogonal: the sum
     np.testing.assert_allclose(out[1], [1.5, 3.0])   # parallel (b = 2a): 0.75 b = 1.5 a
     np.testing.assert_allclose(out[2], [4.0])        # equal: unchanged
     single = python("-c", ADASUM_PROBE, check=True, timeout=120)
-    assert adasum_result(single.stdout) == [[3.0, 0.0], [1.0, 2.0], [4.0]]
+    assert adasum_result(single.stdout, ranks=1) == [[3.0, 0.0], [1.0, 2.0], [4.0]]
 
 
 def test_adasum_training_under_mpi_keeps_replicas_in_sync(tmp_path, two_record_data):
