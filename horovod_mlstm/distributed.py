@@ -12,20 +12,40 @@ import tensorflow as tf
 import horovod.tensorflow as hvd
 
 _compression = hvd.Compression.none
+GRADIENT_REDUCTIONS = ("average", "adasum")
+_reduction = "average"
 
 
 def init(intra_op_threads: int = 0, inter_op_threads: int = 0, fp16_allreduce: bool = False,
-         cycle_time_ms: float = 0.0) -> None:
+         cycle_time_ms: float = 0.0, gradient_reduction: str = "average") -> None:
     """Starts Horovod, pins one GPU per process by local rank, sets CPU thread pools.
 
     cycle_time_ms > 0 sets Horovod's coordination cycle. Each cycle the background thread of
     every rank exchanges readiness messages even when no tensor is pending; at the default 1 ms
     that traffic takes CPU time from the training step on hosts with few cores.
+
+    gradient_reduction: how allreduce_gradients combines the ranks' gradients, "average" or
+    "adasum". Horovod 0.28's CPU Adasum exists only under the MPI controller and for a power-of-2
+    number of ranks; anything else is refused here with one line (ValueError, the same on every
+    rank) rather than left to fail inside the first step's allreduce.
     """
-    global _compression
+    global _compression, _reduction
+    if gradient_reduction not in GRADIENT_REDUCTIONS:
+        raise ValueError(f"gradient reduction must be one of {', '.join(GRADIENT_REDUCTIONS)}, "
+                         f"got {gradient_reduction!r}")
     if cycle_time_ms:
         os.environ["HOROVOD_CYCLE_TIME"] = f"{cycle_time_ms:g}"  # read once, by hvd.init()
     hvd.init()
+    if gradient_reduction == "adasum" and hvd.size() > 1:
+        # Under Gloo the op fails at its first use with "No Adasum operation enabled"; on 3 ranks
+        # Horovod raises "Running Adasum with non-power of 2 ranks is not supported yet."
+        if not hvd.mpi_enabled():
+            raise ValueError(f"Adasum gradient reduction needs Horovod's MPI controller, but these {hvd.size()} ranks "
+                             "run on Gloo, which has no Adasum: start the job with horovodrun --mpi (or mpirun)")
+        if hvd.size() & (hvd.size() - 1):
+            raise ValueError(f"Adasum gradient reduction needs a power-of-2 number of ranks (Horovod's limit), "
+                             f"got {hvd.size()}: run on 2, 4, 8, ... ranks")
+    _reduction = gradient_reduction
     gpus = tf.config.list_physical_devices("GPU")
     for gpu in gpus:
         tf.config.experimental.set_memory_growth(gpu, True)
@@ -61,7 +81,19 @@ def allreduce_gradients(grads):
     The training step calls this on gradients it already has, rather than wrapping the tape,
     because the tape's gradient() runs inside the XLA-compiled local step (Horovod ops cannot)
     and because accumulated micro-batches must share one allreduce.
+
+    With init(gradient_reduction="adasum") the ranks' gradients are combined by Adasum instead,
+    tensor by tensor: orthogonal gradients add up, parallel ones average; the result is not
+    divided by the number of ranks (Adasum needs no learning-rate scaling with ranks). One rank
+    keeps its gradients as they are (Adasum of one gradient is itself). Each tensor is its own
+    hvd.allreduce (tensor fusion may still batch them): Horovod 0.28.1's grouped_allreduce
+    with op=Adasum fails in its own Python code ("UnboundLocalError: cannot access local
+    variable 'tensor'", or "'tensor' is used before assignment" inside a tf.function).
     """
+    if _reduction == "adasum":
+        if hvd.size() == 1:
+            return list(grads)
+        return [hvd.allreduce(g, op=hvd.Adasum, compression=_compression) for g in grads]
     return hvd.grouped_allreduce(grads, op=hvd.Average, compression=_compression)
 
 

@@ -55,6 +55,10 @@ def define_training() -> None:
     # Distribution.
     flags.DEFINE_integer("backward_passes_per_step", 1, "Micro-batches accumulated per update (one allreduce).")
     flags.DEFINE_bool("fp16_allreduce", False, "Compress gradients to float16 for the allreduce.")
+    flags.DEFINE_enum("gradient_reduction", "average", ["average", "adasum"], "How the ranks' gradients are combined: "
+                      "average, or Horovod's Adasum (not divided by the ranks, so no LR scaling with ranks: pair it "
+                      "with --batch_scaling=none). Adasum needs the MPI controller (horovodrun --mpi or mpirun) and "
+                      "a power-of-2 number of ranks; one rank keeps its own gradients.")
     flags.DEFINE_float("cycle_time_ms", 20.0, "Horovod's coordination cycle: sets HOROVOD_CYCLE_TIME, overriding "
                        "horovodrun --cycle-time-ms; 0 leaves the launcher's or Horovod's (1 ms). On 2 CPU cores 1 ms "
                        "cost 8 points of 2-process efficiency (docs/PERFORMANCE.md); a cycle adds at most its "
@@ -112,6 +116,7 @@ class TrainConfig:
     adam_epsilon: float
     backward_passes_per_step: int
     fp16_allreduce: bool
+    gradient_reduction: str
     cycle_time_ms: float
     elastic: bool
     commit_every: int
@@ -160,6 +165,9 @@ class TrainConfig:
             raise ValueError(f"--milestone_chars must be positive, got {list(self.milestone_chars)}")
         if not self.model_dir:
             raise ValueError("--model_dir must not be empty")
+        if self.gradient_reduction == "adasum" and self.elastic:
+            raise ValueError("--gradient_reduction=adasum does not work with --elastic: Horovod elastic runs on Gloo, "
+                             "which has no Adasum (and its world need not be a power of 2)")
 
     @property
     def horizon(self) -> int:

@@ -71,10 +71,11 @@ def make_update(model, optimizer, micro_batches: int = 1, clip_norm: float = 0.0
     """The update step: update(inputs, targets, h, c, stop_vote) -> (loss, grad_norm, finite, votes, h, c).
 
     The rank's streams are split into `micro_batches` whose gradients are summed; one fused
-    ring-allreduce averages them over ranks; the averaged, unscaled gradients are clipped to
-    `clip_norm` (0 = off) and applied, unless one is not finite (then the update is skipped, as
-    loss scaling does). The global mean loss and the ranks' stop votes are allreduced with the
-    gradients, so every rank takes the same decision after the step.
+    ring-allreduce averages them over ranks (or Adasum combines them: --gradient_reduction);
+    the combined, unscaled gradients are clipped to `clip_norm` (0 = off) and applied, unless
+    one is not finite (then the update is skipped, as loss scaling does). The global mean loss
+    and the ranks' stop votes are allreduced with the gradients, so every rank takes the same
+    decision after the step.
     """
     variables = model.trainable_variables
     loss_scaling = isinstance(optimizer, tf.keras.mixed_precision.LossScaleOptimizer)
@@ -323,7 +324,8 @@ def run(cfg: hflags.TrainConfig, stop: StopRequest) -> dict | None:
         if chief:
             print(f"[train] {world} rank(s) x {rows} streams x {L} bytes = global batch {total_rows} sequences "
                   f"({chars_per_step} chars/step); peak LR {peak_lr:.3g} ({cfg.batch_scaling} scaling); "
-                  f"{cfg.precision}; hidden {H}; "
+                  + ("Adasum gradient reduction; " if cfg.gradient_reduction == "adasum" else "")
+                  + f"{cfg.precision}; hidden {H}; "
                   + (f"resumed from {restored} at step {start_step}" if restored and not elastic
                      else f"continuing at step {start_step}" if start_step else "starting from scratch"),
                   flush=True)
@@ -437,6 +439,7 @@ def run(cfg: hflags.TrainConfig, stop: StopRequest) -> dict | None:
         "world_size": dist.size(),
         "global_batch": total_rows,
         "peak_learning_rate": peak_lr,
+        "gradient_reduction": cfg.gradient_reduction,
         "precision": cfg.precision,
         "replicas_in_sync": in_sync,
         "history": log["history"],
@@ -466,7 +469,11 @@ def main(argv):
     except ValueError as e:
         sys.exit(f"error: {e}")
     stop = StopRequest(cfg.max_runtime_minutes)
-    dist.init(cfg.intra_op_threads, cfg.inter_op_threads, cfg.fp16_allreduce, cfg.cycle_time_ms)
+    try:  # every rank refuses a reduction its launcher cannot run, with the same line
+        dist.init(cfg.intra_op_threads, cfg.inter_op_threads, cfg.fp16_allreduce, cfg.cycle_time_ms,
+                  cfg.gradient_reduction)
+    except ValueError as e:
+        sys.exit(f"error: {e}")
     try:
         summary = run(cfg, stop)
     except (DataError, CheckpointError, Diverged, ValueError, FileNotFoundError) as e:

@@ -9,10 +9,12 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 
+import numpy as np
 import pytest
 
-from conftest import TINY_MODEL_FLAGS, horovodrun, python, write_shards
+from conftest import HOROVODRUN, PYTHON, TINY_MODEL_FLAGS, horovodrun, python, run, write_shards
 from horovod_mlstm import corpus, distributed as dist
 from test_train import assert_same_weights
 
@@ -99,3 +101,67 @@ def test_a_checkpoint_continues_on_another_number_of_ranks(tmp_path, tiny_data):
     # Another global batch cannot continue it: its streams would be other bytes.
     proc = python("train.py", *flags, staged, "--batch_size_per_worker=16", "--train_steps=8")
     assert proc.returncode != 0 and "carries 32 streams but this job has 16" in proc.stderr.strip().splitlines()[-1]
+
+
+def horovodrun_with(controller: str, np: int, *args: str, **kw):
+    """horovodrun with an explicit controller (--mpi or --gloo), not the one horovodrun picks."""
+    return run([HOROVODRUN, controller, "-np", str(np), "-H", f"localhost:{np}", PYTHON, *args], **kw)
+
+
+ADASUM_PROBE = """
+import json
+import sys
+import tensorflow as tf
+from horovod_mlstm import distributed as dist
+dist.init(gradient_reduction="adasum")
+a = [[3.0, 0.0], [1.0, 2.0], [4.0]]   # rank 0's gradients (three tensors)
+b = [[0.0, 4.0], [2.0, 4.0], [4.0]]   # rank 1's: orthogonal, parallel, equal to rank 0's
+mine = a if dist.rank() == 0 else b
+out = tf.function(dist.allreduce_gradients)([tf.constant(g) for g in mine])
+sys.stdout.write("RESULT " + json.dumps([o.numpy().tolist() for o in out]) + "\\n")  # one write: one line
+sys.stdout.flush()
+"""
+
+
+def adasum_result(stdout: str, ranks: int) -> list:
+    stdout = re.sub(r"\[\d+,\d+\]<stdout>:", "", stdout)  # mpirun's tags, which it also puts inside lines
+    results = [line.split("RESULT ", 1)[1] for line in stdout.splitlines() if "RESULT " in line]
+    assert len(results) == ranks and len(set(results)) == 1, stdout  # every rank holds the same combination
+    return json.loads(results[0])
+
+
+def test_adasum_combines_gradients_tensor_by_tensor_without_dividing_by_ranks():
+    """Adasum(a, b) = (1 - a.b / 2|a|^2) a + (1 - a.b / 2|b|^2) b, per tensor: orthogonal gradients add
+    up (an average would halve them), parallel ones average, equal ones stay. One rank: its own."""
+    proc = horovodrun_with("--mpi", 2, "-c", ADASUM_PROBE, check=True, timeout=300)
+    out = adasum_result(proc.stdout, ranks=2)
+    np.testing.assert_allclose(out[0], [3.0, 4.0])   # orthogonal: the sum
+    np.testing.assert_allclose(out[1], [1.5, 3.0])   # parallel (b = 2a): 0.75 b = 1.5 a
+    np.testing.assert_allclose(out[2], [4.0])        # equal: unchanged
+    single = python("-c", ADASUM_PROBE, check=True, timeout=120)
+    assert adasum_result(single.stdout, ranks=1) == [[3.0, 0.0], [1.0, 2.0], [4.0]]
+
+
+def test_adasum_training_under_mpi_keeps_replicas_in_sync(tmp_path, two_record_data):
+    model_dir = tmp_path / "adasum"
+    proc = horovodrun_with("--mpi", 2, "train.py", *FLAGS, f"--model_dir={model_dir}",
+                           f"--data_dir={two_record_data}", "--batch_size_per_worker=2", "--train_steps=3",
+                           "--gradient_reduction=adasum", check=True, timeout=300)
+    assert "2 rank(s)" in proc.stdout and "Adasum gradient reduction" in proc.stdout
+    summary = json.loads((model_dir / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["final_step"] == 3 and summary["gradient_reduction"] == "adasum"
+    assert summary["replicas_in_sync"] is True  # both ranks hold bit-identical weights
+    assert 0 < summary["val_bpc"] < 9
+
+
+def test_adasum_under_gloo_is_one_line_from_every_rank(tmp_path, two_record_data):
+    """Gloo has no Adasum (its op fails with "No Adasum operation enabled"): refused at start-up."""
+    proc = horovodrun_with("--gloo", 2, "train.py", *FLAGS, f"--model_dir={tmp_path}/gloo",
+                           f"--data_dir={two_record_data}", "--batch_size_per_worker=2", "--train_steps=2",
+                           "--gradient_reduction=adasum", timeout=300)
+    assert proc.returncode != 0
+    output = proc.stdout + proc.stderr
+    errors = [line for line in output.splitlines() if "error: Adasum gradient reduction needs Horovod's MPI" in line]
+    assert len(errors) == 2 and all("horovodrun --mpi" in line for line in errors), output[-3000:]
+    assert "]<stderr>:Traceback" not in output and "No Adasum operation enabled" not in output
+    assert not (tmp_path / "gloo" / "checkpoints").exists()

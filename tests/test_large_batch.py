@@ -30,6 +30,7 @@ def test_peak_learning_rates():
     assert peak_lr("schedule", 0.01, 1024, 16, 1.5) == pytest.approx(0.015)  # capped
     assert peak_lr("schedule", 0.01, 32, 16, 1.5) == pytest.approx(0.01 * math.sqrt(2))  # below the cap
     assert peak_lr("none", 0.01, 1024, 16, 1.5) == 0.01
+    assert peak_lr("adasum", 0.01, 1024, 16, 1.5) == 0.01  # Adasum needs no scaling with the ranks
 
 
 def test_tiny_experiment_tunes_past_a_planted_exploding_lr(tmp_path, tiny_data):
@@ -60,6 +61,23 @@ def test_tiny_experiment_tunes_past_a_planted_exploding_lr(tmp_path, tiny_data):
     assert "[large_batch] training" not in again.stdout and "[large_batch] wrote" in again.stdout
 
 
+
+def test_adasum_policy_trains_on_two_mpi_ranks_at_the_base_lr(tmp_path, tiny_data):
+    """The adasum run is train.py --gradient_reduction=adasum under horovodrun --mpi (Gloo would refuse it),
+    at the tuned base LR with a linear decay; its averaging twin is schedule at cap 1x."""
+    out = tmp_path / "lb"
+    python("-m", "horovod_mlstm.experiments.large_batch", f"--out_dir={out}", f"--data_dir={tiny_data}",
+           "--batches=8", "--policies=adasum", "--base_lrs=3e-3", "--reference_batch=8", "--chars=4096",
+           "--hidden_size=16", "--seq_length=16", "--micro_batch=4", "--evals=2", "--eval_streams=4",
+           "--eval_windows=2", "--threads=1", "--np=2", "--parallel=1", check=True, timeout=600)
+    (run,) = json.loads((out / "results.json").read_text())["runs"]
+    assert run["policy"] == "adasum" and run["peak_lr"] == 3e-3 and run["outcome"] != "diverged"
+    (adasum_dir,) = out.glob("b8_lr0.003_linear_adasum_*")
+    summary = json.loads((adasum_dir / "summary.json").read_text())
+    assert summary["gradient_reduction"] == "adasum" and summary["world_size"] == 2
+    assert summary["replicas_in_sync"] is True
+
+
 @pytest.mark.parametrize("flag, message", [
     ("--policies=linear,cubic", "--policies must be some of"),
     ("--policies=", "--policies must be some of"),
@@ -67,9 +85,12 @@ def test_tiny_experiment_tunes_past_a_planted_exploding_lr(tmp_path, tiny_data):
     ("--cap_multiples=0", "must be positive"),
     ("--batches=0", "must be positive"),
     ("--batches=100", "batch 100 does not split into 1 process(es) x micro-batches of 64"),
+    ("--policies=schedule,adasum", "--policies=adasum needs --np of 2, 4, 8, ... (Adasum combines the gradients of "
+     "several ranks, a power-of-2 number of them in Horovod), got --np 1"),
+    ("--policies=adasum --np=3", "--policies=adasum needs --np of 2, 4, 8, ..."),
 ])
 def test_bad_flags_are_one_line_before_any_training(tmp_path, flag, message):
-    proc = python("-m", "horovod_mlstm.experiments.large_batch", f"--out_dir={tmp_path}", "--micro_batch=64", flag,
-                  timeout=120)
+    proc = python("-m", "horovod_mlstm.experiments.large_batch", f"--out_dir={tmp_path}", "--micro_batch=64",
+                  *flag.split(" "), timeout=120)
     assert proc.returncode != 0 and message in last_line(proc.stderr)
     assert "[large_batch] training" not in proc.stdout

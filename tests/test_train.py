@@ -38,6 +38,8 @@ def assert_same_weights(a, b, rtol=1e-5, atol=1e-6):
     (["--cycle_time_ms=-1"], "--cycle_time_ms must be a finite number >= 0"),
     (["--cycle_time_ms=nan"], "--cycle_time_ms must be a finite number >= 0"),
     (["--clip_norm=inf"], "--clip_norm must be a finite number >= 0"),
+    (["--gradient_reduction=sum"], "gradient_reduction"),
+    (["--gradient_reduction=adasum", "--elastic"], "--gradient_reduction=adasum does not work with --elastic"),
     (["--data_dir=/nonexistent/data"], "data directory '/nonexistent/data' does not exist"),
 ])
 def test_bad_flags_fail_fast_with_one_clear_line(tmp_path, args, message):

@@ -3,6 +3,8 @@
     python -m horovod_mlstm.experiments.large_batch --out_dir runs/large_batch [--data_dir D] \
         [--batches 16,128,1024] [--policies linear,sqrt,schedule,none] [--base_lrs 3e-3,1e-2,3e-2,1e-1] \
         [--cap_multiples 1.5] [--np 1 [--hostfile F]] [--parallel 2]
+    # Adasum (not among the default policies) combines the gradients of --np ranks, over MPI:
+    python -m horovod_mlstm.experiments.large_batch --policies schedule,adasum --np 2 --parallel 1
 
 1. Tune: at --reference_batch, train with each of --base_lrs (constant after warmup) and keep
    the stable one with the lowest mean validation BPC over its run as the base rate. Naive
@@ -13,6 +15,10 @@
      schedule  the project's recipe: min(base x sqrt(batch/ref), cap x base) for each cap
                of --cap_multiples, linear decay to zero after the warmup
      none      base, whatever the batch (the control: ignore the batch size)
+     adasum    base, whatever the batch, linear decay like schedule, and the --np ranks' gradients
+               combined by Horovod's Adasum instead of averaged (train.py --gradient_reduction=adasum;
+               needs --np a power of 2 from 2, and runs under horovodrun --mpi: Gloo has no Adasum).
+               Not a default policy. Its averaging twin is schedule with --cap_multiples 1.
    Every run warms up linearly over its first 10% of steps, and every run sees the same
    number of characters (steps = chars / (batch x seq_length)).
 
@@ -49,15 +55,19 @@ from absl import app, flags, logging
 from horovod_mlstm import jobs
 from horovod_mlstm.schedule import peak_learning_rate
 
-POLICIES = ("linear", "sqrt", "schedule", "none")
+POLICIES = ("linear", "sqrt", "schedule", "none", "adasum")
+DEFAULT_POLICIES = ("linear", "sqrt", "schedule", "none")  # adasum needs --np >= 2 and MPI
 UNTRAINED_BPC = 8.0  # a model that guesses every byte uniformly
 
 
 def peak_lr(policy: str, base_lr: float, batch: int, reference_batch: int, cap_multiple: float) -> float:
     """The peak learning rate a policy gives a batch, from the base rate tuned at reference_batch:
-    train.py's own scaling rule, with the schedule's sqrt scaling capped at cap_multiple x base."""
+    train.py's own scaling rule, with the schedule's sqrt scaling capped at cap_multiple x base.
+    Adasum's combination needs no scaling with the ranks (Horovod): the base at every batch."""
     if policy == "schedule":
         return peak_learning_rate(base_lr, batch, reference_batch, "sqrt", cap_multiple * base_lr)
+    if policy == "adasum":
+        return peak_learning_rate(base_lr, batch, reference_batch, "none")
     return peak_learning_rate(base_lr, batch, reference_batch, policy)
 
 
@@ -82,8 +92,9 @@ def check_batch(batch: int, F) -> int:
     return min(F.micro_batch, per_rank)
 
 
-def train(batch: int, lr: float, decay: str, F, data_dir: str) -> dict:
-    """One train.py job, or its summary if a job with the same settings already finished."""
+def train(batch: int, lr: float, decay: str, reduction: str, F, data_dir: str) -> dict:
+    """One train.py job, or its summary if a job with the same settings already finished.
+    reduction "adasum" trains with --gradient_reduction=adasum under horovodrun --mpi."""
     micro = check_batch(batch, F)
     steps = max(2, F.chars // (batch * F.seq_length))
     settings = [f"--data_dir={data_dir}", f"--hidden_size={F.hidden_size}", "--embed_size=32",
@@ -95,17 +106,21 @@ def train(batch: int, lr: float, decay: str, F, data_dir: str) -> dict:
                 f"--eval_batch_size={max(1, F.eval_streams // F.np)}", "--clip_norm=0",
                 # Diverging is an outcome to record here, not a reason to stop the job.
                 "--divergence_bpc=0", f"--max_skipped_steps={2 * steps}"]
+    if reduction != "average":  # only then, so averaging runs keep their settings, hence their directories
+        settings.append(f"--gradient_reduction={reduction}")
     digest = hashlib.sha1(" ".join(settings + [f"np={F.np}"]).encode()).hexdigest()[:8]
-    model_dir = os.path.join(F.out_dir, f"b{batch}_lr{lr:.4g}_{decay}_{digest}")
+    tag = "adasum_" if reduction == "adasum" else ""
+    model_dir = os.path.join(F.out_dir, f"b{batch}_lr{lr:.4g}_{decay}_{tag}{digest}")
     summary_path = os.path.join(model_dir, "summary.json")
     if os.path.exists(summary_path):
         logging.info("reusing %s", model_dir)
     else:
         # One write per line: runs on --parallel threads print concurrently.
-        print(f"[large_batch] training batch {batch} at peak LR {lr:.4g} ({decay}, {steps} steps)\n", end="",
-              flush=True)
+        print(f"[large_batch] training batch {batch} at peak LR {lr:.4g} ({decay}, {steps} steps"
+              f"{', Adasum' if reduction == 'adasum' else ''})\n", end="", flush=True)
         jobs.run([f"--model_dir={model_dir}", *settings, f"--log_every={max(1, steps // 4)}",
-                  f"--checkpoint_every={steps}", f"--intra_op_threads={F.threads}"], F.np, hostfile=F.hostfile)
+                  f"--checkpoint_every={steps}", f"--intra_op_threads={F.threads}"], F.np,
+                 controller="mpi" if reduction == "adasum" else "gloo", hostfile=F.hostfile)
     with open(summary_path) as f:  # summary.json writes a non-finite BPC as null
         summary = json.load(f, object_hook=lambda d: {k: float("nan") if v is None and "bpc" in k else v
                                                       for k, v in d.items()})
@@ -114,8 +129,8 @@ def train(batch: int, lr: float, decay: str, F, data_dir: str) -> dict:
             "curve": [(h["chars_seen"], h["val_bpc"]) for h in summary["history"]]}
 
 
-def train_all(runs: list[tuple[int, float, str]], F, data_dir: str) -> dict:
-    """Every distinct (batch, peak LR, decay) run, --parallel at a time: {run: result}.
+def train_all(runs: list[tuple[int, float, str, str]], F, data_dir: str) -> dict:
+    """Every distinct (batch, peak LR, decay, reduction) run, --parallel at a time: {run: result}.
     The first failure cancels the runs not yet started and is raised."""
     distinct = list(dict.fromkeys(runs))
     pool = concurrent.futures.ThreadPoolExecutor(F.parallel)
@@ -133,7 +148,7 @@ def tune_base_lr(candidates: list[float], F, data_dir: str) -> tuple[float, list
     lowest: on an easy corpus every rate reaches the same floor and the final value alone
     picks among ties by noise (seen on the built-in corpus, docs/LARGE_BATCH.md).
     """
-    done = train_all([(F.reference_batch, lr, "constant") for lr in candidates], F, data_dir)
+    done = train_all([(F.reference_batch, lr, "constant", "average") for lr in candidates], F, data_dir)
     runs = [{"policy": "tune", **r} for r in done.values()]
     for r in runs:
         r["mean_bpc"] = sum(b for _, b in r["curve"]) / len(r["curve"]) if r["outcome"] == "stable" else float("nan")
@@ -170,7 +185,8 @@ def write_report(base_lr: float, tuning: list[dict], results: list[dict], out_di
 
     batches = sorted({r["batch"] for r in results})
     fig, axes = plt.subplots(1, len(batches), figsize=(4.2 * len(batches), 4.5), sharey=True, squeeze=False)
-    colors = {"linear": "tab:red", "sqrt": "tab:orange", "schedule": "tab:blue", "none": "tab:gray"}
+    colors = {"linear": "tab:red", "sqrt": "tab:orange", "schedule": "tab:blue", "none": "tab:gray",
+              "adasum": "tab:green"}
     for ax, batch in zip(axes[0], batches):
         for i, r in enumerate(r for r in results if r["batch"] == batch):
             xs = [0] + [c for c, _ in r["curve"]]
@@ -199,6 +215,9 @@ def main(argv):
         sys.exit(f"error: unexpected arguments {argv[1:]}")
     if not F.policies or not set(F.policies) <= set(POLICIES):
         sys.exit(f"error: --policies must be some of {','.join(POLICIES)}, got {','.join(F.policies) or 'none'}")
+    if "adasum" in F.policies and (F.np < 2 or F.np & (F.np - 1)):
+        sys.exit(f"error: --policies=adasum needs --np of 2, 4, 8, ... (Adasum combines the gradients of several "
+                 f"ranks, a power-of-2 number of them in Horovod), got --np {F.np}")
     try:
         batches = [int(b) for b in F.batches]
         base_lrs = [float(lr) for lr in F.base_lrs]
@@ -230,7 +249,8 @@ def main(argv):
             for policy in F.policies:
                 for cap in caps if policy == "schedule" else [None]:
                     lr = peak_lr(policy, base_lr, batch, F.reference_batch, cap or 0.0)
-                    planned[batch, policy, cap] = (batch, lr, "linear" if policy == "schedule" else "constant")
+                    decay = "linear" if policy in ("schedule", "adasum") else "constant"
+                    planned[batch, policy, cap] = (batch, lr, decay, "adasum" if policy == "adasum" else "average")
         done = train_all(list(planned.values()), F, data_dir)
     except (ValueError, jobs.JobError) as e:
         sys.exit(f"error: {e}")
@@ -248,7 +268,7 @@ if __name__ == "__main__":
     flags.DEFINE_string("out_dir", "runs/large_batch", "Where runs, results.md and curves.png go.")
     flags.DEFINE_string("data_dir", "", "Preprocessed shards; empty = the built-in corpus.")
     flags.DEFINE_list("batches", ["16", "128", "1024"], "Global batches (sequences) to compare.")
-    flags.DEFINE_list("policies", list(POLICIES), "LR policies to compare.")
+    flags.DEFINE_list("policies", list(DEFAULT_POLICIES), f"LR policies to compare, of {','.join(POLICIES)}.")
     flags.DEFINE_list("base_lrs", ["3e-3", "1e-2", "3e-2", "1e-1"], "Candidate base LRs, tried at --reference_batch.")
     flags.DEFINE_integer("reference_batch", 16, "The small batch the base LR is tuned at.", lower_bound=1)
     flags.DEFINE_list("cap_multiples", ["1.5"], "schedule policy: caps on the peak LR, as multiples of the base LR "
@@ -264,6 +284,7 @@ if __name__ == "__main__":
                        lower_bound=0.0)
     flags.DEFINE_integer("parallel", 2, "Runs trained at once (use 1 with --np > 1).", lower_bound=1)
     flags.DEFINE_integer("threads", 1, "TensorFlow intra-op threads per process.", lower_bound=1)
-    flags.DEFINE_integer("np", 1, "Processes per run (horovodrun with Gloo when > 1).", lower_bound=1)
+    flags.DEFINE_integer("np", 1, "Processes per run (horovodrun with Gloo when > 1; with MPI for adasum).",
+                         lower_bound=1)
     flags.DEFINE_string("hostfile", "", "With --np > 1: horovodrun's hostfile (default: all processes on localhost).")
     app.run(main)
