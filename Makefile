@@ -7,7 +7,7 @@ NP ?= 2
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 
 .PHONY: help setup test train lint bench capacity large-batch docker-build docker-run docker-base docker-test wheelhouse \
-	clean cluster-test
+	clean cluster-test pretrain-imdb imdb-model-size
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
@@ -50,6 +50,18 @@ large-batch: setup ## The large-batch experiment of docs/LARGE_BATCH.md: SST fro
 	  echo "[large-batch] $(SST) is absent: using the built-in corpus"; \
 	  $(PY) -m horovod_mlstm.experiments.large_batch --out_dir runs/large_batch $(ARGS); \
 	fi
+
+IMDB := ../shared/data/imdb
+data/imdb/manifest.json:  # the unlabelled IMDB reviews, preprocessed (needs ../shared)
+	@[ -f $(IMDB)/unsup.txt.gz ] || { echo "error: $(IMDB)/unsup.txt.gz not found: the IMDB recipe reads ../shared/data/imdb" >&2; exit 1; }
+	$(PY) -m horovod_mlstm.preprocess --input $(IMDB)/unsup.txt.gz --format text --output_dir data/imdb \
+	  --num_shards 16 --val_fraction 0.01 --test_fraction 0.01 --workers 2
+
+pretrain-imdb: setup data/imdb/manifest.json ## Pretrain on 50,000 IMDB reviews (configs/cpu_imdb.cfg, 2 h budget; rerun resumes)
+	bash launch/horovodrun.sh --gloo --np $(NP) --flagfile=configs/cpu_imdb.cfg $(ARGS)
+
+imdb-model-size: setup data/imdb/manifest.json ## Validation BPC of hidden 256/512/1024 at equal characters on IMDB
+	$(PY) -m horovod_mlstm.experiments.model_size --flagfile_train configs/cpu_imdb.cfg --out_dir runs/model_size $(ARGS)
 
 DEVICE ?= gpu
 DOCKER_ENV = DEVICE=$(DEVICE) $(if $(IMAGE),IMAGE=$(IMAGE)) $(if $(BASE_IMAGE),BASE_IMAGE=$(BASE_IMAGE)) NP=$(NP)
