@@ -1,7 +1,7 @@
 # horovod_mlstm image: the pinned stack of `make setup`, for GPUs (default) or CPUs.
 #   make docker-build                 GPU: NVIDIA's CUDA 12.2 + cuDNN 8.9 image, tensorflow==2.15.1, NCCL
 #   make docker-build DEVICE=cpu      CPU: Debian 12 (Python 3.11 is Debian's), tensorflow-cpu==2.15.1
-# Offline: `make wheelhouse` first; pip then installs only from wheelhouse/ (--no-index).
+# Offline: `make wheelhouse DEVICE=cpu|gpu` first; pip then installs only from wheelhouse/ (--no-index).
 # Without a registry: `make docker-base` imports a debootstrapped Debian 12 as the CPU base.
 # Stages: system (runtime packages), build (compilers; the venv and Horovod), then the final
 # image = system + the built venv + the code, so neither compilers nor wheels ship, and editing
@@ -35,10 +35,8 @@ COPY launch/ launch/
 COPY configs/ configs/
 COPY hostfiles/ hostfiles/
 COPY scripts/ scripts/
-# No secrets in the image: sshd's host keys are made per container (`ssh-keygen -A`, docs/CLUSTER.md).
 RUN pip install -q --no-cache-dir --no-index --no-deps --no-build-isolation -e . \
-    && horovodrun --check-build \
-    && rm -f /etc/ssh/ssh_host_*
+    && horovodrun --check-build
 
 # `docker run IMAGE` trains the CPU demo with 2 processes, as `make train` does; on a cluster,
 # `docker run --network host ... IMAGE bash launch/mpirun.sh --hostfile H --flagfile=...`.

@@ -64,7 +64,8 @@ imdb-model-size: setup data/imdb/manifest.json ## Validation BPC of hidden 256/5
 	$(PY) -m horovod_mlstm.experiments.model_size --flagfile_train configs/cpu_imdb.cfg --out_dir runs/model_size $(ARGS)
 
 DEVICE ?= gpu
-DOCKER_ENV = DEVICE=$(DEVICE) $(if $(IMAGE),IMAGE=$(IMAGE)) $(if $(BASE_IMAGE),BASE_IMAGE=$(BASE_IMAGE)) NP=$(NP)
+DOCKER_ENV = DEVICE=$(DEVICE) $(if $(IMAGE),IMAGE=$(IMAGE)) $(if $(BASE_IMAGE),BASE_IMAGE=$(BASE_IMAGE)) NP=$(NP) \
+  DOCKER_BUILD_ARGS="$(DOCKER_BUILD_ARGS)"
 docker-build: ## Build the image (DEVICE=gpu|cpu; offline when wheelhouse/ is full; BASE_IMAGE= to override)
 	$(DOCKER_ENV) bash scripts/docker.sh build
 
@@ -72,7 +73,7 @@ docker-run: ## Train the 2-process demo in the image, runs/ and data/ mounted (o
 	$(DOCKER_ENV) bash scripts/docker.sh run $(CMD)
 
 docker-base: ## Debian 12 base image horovod_mlstm-base:bookworm from debootstrap (no registry needed)
-	bash scripts/docker.sh base
+	$(if $(DEBIAN_MIRROR),DEBIAN_MIRROR=$(DEBIAN_MIRROR)) bash scripts/docker.sh base
 
 wheelhouse: ## Download every pinned wheel and Horovod's source into wheelhouse/ (for offline image builds)
 	DEVICE=$(DEVICE) bash scripts/docker.sh wheelhouse

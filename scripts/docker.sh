@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
 # The Docker image, built and proven on machines without a registry or a package index
-# (the make targets docker-*, wheelhouse call this; docs/DOCKER.md).
+# (the make targets docker-*, wheelhouse call this; docs/CLUSTER.md, section 6).
 #   docker.sh daemon        dockerd reachable: installs Debian's docker.io and starts it if need be
 #   docker.sh base          Debian 12 base image from debootstrap + `docker import` (no registry)
 #   docker.sh wheelhouse    every pinned wheel and Horovod's source in wheelhouse/, by the host's pip
 #   docker.sh build         the image ($IMAGE, $DEVICE, $BASE_IMAGE), offline when wheelhouse/ is full
 #   docker.sh run [CMD...]  the container with runs/ and data/ mounted; default: the 2-process demo
 #   docker.sh test          all of the above for the CPU image, then checks the demo's summary.json
-# Settings (environment): DEVICE=gpu|cpu, IMAGE, BASE_IMAGE, NP, RUNS, DATA, DEBIAN_MIRROR.
+# Settings (environment): DEVICE=gpu|cpu, IMAGE, BASE_IMAGE, NP, RUNS, DATA, DEBIAN_MIRROR, PYTHON,
+# DOCKER_BUILD_ARGS (more `docker build` options, e.g. --build-arg http_proxy=...), DOCKERD_LOG.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -17,8 +18,9 @@ LOCAL_BASE=horovod_mlstm-base:bookworm
 if [ "$DEVICE" = cpu ]; then DEFAULT_BASE=debian:bookworm-slim; else DEFAULT_BASE=nvidia/cuda:12.2.2-cudnn8-devel-ubuntu22.04; fi
 BASE_IMAGE=${BASE_IMAGE:-$DEFAULT_BASE}
 NP=${NP:-2}
-RUNS=${RUNS:-$PWD/runs}
-DATA=${DATA:-$PWD/data}
+RUNS=$(realpath -m "${RUNS:-runs}")  # absolute: a relative -v source would be a named volume
+DATA=$(realpath -m "${DATA:-data}")
+DOCKERD_LOG=${DOCKERD_LOG:-build/dockerd.log}
 DEBIAN_MIRROR=${DEBIAN_MIRROR:-http://deb.debian.org/debian}
 export DOCKER_BUILDKIT=0  # the classic builder: Debian's docker.io has no buildx
 
@@ -36,43 +38,52 @@ apt_install() {
 daemon() {
   command -v docker >/dev/null || apt_install docker docker.io
   local why
-  why=$(docker info 2>&1 >/dev/null) && return 0
+  why=$(docker info 2>&1) && return 0  # docker 20.10 prints its errors on stdout
   case "$why" in
     *"permission denied"*) die "no permission to use the Docker daemon (/var/run/docker.sock): run as root or join the docker group" ;;
   esac
   command -v dockerd >/dev/null || apt_install dockerd docker.io
   [ "$(id -u)" = 0 ] || die "dockerd is not running and starting it needs root"
-  mkdir -p build
-  log "starting dockerd (log: build/dockerd.log)"
-  setsid nohup dockerd >build/dockerd.log 2>&1 </dev/null &
+  mkdir -p "$(dirname "$DOCKERD_LOG")"
+  log "starting dockerd (log: $DOCKERD_LOG)"
+  setsid nohup dockerd >"$DOCKERD_LOG" 2>&1 </dev/null &
   STARTED_DOCKERD=$!  # test stops it again (cleanup)
   for _ in $(seq 60); do
     docker info >/dev/null 2>&1 && return 0
     kill -0 $! 2>/dev/null || break
     sleep 1
   done
-  die "dockerd did not start: $(grep -m1 -iE 'level=(error|fatal)|failed' build/dockerd.log || tail -n1 build/dockerd.log)"
+  die "dockerd did not start: $(grep -m1 -iE 'level=(error|fatal)|failed' "$DOCKERD_LOG" || tail -n1 "$DOCKERD_LOG")"
 }
 
 base() {
   daemon
   command -v debootstrap >/dev/null || apt_install debootstrap debootstrap
   local root=build/rootfs start=$SECONDS
-  rm -rf "$root" && mkdir -p build
+  rm -rf --one-file-system "$root" && mkdir -p build  # never into a bind mount a killed debootstrap left
   log "debootstrap --variant=minbase bookworm from $DEBIAN_MIRROR"
   debootstrap --variant=minbase bookworm "$root" "$DEBIAN_MIRROR" >build/debootstrap.log 2>&1 \
     || die "debootstrap failed: $(tail -n1 build/debootstrap.log) (whole log: build/debootstrap.log)"
   printf 'deb %s bookworm main\ndeb %s bookworm-updates main\ndeb http://deb.debian.org/debian-security bookworm-security main\n' \
     "$DEBIAN_MIRROR" "$DEBIAN_MIRROR" >"$root/etc/apt/sources.list"
+  # Nothing of the build host: its DNS settings and name, apt's downloads and lists.
+  rm -f "$root"/etc/resolv.conf "$root"/etc/hostname
   rm -rf "$root"/var/cache/apt/archives/*.deb "$root"/var/lib/apt/lists/*
   tar -C "$root" -c . | docker import -c 'CMD ["bash"]' - "$LOCAL_BASE" >/dev/null
-  rm -rf "$root"
+  rm -rf --one-file-system "$root"
   log "$LOCAL_BASE: $(docker image inspect -f '{{.Size}}' "$LOCAL_BASE" | awk '{printf "%.0f MB", $1/1e6}') in $((SECONDS - start)) s"
 }
 
 wheelhouse() {
-  local py=${PYTHON:-python3.11} reqs=build/requirements-$DEVICE.txt start=$SECONDS
-  command -v "$py" >/dev/null || die "$py not found: the wheelhouse is downloaded by the host's Python 3.11 pip"
+  local py=${PYTHON:-python3.11} reqs=build/requirements-$DEVICE.txt start=$SECONDS glibc max
+  [ -n "${PYTHON:-}" ] || [ ! -x .venv/bin/python ] || py=.venv/bin/python
+  "$py" -m pip --version >/dev/null 2>&1 \
+    || die "$py with pip not found: the wheelhouse is downloaded by a Python 3.11 pip on the host (PYTHON=...)"
+  # The host's pip picks wheels for the host's glibc: not newer than the image's, or they will not install.
+  if [ "$DEVICE" = gpu ]; then max=2.35; else max=2.36; fi  # Ubuntu 22.04, Debian 12
+  glibc=$("$py" -c 'import platform; print(platform.libc_ver()[1])')
+  [ "$(printf '%s\n%s\n' "$glibc" "$max" | sort -V | tail -n1)" = "$max" ] \
+    || die "this host's glibc $glibc is newer than the $DEVICE image's $max: download the wheelhouse on an older host"
   mkdir -p build wheelhouse
   sed "$([ "$DEVICE" = gpu ] && echo 's/^tensorflow-cpu==/tensorflow==/')" requirements.txt >"$reqs"
   log "downloading the pinned wheels ($DEVICE) and Horovod's source into wheelhouse/"
@@ -83,16 +94,23 @@ wheelhouse() {
 
 build() {
   daemon
-  local start=$SECONDS
+  local start=$SECONDS why
+  if ! docker image inspect "$BASE_IMAGE" >/dev/null 2>&1; then
+    log "pulling $BASE_IMAGE"
+    why=$(docker pull -q "$BASE_IMAGE" 2>&1 >/dev/null) || die "cannot pull $BASE_IMAGE ($(tail -n1 <<<"$why")); \
+without a registry the CPU image builds on a local Debian base: make docker-base, then \
+make docker-build DEVICE=cpu BASE_IMAGE=$LOCAL_BASE"
+  fi
   log "building $IMAGE (DEVICE=$DEVICE, BASE_IMAGE=$BASE_IMAGE)"
-  docker build -t "$IMAGE" --build-arg DEVICE="$DEVICE" --build-arg BASE_IMAGE="$BASE_IMAGE" .
+  # shellcheck disable=SC2086  # DOCKER_BUILD_ARGS is a list of options
+  docker build -t "$IMAGE" --build-arg DEVICE="$DEVICE" --build-arg BASE_IMAGE="$BASE_IMAGE" ${DOCKER_BUILD_ARGS:-} .
   log "$IMAGE: $(docker image inspect -f '{{.Size}}' "$IMAGE" | awk '{printf "%.2f GB", $1/1e9}') in $((SECONDS - start)) s"
 }
 
 run() {
   daemon
   local gpus=()
-  command -v nvidia-smi >/dev/null 2>&1 && gpus=(--gpus all)
+  command -v nvidia-smi >/dev/null 2>&1 && gpus=(--gpus all --ipc host)  # NCCL needs more than 64 MB of /dev/shm
   mkdir -p "$RUNS" "$DATA"
   [ $# -gt 0 ] || set -- bash launch/horovodrun.sh --gloo --np "$NP" --flagfile=configs/cpu_demo.cfg
   docker run --rm --network host "${gpus[@]}" -v "$RUNS:/opt/horovod_mlstm/runs" \
@@ -161,8 +179,13 @@ test_image() {
   trap cleanup EXIT
   daemon
   docker image inspect "$LOCAL_BASE" >/dev/null 2>&1 || base
-  compgen -G "wheelhouse/tensorflow_cpu-*.whl" >/dev/null && [ -f wheelhouse/horovod-0.28.1.tar.gz ] || wheelhouse
+  wheelhouse  # pip download keeps what is there and adds what requirements.txt now asks for
   BASE_IMAGE=$LOCAL_BASE build
+  local refused
+  refused=$(BASE_IMAGE=registry.invalid/none:1 bash "$PWD/scripts/docker.sh" build 2>&1) && die "a build on an unreachable base succeeded"
+  grep -q "error: cannot pull registry.invalid/none:1 .*make docker-base" <<<"$refused" \
+    || die "an unreachable base gave no clear error: $refused"
+  log "ok: an unreachable base is one line naming make docker-base"
   rm -rf "$out" && mkdir -p "$out"
   log "the 2-process demo, as make docker-run runs it"
   RUNS=$out/runs DATA=$out/data run

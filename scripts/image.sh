@@ -41,6 +41,9 @@ system() {
   esac
   # shellcheck disable=SC2086  # a list of package names
   apt-get install -y -qq --no-install-recommends $pkgs >/dev/null
+  # No secrets in any layer: sshd's host keys are made by each container (ssh-keygen -A).
+  rm -f /etc/ssh/ssh_host_*
+  apt-get clean
   rm -rf /var/lib/apt/lists/*
 }
 

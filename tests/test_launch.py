@@ -341,8 +341,9 @@ def fake_commands(tmp_path, **scripts):
 
 
 def test_docker_daemon_without_permission_is_one_line(tmp_path):
-    env = fake_commands(tmp_path, docker="echo 'permission denied while trying to connect to the Docker daemon "
-                                         "socket at unix:///var/run/docker.sock' >&2; exit 1")
+    # docker 20.10 prints this on stdout, newer clients on stderr: the script must see both
+    env = fake_commands(tmp_path, docker="echo 'ERROR: Got permission denied while trying to connect to the Docker "
+                                         "daemon socket at unix:///var/run/docker.sock'; exit 1")
     proc = run(["bash", "scripts/docker.sh", "daemon"], cwd=REPO, env=env)
     assert proc.returncode == 1 and proc.stderr.count("\n") == 1, proc.stderr
     assert proc.stderr.startswith("[docker] error: no permission to use the Docker daemon")
@@ -351,7 +352,7 @@ def test_docker_daemon_without_permission_is_one_line(tmp_path):
 def test_docker_daemon_that_cannot_start_names_the_cause(tmp_path):
     env = fake_commands(tmp_path, docker="echo 'Cannot connect to the Docker daemon' >&2; exit 1",
                         dockerd="echo 'level=fatal msg=\"failed to start daemon: iptables not found\"'; exit 1")
-    proc = run(["bash", "scripts/docker.sh", "daemon"], cwd=REPO, env=env)
+    proc = run(["bash", "scripts/docker.sh", "daemon"], cwd=REPO, env={**env, "DOCKERD_LOG": str(tmp_path / "d.log")})
     assert proc.returncode == 1 and last_line(proc.stderr).startswith("[docker] error: dockerd did not start: ")
     assert "iptables not found" in proc.stderr and proc.stderr.count("error") == 1, proc.stderr
 
