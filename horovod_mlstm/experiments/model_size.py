@@ -4,8 +4,8 @@
         --out_dir runs/model_size [--hidden_sizes 256,512,1024] [--chars 4e6] [--np 2]
 
 One train.py job per hidden size, every other setting the same (--flagfile_train, then the
-overrides below): the same data, global batch, learning-rate schedule (warmup, then linear decay
-to zero at the last step) and characters. Each is evaluated on the whole validation split at
+overrides below): the same data, global batch, learning-rate schedule (warmup over the first 10%
+of steps, then linear decay to zero at the last step) and characters. Each is evaluated on the whole validation split at
 --evals points (the same fixed streams for every size), so the curves compare like with like.
 A finished run is reused (its directory is named by a digest of its settings).
 
@@ -37,6 +37,7 @@ def train(hidden: int, F) -> dict:
     settings = [f"--flagfile={os.path.abspath(F.flagfile_train)}" if F.flagfile_train else "",
                 f"--hidden_size={hidden}", f"--batch_size_per_worker={F.batch_size_per_worker}",
                 f"--seq_length={F.seq_length}", f"--train_steps={steps}", "--lr_horizon_steps=0",
+                f"--warmup_steps={max(1, steps // 10)}",
                 f"--eval_every={max(1, steps // F.evals)}", "--eval_windows=0", "--milestone_chars=",
                 "--max_runtime_minutes=0", *F.train_args]
     settings = [s for s in settings if s]
