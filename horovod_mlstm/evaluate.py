@@ -20,7 +20,7 @@ from horovod_mlstm import data, distributed as dist
 from horovod_mlstm.checkpoint import CheckpointError
 from horovod_mlstm.flags import BUILTIN_DATA_DIR, define_common
 from horovod_mlstm.inference import load_trained_model
-from horovod_mlstm.metrics import bits_per_char
+from horovod_mlstm.metrics import bpc_and_chars
 from horovod_mlstm.records import SPLITS, DataError
 
 
@@ -54,8 +54,7 @@ def main(argv):
     except (CheckpointError, DataError, FileNotFoundError, ValueError) as e:
         sys.exit(f"error: {e}")
     start = time.time()
-    bpc = bits_per_char(model, streams)
-    scored = int(dist.total(streams.rows * (streams.stream_length - 1)))
+    bpc, scored = bpc_and_chars(model, streams)
     total = data.split_bytes(data_dir, FLAGS.split)
     result = {"model_dir": FLAGS.model_dir, "data_dir": data_dir, "split": FLAGS.split, "bpc": bpc,
               "bytes_scored": scored, "bytes_in_split": total, "ranks": dist.size(),

@@ -28,7 +28,8 @@ def load_trained_model(model_dir: str) -> LanguageModel:
     return _restore(model_dir)[0]
 
 
-def _sha256(path: str) -> str:
+def file_sha256(path: str) -> str:
+    """The SHA-256 of a file, hex: what names checkpoints, inputs and caches."""
     with open(path, "rb") as f:
         return hashlib.file_digest(f, "sha256").hexdigest()
 
@@ -40,8 +41,8 @@ def checkpoint_identity(model_dir: str, checkpoint: str) -> dict:
     hash changes with any weight; hashing it is cheap even for a 4096-unit model.
     """
     return {"model_dir": os.path.abspath(model_dir), "checkpoint": os.path.basename(checkpoint),
-            "index_sha256": _sha256(checkpoint + ".index"),
-            "config_sha256": _sha256(os.path.join(model_dir, "config.json"))}
+            "index_sha256": file_sha256(checkpoint + ".index"),
+            "config_sha256": file_sha256(os.path.join(model_dir, "config.json"))}
 
 
 def same_checkpoint(a: dict, b: dict) -> bool:

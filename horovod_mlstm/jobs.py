@@ -6,6 +6,8 @@ localhost or on the hosts of a hostfile (`host slots=N` lines, as in hostfiles/)
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import subprocess
 import sys
@@ -42,6 +44,29 @@ def run(train_args: list[str], np: int = 1, controller: str = "gloo", hostfile: 
                           cwd=REPO, env=ENV)
     _check(train_args, proc.returncode, proc.stderr)
     return proc.stdout
+
+
+def run_once(out_dir: str, name: str, settings: list[str], run_args: list[str], announce: str, np: int = 1,
+             controller: str = "gloo", hostfile: str = "") -> tuple[str, dict, bool]:
+    """A job named by what decides its result, trained only if it has not finished before:
+    (its model_dir, its summary.json with null BPCs read as NaN, whether it was reused).
+
+    The directory is OUT_DIR/NAME_<digest of SETTINGS and np>, so an experiment run again trains
+    nothing it already has. RUN_ARGS (logging, checkpoint cadence, threads) do not change the
+    result and stay out of the digest; --model_dir comes after SETTINGS, so it overrides a
+    flagfile's. ANNOUNCE is printed, in one write (runs may start concurrently), before training.
+    """
+    digest = hashlib.sha1(" ".join(settings + [f"np={np}"]).encode()).hexdigest()[:8]
+    model_dir = os.path.join(out_dir, f"{name}_{digest}")
+    summary_path = os.path.join(model_dir, "summary.json")
+    reused = os.path.exists(summary_path)
+    if not reused:
+        print(announce + "\n", end="", flush=True)
+        run([*settings, f"--model_dir={model_dir}", *run_args], np, controller, hostfile)
+    with open(summary_path) as f:  # summary.json writes a non-finite BPC as null
+        summary = json.load(f, object_hook=lambda d: {k: float("nan") if v is None and "bpc" in k else v
+                                                      for k, v in d.items()})
+    return model_dir, summary, reused
 
 
 def run_together(jobs_args: list[list[str]]) -> list[str]:

@@ -28,7 +28,12 @@ def make_eval_step(model):
 
 
 def bits_per_char(model, streams: ByteStreams, windows: int = 0, eval_step=None) -> float:
-    """BPC over the first `windows` windows of every stream, summed over ranks.
+    """BPC over the first `windows` windows of every stream, summed over ranks (bpc_and_chars)."""
+    return bpc_and_chars(model, streams, windows, eval_step)[0]
+
+
+def bpc_and_chars(model, streams: ByteStreams, windows: int = 0, eval_step=None) -> tuple[float, int]:
+    """(BPC, characters scored) over the first `windows` windows of every stream, summed over ranks.
 
     The state starts at zero and carries across windows, as in training. windows=0 is one full
     pass, including the short tail after the last full window, so that every byte of every
@@ -47,4 +52,5 @@ def bits_per_char(model, streams: ByteStreams, windows: int = 0, eval_step=None)
         loss_sum, h, c = eval_step(tf.constant(tail[0]), tf.constant(tail[1]), h, c)
         nats += float(loss_sum)
         chars += float(tail[0].size)
-    return float(dist.total(nats) / dist.total(chars) / LN2)
+    chars = dist.total(chars)
+    return float(dist.total(nats) / chars / LN2), int(chars)

@@ -15,7 +15,6 @@ O/top_unit_histogram.png (two classes) or O/confusion_matrix.png (more).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import sys
@@ -29,7 +28,7 @@ from horovod_mlstm import distributed as dist
 from horovod_mlstm.checkpoint import CheckpointError
 from horovod_mlstm.classifier import Classifier, write_json
 from horovod_mlstm.flags import define_common
-from horovod_mlstm.inference import CHECKPOINT_KEYS, Featurizer, define_featurizer_flags, is_empty
+from horovod_mlstm.inference import CHECKPOINT_KEYS, Featurizer, define_featurizer_flags, file_sha256, is_empty
 from horovod_mlstm.textfiles import InputError, check_writable, read_csv_columns
 
 SPLITS = ("train", "val", "test")
@@ -171,9 +170,7 @@ def plot_confusion(matrix: list[list[int]], classes: list[str], path: str) -> No
 
 
 def file_identity(path: str) -> dict:
-    with open(path, "rb") as f:
-        digest = hashlib.file_digest(f, "sha256").hexdigest()
-    return {"path": os.path.abspath(path), "size": os.path.getsize(path), "sha256": digest}
+    return {"path": os.path.abspath(path), "size": os.path.getsize(path), "sha256": file_sha256(path)}
 
 
 def features_key(FLAGS, featurizer) -> dict:

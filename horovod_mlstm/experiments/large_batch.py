@@ -44,7 +44,6 @@ OUT/results.json and OUT/curves.png (validation BPC against characters seen, a p
 from __future__ import annotations
 
 import concurrent.futures
-import hashlib
 import json
 import math
 import os
@@ -108,22 +107,14 @@ def train(batch: int, lr: float, decay: str, reduction: str, F, data_dir: str) -
                 "--divergence_bpc=0", f"--max_skipped_steps={2 * steps}"]
     if reduction != "average":  # only then, so averaging runs keep their settings, hence their directories
         settings.append(f"--gradient_reduction={reduction}")
-    digest = hashlib.sha1(" ".join(settings + [f"np={F.np}"]).encode()).hexdigest()[:8]
-    tag = "adasum_" if reduction == "adasum" else ""
-    model_dir = os.path.join(F.out_dir, f"b{batch}_lr{lr:.4g}_{decay}_{tag}{digest}")
-    summary_path = os.path.join(model_dir, "summary.json")
-    if os.path.exists(summary_path):
+    model_dir, summary, reused = jobs.run_once(
+        F.out_dir, f"b{batch}_lr{lr:.4g}_{decay}" + ("_adasum" if reduction == "adasum" else ""), settings,
+        [f"--log_every={max(1, steps // 4)}", f"--checkpoint_every={steps}", f"--intra_op_threads={F.threads}"],
+        f"[large_batch] training batch {batch} at peak LR {lr:.4g} ({decay}, {steps} steps"
+        f"{', Adasum' if reduction == 'adasum' else ''})", F.np,
+        controller="mpi" if reduction == "adasum" else "gloo", hostfile=F.hostfile)
+    if reused:
         logging.info("reusing %s", model_dir)
-    else:
-        # One write per line: runs on --parallel threads print concurrently.
-        print(f"[large_batch] training batch {batch} at peak LR {lr:.4g} ({decay}, {steps} steps"
-              f"{', Adasum' if reduction == 'adasum' else ''})\n", end="", flush=True)
-        jobs.run([f"--model_dir={model_dir}", *settings, f"--log_every={max(1, steps // 4)}",
-                  f"--checkpoint_every={steps}", f"--intra_op_threads={F.threads}"], F.np,
-                 controller="mpi" if reduction == "adasum" else "gloo", hostfile=F.hostfile)
-    with open(summary_path) as f:  # summary.json writes a non-finite BPC as null
-        summary = json.load(f, object_hook=lambda d: {k: float("nan") if v is None and "bpc" in k else v
-                                                      for k, v in d.items()})
     return {"batch": batch, "peak_lr": lr, "steps": steps, "final_bpc": summary["val_bpc"],
             "outcome": outcome(summary["history"], F.spike_bits),
             "curve": [(h["chars_seen"], h["val_bpc"]) for h in summary["history"]]}

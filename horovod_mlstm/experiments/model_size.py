@@ -18,8 +18,8 @@ the ordering and the gaps, not the values.
 
 from __future__ import annotations
 
-import hashlib
 import json
+import math
 import os
 import sys
 
@@ -40,20 +40,14 @@ def train(hidden: int, F) -> dict:
                 f"--warmup_steps={max(1, steps // 10)}",
                 f"--eval_every={max(1, steps // F.evals)}", "--eval_windows=0", "--milestone_chars=",
                 "--max_runtime_minutes=0", *F.train_args]
-    settings = [s for s in settings if s]
-    digest = hashlib.sha1(" ".join(settings + [f"np={F.np}"]).encode()).hexdigest()[:8]
-    model_dir = os.path.abspath(os.path.join(F.out_dir, f"h{hidden}_{digest}"))
-    summary_path = os.path.join(model_dir, "summary.json")
-    if os.path.exists(summary_path):
+    model_dir, summary, reused = jobs.run_once(
+        os.path.abspath(F.out_dir), f"h{hidden}", [s for s in settings if s],
+        [f"--checkpoint_every={steps}", f"--log_every={max(1, steps // 10)}"],
+        f"[model_size] hidden {hidden}: training {steps} steps ({steps * chars_per_step:,} characters)",
+        F.np, hostfile=F.hostfile)
+    if reused:
         print(f"[model_size] hidden {hidden}: reusing {model_dir}", flush=True)
-    else:
-        print(f"[model_size] hidden {hidden}: training {steps} steps ({steps * chars_per_step:,} characters)",
-              flush=True)
-        jobs.run([*settings, f"--model_dir={model_dir}", f"--checkpoint_every={steps}",
-                  f"--log_every={max(1, steps // 10)}"], F.np, hostfile=F.hostfile)
-    with open(summary_path) as f:
-        summary = json.load(f)
-    if summary["final_step"] != steps or summary["val_bpc"] is None:
+    if summary["final_step"] != steps or not math.isfinite(summary["val_bpc"]):
         raise ValueError(f"{model_dir} ended at step {summary['final_step']} of {steps} with validation BPC "
                          f"{summary['val_bpc']}: remove it and run again")
     cps = summary["chars_per_second"]

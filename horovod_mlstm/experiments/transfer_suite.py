@@ -46,8 +46,8 @@ from horovod_mlstm import data, distributed as dist, transfer
 from horovod_mlstm.checkpoint import CheckpointError, Checkpointer
 from horovod_mlstm.classifier import write_json
 from horovod_mlstm.flags import define_common
-from horovod_mlstm.inference import CHECKPOINT_KEYS, READOUTS, TEXT_PREPS, Featurizer
-from horovod_mlstm.metrics import bits_per_char
+from horovod_mlstm.inference import CHECKPOINT_KEYS, READOUTS, TEXT_PREPS, Featurizer, file_sha256
+from horovod_mlstm.metrics import bpc_and_chars
 from horovod_mlstm.model import ModelConfig, build_model
 from horovod_mlstm.records import MANIFEST, DataError
 from horovod_mlstm.textfiles import InputError
@@ -88,8 +88,7 @@ class Task:
 
 
 def file_digest(path: str) -> dict:
-    with open(path, "rb") as f:
-        return {"file_bytes": os.path.getsize(path), "file_sha256": hashlib.file_digest(f, "sha256").hexdigest()}
+    return {"file_bytes": os.path.getsize(path), "file_sha256": file_sha256(path)}
 
 
 def stratified_order(labels: np.ndarray, seed: int) -> np.ndarray:
@@ -276,8 +275,7 @@ def featurise(featurizer: Featurizer, system: System, task: Task, split: str, ou
 def validation_bpc(featurizer: Featurizer, system: System, F) -> dict:
     """The model's BPC on the val split of --bpc_data_dir, over the same fixed streams for every model."""
     identity = featurizer.identity()
-    with open(os.path.join(F.bpc_data_dir, MANIFEST), "rb") as f:
-        manifest = hashlib.sha256(f.read()).hexdigest()
+    manifest = file_sha256(os.path.join(F.bpc_data_dir, MANIFEST))
     key = {"format": CACHE_FORMAT, "checkpoint": {k: identity[k] for k in CHECKPOINT_KEYS},
            "data": {"dir": os.path.abspath(F.bpc_data_dir), "manifest_sha256": manifest},
            "streams": F.bpc_streams, "seq_length": F.seq_length, "windows": F.bpc_windows}
@@ -285,10 +283,8 @@ def validation_bpc(featurizer: Featurizer, system: System, F) -> dict:
     def compute():
         start = time.time()
         streams = data.split_streams(F.bpc_data_dir, "val", F.bpc_streams, F.seq_length)
-        bpc = bits_per_char(featurizer.model, streams, F.bpc_windows)
-        return {"val_bpc": bpc, "bytes": int(streams.rows * (streams.stream_length - 1)) if not F.bpc_windows
-                else int(streams.rows * min(F.bpc_windows, streams.windows_per_epoch) * F.seq_length),
-                "seconds": time.time() - start}
+        bpc, scored = bpc_and_chars(featurizer.model, streams, F.bpc_windows)
+        return {"val_bpc": bpc, "bytes": scored, "seconds": time.time() - start}
 
     value, from_cache = cached(F.out_dir, "bpc", key, compute, arrays=False)
     log(f"{system.name}: validation BPC {value['val_bpc']:.4f} over {value['bytes']:,} bytes"
