@@ -26,6 +26,10 @@ def test_two_tiny_sizes_train_on_equal_characters_and_are_reused(tmp_path, tiny_
     assert "[model_size] wrote" in proc.stdout
     again = python(*args, check=True, timeout=300)
     assert again.stdout.count("reusing") == 2 and "training" not in again.stdout
+    # An edited config is a new run, not a reused one.
+    flagfile.write_text(flagfile.read_text() + "--learning_rate=1e-3\n")
+    edited = python(*[a if a != "--hidden_sizes=16,8" else "--hidden_sizes=8" for a in args], check=True, timeout=300)
+    assert "hidden 8: training" in edited.stdout and "reusing" not in edited.stdout
 
 
 def test_bad_sizes_and_a_missing_flagfile_are_one_line(tmp_path):

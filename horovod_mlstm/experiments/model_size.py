@@ -30,18 +30,25 @@ from horovod_mlstm import jobs
 NVIDIA_AMAZON_BPC = {256: 1.64, 1024: 1.33, 4096: 1.12}  # sentiment-discovery's README, full Amazon corpus
 
 
+def flagfile_flags(path: str) -> list[str]:
+    """The flags of a train.py flagfile, given to each job one by one, so that a run's name (a digest
+    of its flags) changes when the file's contents do and an edited config is never reused."""
+    with open(path) as f:
+        lines = [line.strip() for line in f]
+    return [line for line in lines if line and not line.startswith(("#", "//"))]
+
+
 def train(hidden: int, F) -> dict:
     """One job (or its finished summary): the size's validation curve and speed."""
     chars_per_step = F.np * F.batch_size_per_worker * F.seq_length
     steps = max(2, int(F.chars) // chars_per_step)
-    settings = [f"--flagfile={os.path.abspath(F.flagfile_train)}" if F.flagfile_train else "",
-                f"--hidden_size={hidden}", f"--batch_size_per_worker={F.batch_size_per_worker}",
-                f"--seq_length={F.seq_length}", f"--train_steps={steps}", "--lr_horizon_steps=0",
+    settings = [*(flagfile_flags(F.flagfile_train) if F.flagfile_train else []), f"--hidden_size={hidden}",
+                f"--batch_size_per_worker={F.batch_size_per_worker}", f"--seq_length={F.seq_length}", f"--train_steps={steps}", "--lr_horizon_steps=0",
                 f"--warmup_steps={max(1, steps // 10)}",
                 f"--eval_every={max(1, steps // F.evals)}", "--eval_windows=0", "--milestone_chars=",
                 "--max_runtime_minutes=0", *F.train_args]
     model_dir, summary, reused = jobs.run_once(
-        os.path.abspath(F.out_dir), f"h{hidden}", [s for s in settings if s],
+        os.path.abspath(F.out_dir), f"h{hidden}", settings,
         [f"--checkpoint_every={steps}", f"--log_every={max(1, steps // 10)}"],
         f"[model_size] hidden {hidden}: training {steps} steps ({steps * chars_per_step:,} characters)",
         F.np, hostfile=F.hostfile)
