@@ -5,9 +5,10 @@
 
 One train.py job per hidden size, every other setting the same (--flagfile_train, then the
 overrides below): the same data, global batch, learning-rate schedule (warmup over the first 10%
-of steps, then linear decay to zero at the last step) and characters. Each is evaluated on the whole validation split at
---evals points (the same fixed streams for every size), so the curves compare like with like.
-A finished run is reused (its directory is named by a digest of its settings).
+of steps, then linear decay to zero at the last step) and characters. Each is evaluated on the
+whole validation split at --evals points (the same fixed streams for every size), so the curves compare like with like.
+A finished run is reused: its directory is named by a digest of its flags, the config's included,
+so an edited config trains anew.
 
 Writes results.md, results.json and bpc.png (validation BPC against characters, and against
 training wall time: characters / the run's characters per second) in --out_dir. NVIDIA's
