@@ -57,7 +57,7 @@ data/imdb/manifest.json:  # the unlabelled IMDB reviews, preprocessed (needs ../
 	$(PY) -m horovod_mlstm.preprocess --input $(IMDB)/unsup.txt.gz --format text --output_dir data/imdb \
 	  --num_shards 16 --val_fraction 0.01 --test_fraction 0.01 --workers 2
 
-pretrain-imdb: setup data/imdb/manifest.json ## Pretrain on 50,000 IMDB reviews (configs/cpu_imdb.cfg, 2 h budget; rerun resumes)
+pretrain-imdb: setup data/imdb/manifest.json ## Pretrain on 50,000 IMDB reviews (configs/cpu_imdb.cfg, 1 h budget; rerun resumes)
 	bash launch/horovodrun.sh --gloo --np $(NP) --flagfile=configs/cpu_imdb.cfg $(ARGS)
 
 imdb-model-size: setup data/imdb/manifest.json ## Validation BPC of hidden 256/512/1024 at equal characters on IMDB
