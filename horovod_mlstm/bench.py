@@ -1,8 +1,9 @@
 """Benchmark harness: the machine's matmul limit, this project's training step against it and
-against a plain Keras mLSTM, 1 -> 2 process scaling, and the input side. One run, one machine.
+against two plain Keras mLSTMs (weight norm per step, and none), 1 -> 2 process scaling, and the
+input side. One run, one machine.
 
     python -m horovod_mlstm.bench [--hidden_sizes 256,1024,4096] [--precisions fp32,mixed_bfloat16]
-                                  [--repeats 5] [--output bench.json] [--quick]
+                                  [--seq_lengths 128,256] [--repeats 5] [--output bench.json] [--quick]
 
 Every timing is the median of --repeats runs after a warm-up, with min and max as the spread.
 
@@ -72,13 +73,18 @@ def matmul_rate(batch: int, hidden: int, dtype, repeats: int) -> dict:
     return {"flops_per_s": flops / t["median"], "seconds": t}
 
 
-class KerasMLSTMCell(tf.keras.layers.Layer):
-    """The mLSTM written the plain way, as a user would: a cell for tf.keras.layers.RNN,
-    weight norm and input projections recomputed inside every step, autodiff backward."""
+BASELINES = {"weight_norm": True, "no_weight_norm": False}  # plain Keras variant -> weight norm per step
 
-    def __init__(self, units: int, **kwargs):
+
+class KerasMLSTMCell(tf.keras.layers.Layer):
+    """The mLSTM written the plain way, as a user would: a cell for tf.keras.layers.RNN, input
+    projections (and, with weight_norm, the weight norm) recomputed inside every step, autodiff
+    backward. Without weight norm it is the fairest plain baseline: no per-step work the project's
+    step does not also need."""
+
+    def __init__(self, units: int, weight_norm: bool = True, **kwargs):
         super().__init__(**kwargs)
-        self.units = units
+        self.units, self.weight_norm = units, weight_norm
         self.state_size = [units, units]
 
     def build(self, input_shape):
@@ -88,12 +94,14 @@ class KerasMLSTMCell(tf.keras.layers.Layer):
         self.wmx = self.add_weight("wmx", [n_in, n])
         self.wmh = self.add_weight("wmh", [n, n], initializer="orthogonal")
         self.b = self.add_weight("b", [4 * n], initializer="zeros")
-        self.gs = [self.add_weight(f"g{i}", [k * n], initializer="ones") for i, k in enumerate((4, 4, 1, 1))]
+        if self.weight_norm:
+            self.gs = [self.add_weight(f"g{i}", [k * n], initializer="ones") for i, k in enumerate((4, 4, 1, 1))]
 
     def call(self, x, states):
         h, c = states
-        wx, wh, wmx, wmh = (tf.nn.l2_normalize(w, 0) * g
-                            for w, g in zip((self.wx, self.wh, self.wmx, self.wmh), self.gs))
+        wx, wh, wmx, wmh = self.wx, self.wh, self.wmx, self.wmh
+        if self.weight_norm:
+            wx, wh, wmx, wmh = (tf.nn.l2_normalize(w, 0) * g for w, g in zip((wx, wh, wmx, wmh), self.gs))
         m = tf.matmul(x, wmx) * tf.matmul(h, wmh)
         i, f, o, u = tf.split(tf.matmul(x, wx) + tf.matmul(m, wh) + self.b, 4, axis=1)
         c = tf.sigmoid(f) * c + tf.sigmoid(i) * tf.tanh(u)
@@ -101,19 +109,20 @@ class KerasMLSTMCell(tf.keras.layers.Layer):
         return h, [h, c]
 
 
-def baseline_model(hidden: int, embed: int):
+def baseline_model(hidden: int, embed: int, weight_norm: bool):
     inputs = tf.keras.Input([None], dtype=tf.int32)
     x = tf.keras.layers.Embedding(256, embed)(inputs)
-    x = tf.keras.layers.RNN(KerasMLSTMCell(hidden), return_sequences=True)(x)
+    x = tf.keras.layers.RNN(KerasMLSTMCell(hidden, weight_norm), return_sequences=True)(x)
     logits = tf.keras.layers.Activation("linear", dtype="float32")(tf.keras.layers.Dense(256)(x))
     return tf.keras.Model(inputs, logits)
 
 
-def step_rate(hidden: int, precision: str, batch: int, seq: int, repeats: int, plain_keras: bool = False) -> dict:
-    """chars/s and FLOP/s of one training update (forward, backward, Adam) in this process."""
+def step_rate(hidden: int, precision: str, batch: int, seq: int, repeats: int, baseline: str | None = None) -> dict:
+    """chars/s and FLOP/s of one training update (forward, backward, Adam) in this process: the
+    project's step, or with `baseline` (a key of BASELINES) the plain Keras one."""
     set_precision(precision)
-    if plain_keras:
-        model = baseline_model(hidden, 64)
+    if baseline:
+        model = baseline_model(hidden, 64, BASELINES[baseline])
 
         def forward(x, state):
             return model(x)
@@ -141,7 +150,8 @@ def step_rate(hidden: int, precision: str, batch: int, seq: int, repeats: int, p
     set_precision("fp32")
     chars = batch * seq / t["median"]
     return {"hidden": hidden, "precision": precision, "batch": batch, "seq_length": seq, "seconds": t,
-            "chars_per_s": chars, "flops_per_s": chars * flops_per_char(hidden)}
+            "chars_per_s": chars, "flops_per_s": chars * flops_per_char(hidden),
+            **({"variant": baseline} if baseline else {})}
 
 
 def train_rate(np_: int, hidden: int, batch: int, seq: int, steps: int, data_dir: str,
@@ -215,28 +225,37 @@ def main(argv):
             sys.exit(f"error: unknown precision {p!r}; choose from {sorted(PRECISIONS)}")
     repeats = 1 if quick else FLAGS.repeats
     tf.config.threading.set_intra_op_parallelism_threads(FLAGS.threads)
-    shape = {256: (64, 256), 1024: (64, 256), 4096: (16, 64)}
+    try:
+        seq_lengths = [int(x) for x in FLAGS.seq_lengths]
+    except ValueError:
+        sys.exit(f"error: --seq_lengths must be integers, got {','.join(FLAGS.seq_lengths)}")
     result = {"command": " ".join(sys.argv), "machine": machine(), "limits": [], "project": [], "baseline": []}
 
     for hidden in hiddens:
-        batch, seq = (4, 16) if quick else shape.get(hidden, (64, 256))
+        if quick:
+            batch, seqs = 4, [8, 16]
+        elif hidden == 4096:
+            batch, seqs = 16, [64]  # so that a CPU update takes seconds
+        else:
+            batch, seqs = 64, seq_lengths
         for dtype in ("float32", "bfloat16"):
             rate = matmul_rate(batch, hidden, tf.as_dtype(dtype), repeats)
             result["limits"].append({"hidden": hidden, "batch": batch, "dtype": dtype, **rate})
             print(f"[bench] matmul {batch}x{hidden} @ {hidden}x{4 * hidden} {dtype}: "
                   f"{rate['flops_per_s'] / 1e9:.1f} GFLOP/s", flush=True)
-        for precision in precisions:
-            for plain, key in ((False, "project"), (True, "baseline")):
-                if plain and hidden == 4096 and not quick:
-                    continue  # the per-step Keras cell at 4096 takes minutes per update on 2 cores
-                r = step_rate(hidden, precision, batch, seq, repeats, plain_keras=plain)
-                limit = next(x for x in result["limits"] if x["hidden"] == hidden and
-                             x["dtype"] == ("float32" if precision == "fp32" else "bfloat16"))
-                r["fraction_of_matmul_limit"] = r["flops_per_s"] / limit["flops_per_s"]
-                result[key].append(r)
-                print(f"[bench] {key} hidden {hidden} {precision}: {r['chars_per_s']:,.0f} chars/s, "
-                      f"{r['flops_per_s'] / 1e9:.1f} GFLOP/s = {r['fraction_of_matmul_limit']:.0%} of matmul",
-                      flush=True)
+        for seq in seqs:
+            for precision in precisions:
+                for variant in (None, *BASELINES):
+                    if variant and hidden == 4096 and not quick:
+                        continue  # the per-step Keras cell at 4096 takes minutes per update on 2 cores
+                    r = step_rate(hidden, precision, batch, seq, repeats, baseline=variant)
+                    limit = next(x for x in result["limits"] if x["hidden"] == hidden and
+                                 x["dtype"] == ("float32" if precision == "fp32" else "bfloat16"))
+                    r["fraction_of_matmul_limit"] = r["flops_per_s"] / limit["flops_per_s"]
+                    result["baseline" if variant else "project"].append(r)
+                    print(f"[bench] {variant or 'project'} hidden {hidden} seq {seq} {precision}: "
+                          f"{r['chars_per_s']:,.0f} chars/s, {r['flops_per_s'] / 1e9:.1f} GFLOP/s = "
+                          f"{r['fraction_of_matmul_limit']:.0%} of matmul", flush=True)
 
     if FLAGS.scaling:
         try:
@@ -258,30 +277,34 @@ def main(argv):
 def table(result: dict) -> str:
     """The step-rate rows as the Markdown table of docs/PERFORMANCE.md."""
     limits = {(x["hidden"], x["dtype"]): x["flops_per_s"] for x in result["limits"]}
-    baseline = {(b["hidden"], b["precision"]): b["chars_per_s"] for b in result["baseline"]}
-    lines = ["| hidden | batch x seq | precision | matmul limit | this project | of the limit | plain Keras RNN "
-             "| project / Keras |", "|---:|---|---|---:|---:|---:|---:|---:|"]
+    keras = {(b["variant"], b["hidden"], b["seq_length"], b["precision"]): b["chars_per_s"] for b in result["baseline"]}
+    lines = ["| hidden | batch x seq | precision | matmul limit | this project | of the limit "
+             "| Keras, weight norm per step | project / it | Keras, no weight norm | project / it |",
+             "|---:|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     for p in result["project"]:
         limit = limits[p["hidden"], "float32" if p["precision"] == "fp32" else "bfloat16"]
-        keras = baseline.get((p["hidden"], p["precision"]))
-        lines.append(f"| {p['hidden']} | {p['batch']} x {p['seq_length']} | {p['precision']} | {limit / 1e9:.0f} GFLOP/s "
-                     f"| {p['chars_per_s']:,.0f} chars/s = {p['flops_per_s'] / 1e9:.0f} GFLOP/s "
-                     f"| {p['fraction_of_matmul_limit']:.0%} | "
-                     + (f"{keras:,.0f} chars/s | {p['chars_per_s'] / keras:.2f}x |" if keras else "not run | |"))
+        row = (f"| {p['hidden']} | {p['batch']} x {p['seq_length']} | {p['precision']} | {limit / 1e9:.0f} GFLOP/s "
+               f"| {p['chars_per_s']:,.0f} chars/s = {p['flops_per_s'] / 1e9:.0f} GFLOP/s "
+               f"| {p['fraction_of_matmul_limit']:.0%} |")
+        for variant in BASELINES:
+            rate = keras.get((variant, p["hidden"], p["seq_length"], p["precision"]))
+            row += f" {rate:,.0f} chars/s | {p['chars_per_s'] / rate:.2f}x |" if rate else " not run | |"
+        lines.append(row)
     return "\n".join(lines)
 
 
 def ratios(result: dict) -> None:
-    """Project vs baseline and bf16 vs fp32, where both were measured."""
-    rows = {(r["hidden"], r["precision"]): r for r in result["project"]}
+    """Project vs each baseline and bf16 vs fp32, where both were measured at the same shape."""
+    rows = {(r["hidden"], r["seq_length"], r["precision"]): r for r in result["project"]}
     out = {}
     for b in result["baseline"]:
-        p = rows.get((b["hidden"], b["precision"]))
+        p = rows.get((b["hidden"], b["seq_length"], b["precision"]))
         if p:
-            out[f"project_over_keras_{b['hidden']}_{b['precision']}"] = p["chars_per_s"] / b["chars_per_s"]
-    for (hidden, precision), r in rows.items():
-        if precision == "mixed_bfloat16" and (hidden, "fp32") in rows:
-            out[f"bf16_over_fp32_{hidden}"] = r["chars_per_s"] / rows[hidden, "fp32"]["chars_per_s"]
+            out[f"project_over_keras_{b['variant']}_{b['hidden']}_seq{b['seq_length']}_{b['precision']}"] = (
+                p["chars_per_s"] / b["chars_per_s"])
+    for (hidden, seq, precision), r in rows.items():
+        if precision == "mixed_bfloat16" and (hidden, seq, "fp32") in rows:
+            out[f"bf16_over_fp32_{hidden}_seq{seq}"] = r["chars_per_s"] / rows[hidden, seq, "fp32"]["chars_per_s"]
     result["ratios"] = out
     for k, v in out.items():
         print(f"[bench] {k}: {v:.2f}x")
@@ -623,6 +646,8 @@ def capacity_tables(result: dict, cap: dict) -> str:
 if __name__ == "__main__":
     flags.DEFINE_string("hidden_sizes", "256,1024,4096", "mLSTM sizes to measure (empty: only scaling and input).")
     flags.DEFINE_string("precisions", "fp32,mixed_bfloat16", "Precisions to measure.")
+    flags.DEFINE_list("seq_lengths", ["128", "256"], "Bytes per window for the step rates (batch 64; hidden 4096 "
+                      "uses 16 x 64).")
     flags.DEFINE_integer("repeats", 5, "Timed repeats after one warm-up.")
     flags.DEFINE_integer("threads", 2, "TensorFlow intra-op threads for the in-process measurements.")
     flags.DEFINE_bool("scaling", True, "Measure 1 vs 2 processes with real train.py runs.")

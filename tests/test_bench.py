@@ -19,9 +19,21 @@ def test_quick_bench_writes_every_section(tmp_path):
     assert set(result["scaling"]["efficiency"]) == runs
     assert set(result["scaling"]["chars_per_s_per_worker"]) == {"1"} | {f"2_{r}" for r in runs}
     assert result["input"]["pipeline_bytes_per_s"] > 0 and result["input"]["preprocess_mb_per_s"] > 0
-    assert "project_over_keras_32_fp32" in result["ratios"]
+    # Both plain Keras baselines at both sequence lengths, each against the project's step at its shape.
+    shapes = {(r["seq_length"], r["precision"]) for r in result["project"]}
+    assert shapes == {(8, "fp32"), (16, "fp32"), (8, "mixed_bfloat16"), (16, "mixed_bfloat16")}
+    assert {(r["variant"], r["seq_length"], r["precision"]) for r in result["baseline"]} == {
+        (v, *shape) for v in ("weight_norm", "no_weight_norm") for shape in shapes}
+    assert {"project_over_keras_no_weight_norm_32_seq8_fp32", "project_over_keras_weight_norm_32_seq16_fp32",
+            "bf16_over_fp32_32_seq16"} <= set(result["ratios"])
     assert "[bench] wrote" in proc.stdout
-    assert "| 32 | 4 x 16 | fp32 |" in proc.stdout  # the Markdown table of docs/PERFORMANCE.md
+    table = [line for line in proc.stdout.splitlines() if line.startswith("| 32 | 4 x ")]  # docs/PERFORMANCE.md's
+    assert len(table) == 4 and all(line.count("chars/s") == 3 for line in table), proc.stdout
+
+
+def test_bad_seq_lengths_is_one_line():
+    proc = python("-m", "horovod_mlstm.bench", "--quick", "--seq_lengths=128,long")
+    assert proc.returncode != 0 and last_line(proc.stderr) == "error: --seq_lengths must be integers, got 128,long"
 
 
 def test_unknown_precision_is_one_line():
