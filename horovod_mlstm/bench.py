@@ -13,10 +13,17 @@ Every timing is the median of --repeats runs after a warm-up, with min and max a
 measures instead the memory, communication and checkpoint bytes of one real update at the paper's
 per-rank shape, each run in a fresh process (see paper_main); it refuses shapes whose computed peak
 exceeds 8 GiB unless --paper_force is given.
+
+    python -m horovod_mlstm.bench --profile [--hidden_sizes 1024] [--precisions mixed_bfloat16] [--seq_lengths 256]
+
+profiles the project's step instead (tf.profiler) and prints where its time goes by kind of op:
+matmul, elementwise, casts, TensorArray reads and writes, copies, the optimizer, and the wall time
+in no traced op (loop control and executor overhead).
 """
 
 from __future__ import annotations
 
+import glob
 import json
 import multiprocessing
 import os
@@ -117,9 +124,10 @@ def baseline_model(hidden: int, embed: int, weight_norm: bool):
     return tf.keras.Model(inputs, logits)
 
 
-def step_rate(hidden: int, precision: str, batch: int, seq: int, repeats: int, baseline: str | None = None) -> dict:
-    """chars/s and FLOP/s of one training update (forward, backward, Adam) in this process: the
-    project's step, or with `baseline` (a key of BASELINES) the plain Keras one."""
+def make_step(hidden: int, precision: str, batch: int, seq: int, baseline: str | None = None):
+    """One training update (forward, backward, Adam) as a tf.function on fixed random bytes: the
+    project's step, or with `baseline` (a key of BASELINES) the plain Keras one. Sets the precision
+    policy; the caller resets it."""
     set_precision(precision)
     if baseline:
         model = baseline_model(hidden, 64, BASELINES[baseline])
@@ -146,12 +154,130 @@ def step_rate(hidden: int, precision: str, batch: int, seq: int, repeats: int, b
         optimizer.apply_gradients(zip(tape.gradient(loss, variables), variables))
         return loss
 
+    return update
+
+
+def step_rate(hidden: int, precision: str, batch: int, seq: int, repeats: int, baseline: str | None = None) -> dict:
+    """chars/s and FLOP/s of make_step's update in this process."""
+    update = make_step(hidden, precision, batch, seq, baseline)
     t = timed(lambda: update().numpy(), repeats)
     set_precision("fp32")
     chars = batch * seq / t["median"]
     return {"hidden": hidden, "precision": precision, "batch": batch, "seq_length": seq, "seconds": t,
             "chars_per_s": chars, "flops_per_s": chars * flops_per_char(hidden),
             **({"variant": baseline} if baseline else {})}
+
+
+# Kinds of op in a step's profile, by the op type after the last ':' of a profiler event; first match wins.
+OP_KINDS = (
+    ("matmul", r"MatMul|Einsum"),
+    ("TensorArray reads and writes", r"TensorList|TensorArray"),
+    ("casts", r"Cast"),
+    ("elementwise and reductions", r"Sigmoid|Tanh|Mul|Add|Sub|Select|Maximum|Minimum|Neg|Square|Sqrt|Exp|Log|Div|Pow"
+                                   r"|Where|Less|Greater|Equal|Logical|Sum|Mean|Max|Min|Softmax|Bias|Sign|Abs"),
+    ("slices, concats and copies", r"Slice|Split|Concat|Transpose|Reshape|Pack|Unpack|Gather|Tile|Fill|Zeros|Ones"
+                                   r"|Const|Shape|Range|Squeeze|ExpandDims|Copy"),
+    ("optimizer and variables", r"Apply|Assign|ReadVariable|VarHandle"),
+)
+
+
+def op_kind(op_type: str) -> str:
+    return next((kind for kind, pattern in OP_KINDS if re.search(pattern, op_type)), "other")
+
+
+def op_seconds(trace_dir: str) -> dict[str, float]:
+    """Seconds per op type in a tf.profiler trace, each op event ('name:OpType') counted by its self
+    time on its thread: an op running a function (PartitionedCall, While) keeps only what its nested
+    ops do not account for. Executor events ('ExecutorState::Process') and intra-op thread-pool work
+    are not op events, so nothing is counted twice."""
+    from tensorflow.tsl.profiler.protobuf import xplane_pb2
+
+    paths = sorted(glob.glob(os.path.join(trace_dir, "**", "*.xplane.pb"), recursive=True), key=os.path.getmtime)
+    if not paths:
+        raise RuntimeError(f"the profiler wrote no trace under {trace_dir}")
+    with open(paths[-1], "rb") as f:
+        space = xplane_pb2.XSpace.FromString(f.read())
+    plane = next(p for p in space.planes if p.name == "/host:CPU")
+    totals: dict[str, float] = {}
+    for line in plane.lines:
+        if line.name == "python":
+            continue
+        ops = []
+        for event in line.events:
+            name = plane.event_metadata[event.metadata_id].name
+            if re.fullmatch(r"[^\s:]+:[A-Za-z_]\w*", name):
+                ops.append((event.offset_ps, event.duration_ps, name.rsplit(":", 1)[1]))
+        open_ops: list[tuple[int, str]] = []  # (end, op type) of the ops enclosing the current one
+        for start, duration, op_type in sorted(ops, key=lambda o: (o[0], -o[1])):
+            while open_ops and open_ops[-1][0] <= start:
+                open_ops.pop()
+            if open_ops:
+                parent = open_ops[-1][1]
+                totals[parent] -= duration * 1e-12
+            totals[op_type] = totals.get(op_type, 0.0) + duration * 1e-12
+            open_ops.append((start + duration, op_type))
+    return totals
+
+
+def profile_step(hidden: int, precision: str, batch: int, seq: int, steps: int) -> dict:
+    """Where the project's update spends its time: op seconds per step by kind and by op type, from
+    a TensorFlow profile of `steps` updates after a warm-up. The profiler's default level traces
+    only expensive ops, so loop control (Enter, Merge, NextIteration ...) and executor overhead
+    show as wall time not in any traced op, which with a sequential recurrence is about wall - ops."""
+    update = make_step(hidden, precision, batch, seq)
+    update().numpy()
+    with tempfile.TemporaryDirectory() as trace_dir:
+        tf.profiler.experimental.start(trace_dir)
+        start = time.perf_counter()
+        for _ in range(steps):
+            update().numpy()
+        wall = (time.perf_counter() - start) / steps
+        tf.profiler.experimental.stop()
+        by_type = {k: v / steps for k, v in op_seconds(trace_dir).items()}
+    set_precision("fp32")
+    kinds: dict[str, float] = {}
+    for op_type, seconds in by_type.items():
+        kinds[op_kind(op_type)] = kinds.get(op_kind(op_type), 0.0) + seconds
+    ops = sum(kinds.values())
+    return {"hidden": hidden, "precision": precision, "batch": batch, "seq_length": seq, "steps": steps,
+            "wall_seconds_per_step": wall, "op_seconds_per_step": ops,
+            "kinds": dict(sorted(kinds.items(), key=lambda kv: -kv[1])),
+            "top_op_types": sorted(by_type.items(), key=lambda kv: -kv[1])[:12]}
+
+
+def profile_table(p: dict) -> str:
+    lines = [f"hidden {p['hidden']}, {p['batch']} x {p['seq_length']}, {p['precision']}: "
+             f"{p['wall_seconds_per_step'] * 1e3:,.0f} ms per step, {p['op_seconds_per_step'] * 1e3:,.0f} ms in ops "
+             f"(summed over threads)", "", "| kind of op | ms per step | share of op time |", "|---|---:|---:|"]
+    lines += [f"| {kind} | {s * 1e3:,.1f} | {s / p['op_seconds_per_step']:.1%} |" for kind, s in p["kinds"].items()]
+    outside = p["wall_seconds_per_step"] - p["op_seconds_per_step"]
+    if outside > 0:
+        lines.append(f"| wall time in no traced op (loop control, executor, waits) | {outside * 1e3:,.1f} | |")
+    return "\n".join(lines)
+
+
+def step_shapes(hidden: int, seq_lengths: list[int], quick: bool) -> tuple[int, list[int]]:
+    """Batch and sequence lengths the step is measured at."""
+    if quick:
+        return 4, [8, 16]
+    if hidden == 4096:
+        return 16, [64]  # so that a CPU update takes seconds
+    return 64, seq_lengths
+
+
+def profile_main(hiddens: list[int], precisions: list[str], seq_lengths: list[int], quick: bool):
+    """--profile: the breakdown of the project's step at each shape the step rates use."""
+    results = []
+    for hidden in hiddens:
+        batch, seqs = step_shapes(hidden, seq_lengths, quick)
+        for seq in seqs:
+            for precision in precisions:
+                results.append(profile_step(hidden, precision, batch, seq, 1 if quick else FLAGS.repeats))
+                print(profile_table(results[-1]) + "\n", flush=True)
+    os.makedirs(os.path.dirname(os.path.abspath(FLAGS.output)), exist_ok=True)
+    with open(FLAGS.output, "w") as f:
+        json.dump({"command": " ".join(sys.argv), "machine": machine(), "profiles": results}, f, indent=2)
+    print(f"[bench] wrote {FLAGS.output}")
 
 
 def train_rate(np_: int, hidden: int, batch: int, seq: int, steps: int, data_dir: str,
@@ -229,15 +355,12 @@ def main(argv):
         seq_lengths = [int(x) for x in FLAGS.seq_lengths]
     except ValueError:
         sys.exit(f"error: --seq_lengths must be integers, got {','.join(FLAGS.seq_lengths)}")
+    if FLAGS.profile:
+        return profile_main(hiddens, precisions, seq_lengths, quick)
     result = {"command": " ".join(sys.argv), "machine": machine(), "limits": [], "project": [], "baseline": []}
 
     for hidden in hiddens:
-        if quick:
-            batch, seqs = 4, [8, 16]
-        elif hidden == 4096:
-            batch, seqs = 16, [64]  # so that a CPU update takes seconds
-        else:
-            batch, seqs = 64, seq_lengths
+        batch, seqs = step_shapes(hidden, seq_lengths, quick)
         for dtype in ("float32", "bfloat16"):
             rate = matmul_rate(batch, hidden, tf.as_dtype(dtype), repeats)
             result["limits"].append({"hidden": hidden, "batch": batch, "dtype": dtype, **rate})
@@ -653,6 +776,8 @@ if __name__ == "__main__":
     flags.DEFINE_bool("scaling", True, "Measure 1 vs 2 processes with real train.py runs.")
     flags.DEFINE_bool("quick", False, "Tiny sizes, one repeat: a smoke test of the harness.")
     flags.DEFINE_string("output", "bench.json", "Where the JSON results go.")
+    flags.DEFINE_bool("profile", False, "Profile the project's step instead, at the step rates' shapes: op time "
+                      "by kind, to --output.")
     flags.DEFINE_bool("paper", False, "Measure one update at the paper's per-rank shape instead (memory, bytes).")
     flags.DEFINE_integer("paper_hidden", 4096, "--paper: mLSTM units.")
     flags.DEFINE_integer("paper_streams", 256, "--paper: streams (sequences) per rank.")

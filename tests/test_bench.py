@@ -140,3 +140,27 @@ def test_ring_allreduce_projection_formula():
     assert p["flat_four_rings"] == pytest.approx(2 * 127 / 128 * 128e6 / 50e9)
     assert p["flat_one_ring"] == pytest.approx(4 * p["flat_four_rings"])
     assert p["hierarchical"] == pytest.approx(2 * 7 / 8 * 128e6 / 150e9 + 2 * 15 / 16 * 128e6 / 50e9)
+
+
+def test_profile_breaks_the_step_down_by_kind_of_op(tmp_path):
+    out = tmp_path / "profile.json"
+    proc = python("-m", "horovod_mlstm.bench", "--quick", "--profile", "--precisions=mixed_bfloat16",
+                  f"--output={out}", check=True, timeout=600)
+    profiles = json.loads(out.read_text())["profiles"]
+    assert [(p["seq_length"], p["precision"]) for p in profiles] == [(8, "mixed_bfloat16"), (16, "mixed_bfloat16")]
+    for p in profiles:
+        kinds = p["kinds"]
+        # The recurrence's matmuls, its bf16 <-> fp32 casts and its TensorArrays are all in the step.
+        assert kinds["matmul"] > 0 and kinds["casts"] > 0 and kinds["TensorArray reads and writes"] > 0, kinds
+        assert abs(sum(kinds.values()) - p["op_seconds_per_step"]) < 1e-9 and p["wall_seconds_per_step"] > 0
+        assert sum(s for _, s in p["top_op_types"]) <= p["op_seconds_per_step"] + 1e-9
+    assert proc.stdout.count("| kind of op | ms per step | share of op time |") == 2
+
+
+def test_op_kinds():
+    from horovod_mlstm.bench import op_kind
+
+    assert [op_kind(t) for t in ("_MklMatMul", "_MklEinsum", "TensorListGetItem", "Cast", "Sigmoid", "_MklAddV2",
+                                 "StridedSlice", "ResourceApplyAdam", "NoOp")] == [
+        "matmul", "matmul", "TensorArray reads and writes", "casts", "elementwise and reductions",
+        "elementwise and reductions", "slices, concats and copies", "optimizer and variables", "other"]
