@@ -173,11 +173,11 @@ OP_KINDS = (
     ("matmul", r"MatMul|Einsum"),
     ("TensorArray reads and writes", r"TensorList|TensorArray"),
     ("casts", r"Cast"),
+    ("optimizer and variables", r"Apply|Assign|ReadVariable|VarHandle"),
     ("elementwise and reductions", r"Sigmoid|Tanh|Mul|Add|Sub|Select|Maximum|Minimum|Neg|Square|Sqrt|Exp|Log|Div|Pow"
                                    r"|Where|Less|Greater|Equal|Logical|Sum|Mean|Max|Min|Softmax|Bias|Sign|Abs"),
     ("slices, concats and copies", r"Slice|Split|Concat|Transpose|Reshape|Pack|Unpack|Gather|Tile|Fill|Zeros|Ones"
                                    r"|Const|Shape|Range|Squeeze|ExpandDims|Copy"),
-    ("optimizer and variables", r"Apply|Assign|ReadVariable|VarHandle"),
 )
 
 
