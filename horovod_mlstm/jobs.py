@@ -46,6 +46,12 @@ def run(train_args: list[str], np: int = 1, controller: str = "gloo", hostfile: 
     return proc.stdout
 
 
+def run_dir(out_dir: str, name: str, settings: list[str], np: int = 1) -> str:
+    """OUT_DIR/NAME_<digest of SETTINGS and np>: where run_once keeps that job."""
+    digest = hashlib.sha1(" ".join(settings + [f"np={np}"]).encode()).hexdigest()[:8]
+    return os.path.join(out_dir, f"{name}_{digest}")
+
+
 def run_once(out_dir: str, name: str, settings: list[str], run_args: list[str], announce: str, np: int = 1,
              controller: str = "gloo", hostfile: str = "") -> tuple[str, dict, bool]:
     """A job named by what decides its result, trained only if it has not finished before:
@@ -56,8 +62,7 @@ def run_once(out_dir: str, name: str, settings: list[str], run_args: list[str], 
     result and stay out of the digest; --model_dir comes after SETTINGS, so it overrides a
     flagfile's. ANNOUNCE is printed, in one write (runs may start concurrently), before training.
     """
-    digest = hashlib.sha1(" ".join(settings + [f"np={np}"]).encode()).hexdigest()[:8]
-    model_dir = os.path.join(out_dir, f"{name}_{digest}")
+    model_dir = run_dir(out_dir, name, settings, np)
     summary_path = os.path.join(model_dir, "summary.json")
     reused = os.path.exists(summary_path)
     if not reused:

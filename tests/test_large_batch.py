@@ -36,13 +36,18 @@ def test_peak_learning_rates():
 def test_tiny_experiment_tunes_past_a_planted_exploding_lr(tmp_path, tiny_data):
     out = tmp_path / "lb"
     args = ["-m", "horovod_mlstm.experiments.large_batch", f"--out_dir={out}", f"--data_dir={tiny_data}",
-            "--batches=4,16", "--policies=linear,schedule", "--base_lrs=3e-3,100", "--reference_batch=4",
+            "--batches=4,16", "--policies=linear,schedule", "--base_lrs=3e-3,100,1e39", "--reference_batch=4",
             "--chars=16384", "--hidden_size=16", "--seq_length=16", "--micro_batch=4", "--evals=3",
             "--eval_streams=4", "--eval_windows=2", "--threads=1"]
     proc = python(*args, check=True, timeout=900)
     report = json.loads((out / "results.json").read_text())
     tuning = {r["peak_lr"]: r for r in report["tuning"]}
     assert tuning[100.0]["outcome"] == "diverged" and tuning[3e-3]["outcome"] != "diverged"
+    # 1e39 is inf in float32: the weights become non-finite and train.py exits rather than checkpoint
+    # them. The experiment records that as diverged, with the curve the job logged, not as a failure.
+    assert tuning[1e39]["outcome"] == "diverged" and math.isnan(tuning[1e39]["final_bpc"])
+    assert "the weights became non-finite (diverged)" in proc.stdout
+    assert len(list(out.glob("*/nonfinite.json"))) == 1
     assert report["base_lr"] == 3e-3
     runs = {(r["batch"], r["policy"]): r for r in report["runs"]}
     assert set(runs) == {(4, "linear"), (4, "schedule"), (16, "linear"), (16, "schedule")}
@@ -51,7 +56,7 @@ def test_tiny_experiment_tunes_past_a_planted_exploding_lr(tmp_path, tiny_data):
     assert runs[16, "linear"]["steps"] == 16384 // (16 * 16)
     # At the reference batch, linear is the tuning run of the base LR: trained once, shared.
     assert runs[4, "linear"]["curve"] == tuning[3e-3]["curve"]
-    assert len([d for d in out.iterdir() if d.is_dir()]) == 5
+    assert len([d for d in out.iterdir() if d.is_dir()]) == 6
     table = (out / "results.md").read_text()
     assert "**diverged**" in table and "| 16 | linear | 0.012 |" in table and "tuned at the reference batch" in table
     assert (out / "curves.png").read_bytes()[:4] == b"\x89PNG"

@@ -44,6 +44,7 @@ OUT/results.json and OUT/curves.png (validation BPC against characters seen, a p
 from __future__ import annotations
 
 import concurrent.futures
+import glob
 import json
 import math
 import os
@@ -91,6 +92,22 @@ def check_batch(batch: int, F) -> int:
     return min(F.micro_batch, per_rank)
 
 
+NONFINITE = "nonfinite.json"  # in a run's directory: its curve, when train.py stopped on non-finite weights
+
+
+def logged_val_bpc(model_dir: str, chars_per_step: int) -> list[dict]:
+    """The validation curve a train.py job wrote to TensorBoard (val/bpc by step), in characters."""
+    import tensorflow as tf
+
+    points = {}
+    for path in sorted(glob.glob(os.path.join(model_dir, "tensorboard", "events.out.tfevents.*"))):
+        for event in tf.compat.v1.train.summary_iterator(path):
+            for value in event.summary.value:
+                if value.tag == "val/bpc":
+                    points[event.step] = float(tf.make_ndarray(value.tensor))
+    return [{"chars_seen": step * chars_per_step, "val_bpc": bpc} for step, bpc in sorted(points.items())]
+
+
 def train(batch: int, lr: float, decay: str, reduction: str, F, data_dir: str) -> dict:
     """One train.py job, or its summary if a job with the same settings already finished.
     reduction "adasum" trains with --gradient_reduction=adasum under horovodrun --mpi."""
@@ -107,14 +124,32 @@ def train(batch: int, lr: float, decay: str, reduction: str, F, data_dir: str) -
                 "--divergence_bpc=0", f"--max_skipped_steps={2 * steps}"]
     if reduction != "average":  # only then, so averaging runs keep their settings, hence their directories
         settings.append(f"--gradient_reduction={reduction}")
-    model_dir, summary, reused = jobs.run_once(
-        F.out_dir, f"b{batch}_lr{lr:.4g}_{decay}" + ("_adasum" if reduction == "adasum" else ""), settings,
-        [f"--log_every={max(1, steps // 4)}", f"--checkpoint_every={steps}", f"--intra_op_threads={F.threads}"],
-        f"[large_batch] training batch {batch} at peak LR {lr:.4g} ({decay}, {steps} steps"
-        f"{', Adasum' if reduction == 'adasum' else ''})", F.np,
-        controller="mpi" if reduction == "adasum" else "gloo", hostfile=F.hostfile)
-    if reused:
-        logging.info("reusing %s", model_dir)
+    name = f"b{batch}_lr{lr:.4g}_{decay}" + ("_adasum" if reduction == "adasum" else "")
+    blown_up = os.path.join(jobs.run_dir(F.out_dir, name, settings, F.np), NONFINITE)
+    if os.path.exists(blown_up):  # a rerun: that run's outcome is known
+        with open(blown_up) as f:
+            summary = json.load(f)
+    else:
+        try:
+            model_dir, summary, reused = jobs.run_once(
+                F.out_dir, name, settings,
+                [f"--log_every={max(1, steps // 4)}", f"--checkpoint_every={steps}", f"--intra_op_threads={F.threads}"],
+                f"[large_batch] training batch {batch} at peak LR {lr:.4g} ({decay}, {steps} steps"
+                f"{', Adasum' if reduction == 'adasum' else ''})", F.np,
+                controller="mpi" if reduction == "adasum" else "gloo", hostfile=F.hostfile)
+            if reused:
+                logging.info("reusing %s", model_dir)
+        except jobs.JobError as e:
+            if "weights are not finite" not in str(e):
+                raise
+            # train.py refuses to checkpoint non-finite weights and exits: the run diverged. Its
+            # curve is what it logged to TensorBoard (its last evaluation NaN), kept for reruns.
+            history = logged_val_bpc(os.path.dirname(blown_up), batch * F.seq_length)
+            summary = {"val_bpc": history[-1]["val_bpc"] if history else math.nan, "history": history}
+            with open(blown_up, "w") as f:
+                json.dump(summary, f)
+            print(f"[large_batch] batch {batch} at peak LR {lr:.4g}: the weights became non-finite (diverged)",
+                  flush=True)
     return {"batch": batch, "peak_lr": lr, "steps": steps, "final_bpc": summary["val_bpc"],
             "outcome": outcome(summary["history"], F.spike_bits),
             "curve": [(h["chars_seen"], h["val_bpc"]) for h in summary["history"]]}
