@@ -237,7 +237,8 @@ def profile_step(hidden: int, precision: str, batch: int, seq: int, steps: int) 
     set_precision("fp32")
     kinds: dict[str, float] = {}
     for op_type, seconds in by_type.items():
-        kinds[op_kind(op_type)] = kinds.get(op_kind(op_type), 0.0) + seconds
+        kind = op_kind(op_type)
+        kinds[kind] = kinds.get(kind, 0.0) + seconds
     ops = sum(kinds.values())
     return {"hidden": hidden, "precision": precision, "batch": batch, "seq_length": seq, "steps": steps,
             "wall_seconds_per_step": wall, "op_seconds_per_step": ops,

@@ -6,7 +6,8 @@
 One train.py job per hidden size, every other setting the same (--flagfile_train, then the
 overrides below): the same data, global batch, learning-rate schedule (warmup over the first 10%
 of steps, then linear decay to zero at the last step) and characters. Each is evaluated on the
-whole validation split at --evals points (the same fixed streams for every size), so the curves compare like with like.
+whole validation split at --evals points (the same fixed streams for every size), so the curves
+compare like with like.
 A finished run is reused: its directory is named by a digest of its flags, the config's included,
 so an edited config trains anew.
 
@@ -44,7 +45,8 @@ def train(hidden: int, F) -> dict:
     chars_per_step = F.np * F.batch_size_per_worker * F.seq_length
     steps = max(2, int(F.chars) // chars_per_step)
     settings = [*(flagfile_flags(F.flagfile_train) if F.flagfile_train else []), f"--hidden_size={hidden}",
-                f"--batch_size_per_worker={F.batch_size_per_worker}", f"--seq_length={F.seq_length}", f"--train_steps={steps}", "--lr_horizon_steps=0",
+                f"--batch_size_per_worker={F.batch_size_per_worker}", f"--seq_length={F.seq_length}",
+                f"--train_steps={steps}", "--lr_horizon_steps=0",
                 f"--warmup_steps={max(1, steps // 10)}",
                 f"--eval_every={max(1, steps // F.evals)}", "--eval_windows=0", "--milestone_chars=",
                 "--max_runtime_minutes=0", *F.train_args]
