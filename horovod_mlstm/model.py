@@ -208,6 +208,11 @@ def _backward(proj, wh, wmh, saved, d_hs, d_h, d_c):
     """Reverse loop of _recurrence: gradients for (proj, h0, c0, wh, wmh)."""
     dtype, n = wh.dtype, wh.shape[0]
     steps = tf.shape(proj)[0]
+    # The loop multiplies by W_h^T and W_mh^T. oneDNN's float32 matmul with a transposed operand ran
+    # at a third of its plain rate here (docs/PERFORMANCE.md), its bfloat16 one at full rate: float32
+    # transposes the two weights once per call instead.
+    transpose_b = dtype != tf.float32
+    wh_t, wmh_t = (wh, wmh) if transpose_b else (tf.transpose(wh), tf.transpose(wmh))
     d_z_all = tf.TensorArray(dtype, size=steps)
     d_xm_all = tf.TensorArray(dtype, size=steps)
     d_hm_all = tf.TensorArray(dtype, size=steps)
@@ -218,12 +223,12 @@ def _backward(proj, wh, wmh, saved, d_hs, d_h, d_c):
         d_z = tf.concat([d_c * u * i * (1.0 - i), d_c * saved["c_prev"][t] * f * (1.0 - f),
                          d_h * tanh_c * o * (1.0 - o), d_c * i * (1.0 - u * u)], axis=1)
         d_z = tf.cast(d_z, dtype)
-        d_m = tf.matmul(d_z, wh, transpose_b=True)
+        d_m = tf.matmul(d_z, wh_t, transpose_b=transpose_b)
         d_hm = d_m * proj[t, :, 4 * n:]
         d_xm_all = d_xm_all.write(t, d_m * saved["hm"][t])
         d_z_all = d_z_all.write(t, d_z)
         d_hm_all = d_hm_all.write(t, d_hm)
-        d_h = tf.cast(tf.matmul(d_hm, wmh, transpose_b=True), tf.float32)
+        d_h = tf.cast(tf.matmul(d_hm, wmh_t, transpose_b=transpose_b), tf.float32)
         d_c = d_c * f
     d_z, d_hm = d_z_all.stack(), d_hm_all.stack()
     d_proj = tf.concat([d_z, d_xm_all.stack()], axis=2)
