@@ -63,21 +63,38 @@ def timed(fn, repeats: int) -> dict:
 
 
 def matmul_rate(batch: int, hidden: int, dtype, repeats: int) -> dict:
-    """Achieved FLOP/s of [batch, hidden] @ [hidden, 4*hidden], the recurrent shape."""
+    """Achieved FLOP/s of [batch, hidden] @ [hidden, 4*hidden], the recurrent shape.
+
+    flops_per_s, the limit the step is compared with, chains the matmuls as a recurrence does: each
+    one's input is the first `hidden` columns of the previous one's output. independent_flops_per_s
+    sums independent products instead, which the while loop lets overlap (up to 10 iterations at
+    once), so it is a throughput a recurrence cannot reach: at hidden 256 it measured 1.7x the
+    chained rate. A run is about 10 GFLOP (20 to 1,000 matmuls), so call overhead does not decide
+    a small shape.
+    """
     a = tf.cast(tf.random.normal([batch, hidden]), dtype)
-    b = tf.cast(tf.random.normal([hidden, 4 * hidden]), dtype)
-    count = 20
+    b = tf.cast(tf.random.normal([hidden, 4 * hidden]) / hidden ** 0.5, dtype)
+    flops_each = 2.0 * batch * hidden * 4 * hidden
+    count = min(max(20, int(1e10 / flops_each)), 1000)
 
     @tf.function
-    def run():
+    def chained():
+        x = a
+        for _ in tf.range(count):
+            x = tf.matmul(x, b)[:, :hidden]
+        return x
+
+    @tf.function
+    def independent():
         acc = tf.zeros([batch, 4 * hidden], dtype)
         for _ in tf.range(count):
             acc += tf.matmul(a, b)
         return acc
 
-    t = timed(lambda: run().numpy(), repeats)
-    flops = 2.0 * batch * hidden * 4 * hidden * count
-    return {"flops_per_s": flops / t["median"], "seconds": t}
+    t = timed(lambda: chained().numpy(), repeats)
+    t_independent = timed(lambda: independent().numpy(), repeats)
+    return {"flops_per_s": flops_each * count / t["median"], "seconds": t, "matmuls": count,
+            "independent_flops_per_s": flops_each * count / t_independent["median"]}
 
 
 BASELINES = {"weight_norm": True, "no_weight_norm": False}  # plain Keras variant -> weight norm per step
@@ -124,10 +141,12 @@ def baseline_model(hidden: int, embed: int, weight_norm: bool):
     return tf.keras.Model(inputs, logits)
 
 
-def make_step(hidden: int, precision: str, batch: int, seq: int, baseline: str | None = None):
+def make_step(hidden: int, precision: str, batch: int, seq: int, baseline: str | None = None,
+              forward_only: bool = False):
     """One training update (forward, backward, Adam) as a tf.function on fixed random bytes: the
-    project's step, or with `baseline` (a key of BASELINES) the plain Keras one. Sets the precision
-    policy; the caller resets it."""
+    project's step, or with `baseline` (a key of BASELINES) the plain Keras one. forward_only: the
+    loss alone, no gradients (the profile's forward/backward split). Sets the precision policy; the
+    caller resets it."""
     set_precision(precision)
     if baseline:
         model = baseline_model(hidden, 64, BASELINES[baseline])
@@ -147,6 +166,10 @@ def make_step(hidden: int, precision: str, batch: int, seq: int, baseline: str |
     zero = (tf.zeros([batch, hidden]), tf.zeros([batch, hidden]))
 
     @tf.function
+    def loss_only():
+        return tf.reduce_mean(xent(y, forward(x, zero)))
+
+    @tf.function
     def update():
         with tf.GradientTape() as tape:
             loss = tf.reduce_mean(xent(y, forward(x, zero)))
@@ -154,7 +177,7 @@ def make_step(hidden: int, precision: str, batch: int, seq: int, baseline: str |
         optimizer.apply_gradients(zip(tape.gradient(loss, variables), variables))
         return loss
 
-    return update
+    return loss_only if forward_only else update
 
 
 def step_rate(hidden: int, precision: str, batch: int, seq: int, repeats: int, baseline: str | None = None) -> dict:
@@ -223,9 +246,15 @@ def profile_step(hidden: int, precision: str, batch: int, seq: int, steps: int) 
     """Where the project's update spends its time: op seconds per step by kind and by op type, from
     a TensorFlow profile of `steps` updates after a warm-up. The profiler's default level traces
     only expensive ops, so loop control (Enter, Merge, NextIteration ...) and executor overhead
-    show as wall time not in any traced op, which with a sequential recurrence is about wall - ops."""
+    show as wall time not in any traced op, which with a sequential recurrence is about wall - ops.
+    Unprofiled, it also times the update and its forward pass alone: the split of matmul FLOP/s
+    between forward and backward (with Adam) says which half falls short."""
+    forward = make_step(hidden, precision, batch, seq, forward_only=True)
+    forward().numpy()  # traced; timed() warms up once more (the first calls after tracing run slow)
+    forward_seconds = timed(lambda: forward().numpy(), steps)["median"]
     update = make_step(hidden, precision, batch, seq)
     update().numpy()
+    update_seconds = timed(lambda: update().numpy(), steps)["median"]
     with tempfile.TemporaryDirectory() as trace_dir:
         tf.profiler.experimental.start(trace_dir)
         start = time.perf_counter()
@@ -235,6 +264,7 @@ def profile_step(hidden: int, precision: str, batch: int, seq: int, steps: int) 
         tf.profiler.experimental.stop()
         by_type = {k: v / steps for k, v in op_seconds(trace_dir).items()}
     set_precision("fp32")
+    chars = batch * seq
     kinds: dict[str, float] = {}
     for op_type, seconds in by_type.items():
         kind = op_kind(op_type)
@@ -242,6 +272,9 @@ def profile_step(hidden: int, precision: str, batch: int, seq: int, steps: int) 
     ops = sum(kinds.values())
     return {"hidden": hidden, "precision": precision, "batch": batch, "seq_length": seq, "steps": steps,
             "wall_seconds_per_step": wall, "op_seconds_per_step": ops,
+            "update_seconds": update_seconds, "forward_seconds": forward_seconds,
+            "forward_flops_per_s": chars * flops_per_char(hidden, training=False) / forward_seconds,
+            "backward_flops_per_s": chars * 2 * flops_per_char(hidden, training=False) / (update_seconds - forward_seconds),
             "kinds": dict(sorted(kinds.items(), key=lambda kv: -kv[1])),
             "top_op_types": sorted(by_type.items(), key=lambda kv: -kv[1])[:12]}
 
@@ -249,7 +282,10 @@ def profile_step(hidden: int, precision: str, batch: int, seq: int, steps: int) 
 def profile_table(p: dict) -> str:
     lines = [f"hidden {p['hidden']}, {p['batch']} x {p['seq_length']}, {p['precision']}: "
              f"{p['wall_seconds_per_step'] * 1e3:,.0f} ms per step, {p['op_seconds_per_step'] * 1e3:,.0f} ms in ops "
-             f"(summed over threads)", "", "| kind of op | ms per step | share of op time |", "|---|---:|---:|"]
+             f"(summed over threads)",
+             f"unprofiled: update {p['update_seconds'] * 1e3:,.0f} ms, of which forward {p['forward_seconds'] * 1e3:,.0f} ms "
+             f"at {p['forward_flops_per_s'] / 1e9:.0f} GFLOP/s; backward and Adam at "
+             f"{p['backward_flops_per_s'] / 1e9:.0f} GFLOP/s", "", "| kind of op | ms per step | share of op time |", "|---|---:|---:|"]
     lines += [f"| {kind} | {s * 1e3:,.1f} | {s / p['op_seconds_per_step']:.1%} |" for kind, s in p["kinds"].items()]
     outside = p["wall_seconds_per_step"] - p["op_seconds_per_step"]
     if outside > 0:
@@ -366,7 +402,8 @@ def main(argv):
             rate = matmul_rate(batch, hidden, tf.as_dtype(dtype), repeats)
             result["limits"].append({"hidden": hidden, "batch": batch, "dtype": dtype, **rate})
             print(f"[bench] matmul {batch}x{hidden} @ {hidden}x{4 * hidden} {dtype}: "
-                  f"{rate['flops_per_s'] / 1e9:.1f} GFLOP/s", flush=True)
+                  f"{rate['flops_per_s'] / 1e9:.1f} GFLOP/s chained, "
+                  f"{rate['independent_flops_per_s'] / 1e9:.1f} independent", flush=True)
         for seq in seqs:
             for precision in precisions:
                 for variant in (None, *BASELINES):
@@ -402,7 +439,7 @@ def table(result: dict) -> str:
     """The step-rate rows as the Markdown table of docs/PERFORMANCE.md."""
     limits = {(x["hidden"], x["dtype"]): x["flops_per_s"] for x in result["limits"]}
     keras = {(b["variant"], b["hidden"], b["seq_length"], b["precision"]): b["chars_per_s"] for b in result["baseline"]}
-    lines = ["| hidden | batch x seq | precision | matmul limit | this project | of the limit "
+    lines = ["| hidden | batch x seq | precision | matmul limit (chained) | this project | of the limit "
              "| Keras, weight norm per step | project / it | Keras, no weight norm | project / it |",
              "|---:|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     for p in result["project"]:

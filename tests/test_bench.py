@@ -13,6 +13,8 @@ def test_quick_bench_writes_every_section(tmp_path):
     result = json.loads(out.read_text())
     assert {"limits", "project", "baseline", "scaling", "input", "ratios", "machine", "command"} <= set(result)
     assert {r["dtype"] for r in result["limits"]} == {"float32", "bfloat16"}
+    for limit in result["limits"]:  # the chained limit, and the independent products' throughput beside it
+        assert limit["flops_per_s"] > 0 and limit["independent_flops_per_s"] > 0 and 20 <= limit["matmuls"] <= 1000
     for row in result["project"] + result["baseline"]:
         assert row["chars_per_s"] > 0 and row["seconds"]["min"] <= row["seconds"]["median"] <= row["seconds"]["max"]
     runs = {"gloo", "mpi", "gloo_cycle_1ms", "independent"}
@@ -154,7 +156,10 @@ def test_profile_breaks_the_step_down_by_kind_of_op(tmp_path):
         assert kinds["matmul"] > 0 and kinds["casts"] > 0 and kinds["TensorArray reads and writes"] > 0, kinds
         assert abs(sum(kinds.values()) - p["op_seconds_per_step"]) < 1e-9 and p["wall_seconds_per_step"] > 0
         assert sum(s for _, s in p["top_op_types"]) <= p["op_seconds_per_step"] + 1e-9
+        # The unprofiled forward/backward split: the forward pass alone is part of the update.
+        assert 0 < p["forward_seconds"] < p["update_seconds"] and p["backward_flops_per_s"] > 0
     assert proc.stdout.count("| kind of op | ms per step | share of op time |") == 2
+    assert proc.stdout.count("unprofiled: update ") == 2
 
 
 def test_op_kinds():
