@@ -165,19 +165,18 @@ def make_step(hidden: int, precision: str, batch: int, seq: int, baseline: str |
     y = tf.constant(rng.integers(0, 256, (batch, seq)), tf.int32)
     zero = (tf.zeros([batch, hidden]), tf.zeros([batch, hidden]))
 
-    @tf.function
-    def loss_only():
+    def loss():
         return tf.reduce_mean(xent(y, forward(x, zero)))
 
     @tf.function
     def update():
         with tf.GradientTape() as tape:
-            loss = tf.reduce_mean(xent(y, forward(x, zero)))
+            value = loss()
         variables = model.trainable_variables
-        optimizer.apply_gradients(zip(tape.gradient(loss, variables), variables))
-        return loss
+        optimizer.apply_gradients(zip(tape.gradient(value, variables), variables))
+        return value
 
-    return loss_only if forward_only else update
+    return tf.function(loss) if forward_only else update
 
 
 def step_rate(hidden: int, precision: str, batch: int, seq: int, repeats: int, baseline: str | None = None) -> dict:
