@@ -127,7 +127,8 @@ read_hostfile() {
 # caller's directory and exit with its status, where:
 # - TERM, USR1 and INT to the launcher go to the job as $FORWARD_AS (default: the same signal), so a
 #   scheduler's or a user's signal reaches train.py, which stops at a step boundary and checkpoints
-#   (each launcher sets the signal its job runner passes on to the ranks without killing them);
+#   (each launcher sets the signal its job runner passes on to the ranks without killing them; with
+#   RANKS_RUN set, the ranks on this host get it directly: see forward_signal);
 # - a job that stopped that way exits 75 (horovodrun's own "exited with non-zero status" is unwrapped),
 #   after one line saying so and how it resumes ($RESUME_HINT);
 # - a failed job's last stderr line is rank 0's first `error:` line, rank prefix stripped.
@@ -168,15 +169,39 @@ run_job() {
   return "$status"
 }
 
+# forward_signal SIG: passes the launcher's signal on, once; a second one goes to the job runner itself.
+# - horovodrun in MPI mode becomes `sh -c "mpirun ..."`; mpirun kills the ranks on SIGTERM but passes
+#   SIGUSR1 on, so mpirun gets SIGUSR1.
+# - With RANKS_RUN (the command line the ranks run), the ranks of this host get the signal directly and
+#   horovodrun none: horovodrun kills its ranks 5 s after a SIGTERM of its own, too soon for a large
+#   checkpoint. Ranks on other hosts stop too, because every rank's stop vote is in every step's allreduce.
+# - Otherwise, and for a second signal (the user insists), the job runner gets it.
 forward_signal() {
-  local target="$JOB_PID" signal="${FORWARD_AS:-$1}" mpirun_pid
-  # horovodrun in MPI mode becomes `sh -c "mpirun ..."`; mpirun kills the ranks on SIGTERM but passes SIGUSR1 on.
+  local target="$JOB_PID" signal="${FORWARD_AS:-$1}" mpirun_pid ranks
   [ -n "$JOB_PID" ] || return 0  # not started yet
+  FORWARDED=$((${FORWARDED:-0} + 1))
   if [ "$(ps -o comm= -p "$JOB_PID")" = sh ] && mpirun_pid="$(pgrep -x -P "$JOB_PID" mpirun)"; then
     target="$mpirun_pid" signal=USR1
+  elif [ -n "${RANKS_RUN:-}" ] && [ "$FORWARDED" = 1 ] && ranks="$(local_ranks)" && [ -n "$ranks" ]; then
+    echo "$(basename "$0"): got SIG$1, passing SIG$signal to the ranks on this host so they checkpoint and" \
+      "stop (a second signal goes to horovodrun, which kills them 5 s later)" >&2
+    # shellcheck disable=SC2086  # one pid per word
+    kill -s "$signal" $ranks 2>/dev/null || true
+    return 0
   fi
   echo "$(basename "$0"): got SIG$1, passing SIG$signal to the job so it checkpoints and stops" >&2
   kill -s "$signal" "$target" 2>/dev/null || true
+}
+
+# local_ranks: the job's processes on this host whose command line starts with $RANKS_RUN, one per line.
+local_ranks() {
+  local parents="$JOB_PID" children pid args
+  while children="$(pgrep -d, -P "$parents")"; do
+    while read -r pid args; do
+      [[ "$args" == "$RANKS_RUN"* ]] && echo "$pid"
+    done < <(ps -o pid=,args= -p "$children")
+    parents="$children"
+  done
 }
 
 # job_status STATUS STDERR_LOG: the ranks' status; horovodrun reports any failing rank as its own status 1.

@@ -15,6 +15,8 @@ read_hostfile
 cmd=("$HOROVODRUN" -np "$NP" -H "$HOSTLIST")
 [ -n "$CONTROLLER" ] && cmd+=("$CONTROLLER")
 [ -n "$IFACE" ] && cmd+=(--network-interface "$IFACE")
-# horovodrun gives its ranks 5 s between SIGTERM and SIGKILL; SIGINT and SIGTERM both start that.
+# A signal goes to the ranks on this host as SIGTERM, not to horovodrun, which would kill them 5 s later
+# (common.sh: forward_signal). In MPI mode horovodrun runs mpirun, which gets SIGUSR1 instead.
 FORWARD_AS=TERM
+RANKS_RUN="$PYTHON $TRAIN_PY"
 run_job "${cmd[@]}" "${TOOL_FLAGS[@]}" "$PYTHON" "$TRAIN_PY" "${ARGS[@]}"

@@ -1,8 +1,8 @@
 """Stand-in for train.py in the launcher signal tests (tests/test_launch.py), not part of the project.
 
 It keeps train.py's contract with the launchers without TensorFlow: each rank records the signals it gets
-(SIGTERM or SIGUSR1) in --record_dir, then exits 75 after one "[train] stopped at step" line, as train.py
-does after its checkpoint; left alone it finishes with status 0 after --seconds.
+(SIGTERM or SIGUSR1) in --record_dir, takes --stop_seconds (the checkpoint), then exits 75 after one
+"[train] stopped at step" line, as train.py does; left alone it finishes with status 0 after --seconds.
 """
 
 import os
@@ -16,9 +16,15 @@ def main():
     rank = os.environ.get("HOROVOD_RANK") or os.environ.get("OMPI_COMM_WORLD_RANK") or os.environ.get("SLURM_PROCID")
     record = os.path.join(args["record_dir"], f"rank{rank}")
 
+    stopping = []
+
     def stop(signum, _frame):
         with open(record + ".signals", "a") as f:
             f.write(signal.Signals(signum).name + "\n")
+        if stopping:
+            return  # a later signal is recorded; the first one's stop goes on
+        stopping.append(signum)
+        time.sleep(float(args.get("stop_seconds", "0")))
         print("[train] stopped at step 7 (signal); run the same command to resume", flush=True)
         sys.exit(75)
 

@@ -267,7 +267,7 @@ def standin_tree(tmp_path):
 
 
 @pytest.mark.parametrize("script, controller, received", [
-    ("horovodrun.sh", "--gloo", "SIGTERM"),  # horovodrun+Gloo passes SIGTERM on
+    ("horovodrun.sh", "--gloo", "SIGTERM"),  # the launcher sends it to the ranks itself, not to horovodrun
     ("horovodrun.sh", "--mpi", "SIGUSR1"),  # it becomes mpirun, which would kill the ranks on SIGTERM
     ("mpirun.sh", None, "SIGUSR1"),
     ("elastic.sh", None, "SIGTERM"),  # horovodrun+Gloo in elastic mode
@@ -286,9 +286,42 @@ def test_a_signal_to_the_launcher_reaches_every_rank_and_75_comes_back(tmp_path,
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 75, err[-2000:]
-    assert [(records / f"rank{rank}.signals").read_text().split() for rank in (0, 1)] == [[received]] * 2
+    # The first signal each rank got (horovodrun may SIGTERM a rank still exiting when its peer has exited 75).
+    assert [(records / f"rank{rank}.signals").read_text().split()[0] for rank in (0, 1)] == [received] * 2
     assert last_line(err).endswith("training stopped at a checkpoint (status 75); the same command resumes it")
     assert out.count("[train] stopped at step 7") == 2
+
+
+def start_standin(standin_tree, records, *flags):
+    """horovodrun.sh --gloo with 2 stand-in ranks, once both have started."""
+    cmd = ["bash", f"{standin_tree}/launch/horovodrun.sh", "--gloo", "--np", "2", f"--record_dir={records}", *flags]
+    proc = subprocess.Popen(cmd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for rank in (0, 1):
+        wait_for(records / f"rank{rank}.started", proc, timeout=120)
+    return proc
+
+
+def test_a_stop_longer_than_horovodruns_5_s_grace_still_ends_75(tmp_path, standin_tree):
+    """horovodrun SIGKILLs its ranks 5 s after its own SIGTERM: the launcher signals the ranks instead."""
+    proc = start_standin(standin_tree, tmp_path, "--stop_seconds=8")
+    started = time.time()
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 75, err[-2000:]
+    assert time.time() - started >= 8 and out.count("[train] stopped at step 7") == 2
+    assert "passing SIGTERM to the ranks on this host" in err
+
+
+def test_a_second_signal_goes_to_horovodrun_which_ends_a_stop_that_hangs(tmp_path, standin_tree):
+    proc = start_standin(standin_tree, tmp_path, "--stop_seconds=600")
+    proc.send_signal(signal.SIGTERM)
+    for rank in (0, 1):
+        wait_for(tmp_path / f"rank{rank}.signals", proc)
+    started = time.time()
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode not in (0, 75) and time.time() - started < 60, err[-2000:]
+    assert "got SIGTERM, passing SIGTERM to the job" in err
 
 
 @pytest.mark.parametrize("text, message", [
