@@ -12,7 +12,8 @@ export TF_CPP_MIN_LOG_LEVEL ?= 2
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
 
-setup: $(SETUP_STAMP) ## Install Open MPI, the .venv and Horovod 0.28.1 (idempotent)
+setup: $(SETUP_STAMP) ## Install Open MPI, the .venv and Horovod 0.28.1, build the fused CPU kernels (idempotent)
+	$(PY) -m horovod_mlstm.kernels
 
 $(SETUP_STAMP): scripts/setup.sh requirements.txt pyproject.toml
 	bash scripts/setup.sh

@@ -41,7 +41,7 @@ import tensorflow as tf
 from absl import app, flags
 
 from horovod_mlstm import checkpoint as ckpt_files
-from horovod_mlstm import corpus, distributed as dist, jobs
+from horovod_mlstm import corpus, distributed as dist, jobs, kernels
 from horovod_mlstm.data import ByteStreams
 from horovod_mlstm.metrics import xent
 from horovod_mlstm.model import PRECISIONS, ModelConfig, build_model, flops_per_char, set_precision
@@ -480,7 +480,7 @@ def machine() -> dict:
     else:
         flags_ = set()
     return {"cpu": cpu, "cores": os.cpu_count(), "isa": sorted(flags_), "python": platform.python_version(),
-            "tensorflow": tf.__version__, "threads": FLAGS.threads}
+            "tensorflow": tf.__version__, "threads": FLAGS.threads, "gate_math": kernels.status()}
 
 
 # ---------------------------------------------------------------- the paper's per-rank shape

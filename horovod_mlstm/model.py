@@ -14,17 +14,23 @@ Speed comes from doing as little as possible inside the time loop: the weight no
 computed once per call, the input projections x W_x and x W_mx for all timesteps are one
 matmul before the loop, the output projection is one matmul after it, the loop body is
 two matmuls and elementwise math, and the backward pass is written by hand so that the
-recurrent weight gradients are two large matmuls after the reverse loop (see _recurrence). Matmuls run in the Keras mixed-precision compute dtype;
-the cell state, logits and loss stay float32.
+recurrent weight gradients are two large matmuls after the reverse loop (see recurrence). On CPU
+the elementwise math of a step, and of its gradient, is one fused kernel each (kernels.py).
+Matmuls run in the Keras mixed-precision compute dtype; the cell state, logits and loss stay
+float32.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 
 import tensorflow as tf
+from tensorflow.python.ops import control_flow_util  # XLA context test (no public API in TF 2.15)
+
+from horovod_mlstm import kernels
 
 VOCAB_SIZE = 256  # bytes
 
@@ -138,22 +144,51 @@ class MLSTM(tf.keras.layers.Layer):
         proj = tf.reshape(proj, [steps, batch, 5 * n])
         wh, wmh = tf.cast(wh, dtype), tf.cast(wmh, dtype)
         h, c = (tf.cast(s, tf.float32) for s in state)
+        # The fused kernels are CPU ops without an XLA kernel: under --xla the gate math is TensorFlow's.
+        fused = kernels.available() and not control_flow_util.GraphOrParentsInXlaContext(tf.compat.v1.get_default_graph())
         if mask is None:  # training and evaluation: the hand-written backward pass
-            hs, h, c = _recurrence(proj, h, c, wh, wmh)
+            hs, h, c = recurrence(fused)(proj, h, c, wh, wmh)
         else:  # featurising (no gradients needed): rows keep their state after their last byte
-            hs, h, c, _ = _forward(proj, h, c, wh, wmh, keep=tf.transpose(tf.cast(mask, tf.bool)))
+            hs, h, c, _ = _forward(proj, h, c, wh, wmh, keep=tf.transpose(tf.cast(mask, tf.bool)), fused=fused)
         return tf.transpose(hs, [1, 0, 2]), (h, c)
 
 
+def _gates(xz, mz, c, fused):
+    """One step's gate math: (i, f, o, u, c_new, tanh_c, h_new) in float32, h_new in xz's dtype."""
+    if fused:
+        return kernels.gates(xz, mz, c)
+    z = tf.cast(xz + mz, tf.float32)
+    i, f, o, u = tf.split(z, 4, axis=1)
+    i, f, o, u = tf.sigmoid(i), tf.sigmoid(f), tf.sigmoid(o), tf.tanh(u)
+    c_new = f * c + i * u
+    tanh_c = tf.tanh(c_new)
+    h_new = o * tanh_c
+    return i, f, o, u, c_new, tanh_c, h_new, tf.cast(h_new, xz.dtype)
+
+
+def _gates_grad(d_h, d_hs, d_c, i, f, o, u, tanh_c, c_prev, dtype, fused):
+    """Gradient through one step's gate math: (d_z [B, 4n] in `dtype`, d_c for step t-1).
+
+    d_h comes from step t+1 through the recurrent matmul, d_hs from this step's output.
+    """
+    if fused:
+        return kernels.gates_grad(d_h, d_hs, d_c, i, f, o, u, tanh_c, c_prev, dtype)
+    d_h = d_h + d_hs
+    d_c = d_c + d_h * o * (1.0 - tanh_c * tanh_c)
+    d_z = tf.concat([d_c * u * i * (1.0 - i), d_c * c_prev * f * (1.0 - f),
+                     d_h * tanh_c * o * (1.0 - o), d_c * i * (1.0 - u * u)], axis=1)
+    return tf.cast(d_z, dtype), d_c * f
+
+
 @tf.function  # compiled with autograph: the loops run as tf.while_loop, also inside custom_gradient
-def _forward(proj, h, c, wh, wmh, keep=None, save=False):
+def _forward(proj, h, c, wh, wmh, keep=None, save=False, fused=False):
     """The recurrence over time-major projections [T, B, 5n]: hs [T, B, n] and the final (h, c).
 
     With save=True also returns what the backward pass needs, per step: h_{t-1}, h_{t-1} W_mh
     and m (compute dtype), the four gate activations, c_{t-1} and tanh(c_t) (float32).
     The loop body is the two matmuls and the gate math only: the projections are split and
     unstacked once before it, and each saved value is written as computed (no per-step slicing,
-    concatenation or second cast).
+    concatenation or second cast). fused: the gate math as one kernel (kernels.py; no autodiff).
     """
     dtype, n = wh.dtype, wh.shape[0]
     steps = tf.shape(proj)[0]
@@ -166,46 +201,46 @@ def _forward(proj, h, c, wh, wmh, keep=None, save=False):
     for t in tf.range(steps):
         hm = tf.matmul(h_in, wmh)
         m = xm_steps.read(t) * hm
-        z = tf.cast(xz_steps.read(t) + tf.matmul(m, wh), tf.float32)
-        i, f, o, u = tf.split(z, 4, axis=1)
-        i, f, o, u = tf.sigmoid(i), tf.sigmoid(f), tf.sigmoid(o), tf.tanh(u)
-        c_new = f * c + i * u
-        tanh_c = tf.tanh(c_new)
-        h_new = o * tanh_c
+        i, f, o, u, c_new, tanh_c, h_new, h_new_in = _gates(xz_steps.read(t), tf.matmul(m, wh), c, fused)
         if keep is not None:
             k = keep[t][:, None]
             c_new, h_new = tf.where(k, c_new, c), tf.where(k, h_new, h)
+            h_new_in = tf.cast(h_new, dtype)
         if save:
             kept = [ta.write(t, v) for ta, v in zip(kept, (h_in, hm, m, i, f, o, u, c, tanh_c))]
-        h, c = h_new, c_new
-        h_in = tf.cast(h, dtype)
+        h, c, h_in = h_new, c_new, h_new_in
         hs = hs.write(t, h_in)
     names = ("h_prev", "hm", "m", "i", "f", "o", "u", "c_prev", "tanh_c")
     return hs.stack(), h, c, {name: ta.stack() for name, ta in zip(names, kept)}
 
 
-@tf.custom_gradient
-def _recurrence(proj, h0, c0, wh, wmh):
-    """The recurrence with a hand-written backward pass.
+@functools.lru_cache(maxsize=None)
+def recurrence(fused: bool):
+    """recurrence(fused)(proj, h0, c0, wh, wmh) -> (hs, h, c): the recurrence with a hand-written backward.
 
     Autodiff through the time loop accumulates the weight gradients step by step (a rank-B
     update of a [n, 4n] matrix per step). Here the reverse loop computes only the per-step
     gate and state gradients; the weight gradients are then two large matmuls over all
-    T*B rows at once, which run near the machine's matmul rate.
+    T*B rows at once, which run near the machine's matmul rate. fused: the gate math and its
+    gradient as the kernels of kernels.py.
     """
-    hs, h, c, saved = _forward(proj, h0, c0, wh, wmh, save=True)
+    @tf.custom_gradient
+    def run(proj, h0, c0, wh, wmh):
+        hs, h, c, saved = _forward(proj, h0, c0, wh, wmh, save=True, fused=fused)
 
-    def backward(d_hs, d_h, d_c):
-        d_h = tf.zeros_like(h0) if d_h is None else tf.cast(d_h, tf.float32)
-        d_c = tf.zeros_like(c0) if d_c is None else tf.cast(d_c, tf.float32)
-        return _backward(proj, wh, wmh, saved, tf.cast(d_hs, tf.float32), d_h, d_c)
+        def backward(d_hs, d_h, d_c):
+            d_h = tf.zeros_like(h0) if d_h is None else tf.cast(d_h, tf.float32)
+            d_c = tf.zeros_like(c0) if d_c is None else tf.cast(d_c, tf.float32)
+            return _backward(proj, wh, wmh, saved, tf.cast(d_hs, tf.float32), d_h, d_c, fused=fused)
 
-    return (hs, h, c), backward
+        return (hs, h, c), backward
+
+    return run
 
 
 @tf.function
-def _backward(proj, wh, wmh, saved, d_hs, d_h, d_c):
-    """Reverse loop of _recurrence: gradients for (proj, h0, c0, wh, wmh)."""
+def _backward(proj, wh, wmh, saved, d_hs, d_h, d_c, fused=False):
+    """Reverse loop of recurrence(): gradients for (proj, h0, c0, wh, wmh)."""
     dtype, n = wh.dtype, wh.shape[0]
     steps = tf.shape(proj)[0]
     # The loop multiplies by W_h^T and W_mh^T. oneDNN's float32 matmul with a transposed operand ran
@@ -217,19 +252,15 @@ def _backward(proj, wh, wmh, saved, d_hs, d_h, d_c):
     d_xm_all = tf.TensorArray(dtype, size=steps)
     d_hm_all = tf.TensorArray(dtype, size=steps)
     for t in tf.range(steps - 1, -1, -1):
-        i, f, o, u, tanh_c = (saved[name][t] for name in ("i", "f", "o", "u", "tanh_c"))
-        d_h = d_h + d_hs[t]
-        d_c = d_c + d_h * o * (1.0 - tanh_c * tanh_c)
-        d_z = tf.concat([d_c * u * i * (1.0 - i), d_c * saved["c_prev"][t] * f * (1.0 - f),
-                         d_h * tanh_c * o * (1.0 - o), d_c * i * (1.0 - u * u)], axis=1)
-        d_z = tf.cast(d_z, dtype)
+        gates = (saved[name][t] for name in ("i", "f", "o", "u", "tanh_c", "c_prev"))
+        d_z, d_c_prev = _gates_grad(d_h, d_hs[t], d_c, *gates, dtype, fused)
         d_m = tf.matmul(d_z, wh_t, transpose_b=transpose_b)
         d_hm = d_m * proj[t, :, 4 * n:]
         d_xm_all = d_xm_all.write(t, d_m * saved["hm"][t])
         d_z_all = d_z_all.write(t, d_z)
         d_hm_all = d_hm_all.write(t, d_hm)
         d_h = tf.cast(tf.matmul(d_hm, wmh_t, transpose_b=transpose_b), tf.float32)
-        d_c = d_c * f
+        d_c = d_c_prev
     d_z, d_hm = d_z_all.stack(), d_hm_all.stack()
     d_proj = tf.concat([d_z, d_xm_all.stack()], axis=2)
     # Weight gradients over all T*B rows: one plain 2-D matmul each (einsum's batched form was slower).

@@ -31,6 +31,7 @@ from absl import app, logging
 from horovod_mlstm import checkpoint as ckpt_files
 from horovod_mlstm import corpus, data, distributed as dist
 from horovod_mlstm import flags as hflags
+from horovod_mlstm import kernels
 from horovod_mlstm.checkpoint import CheckpointError, CheckpointMismatch, Checkpointer
 from horovod_mlstm.metrics import LN2, bits_per_char, make_eval_step, xent
 from horovod_mlstm.model import ModelConfig, build_model
@@ -325,7 +326,8 @@ def run(cfg: hflags.TrainConfig, stop: StopRequest) -> dict | None:
             print(f"[train] {world} rank(s) x {rows} streams x {L} bytes = global batch {total_rows} sequences "
                   f"({chars_per_step} chars/step); peak LR {peak_lr:.3g} ({cfg.batch_scaling} scaling); "
                   + ("Adasum gradient reduction; " if cfg.gradient_reduction == "adasum" else "")
-                  + f"{cfg.precision}; hidden {H}; "
+                  + f"{cfg.precision}; hidden {H}; gate math: "
+                  + ("TensorFlow ops (--xla)" if cfg.xla else kernels.status()) + "; "
                   + (f"resumed from {restored} at step {start_step}" if restored and not elastic
                      else f"continuing at step {start_step}" if start_step else "starting from scratch"),
                   flush=True)

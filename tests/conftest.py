@@ -43,6 +43,14 @@ def last_line(text: str) -> str:
     return lines[-1] if lines else ""
 
 
+@pytest.fixture(scope="session", autouse=True)
+def fused_kernels() -> None:
+    """The fused CPU kernels built (as `make setup` does), so every test runs the model as training does."""
+    from horovod_mlstm import kernels
+
+    kernels.build()
+
+
 @pytest.fixture(scope="session")
 def shared_dir() -> Path:
     if not SHARED.is_dir():

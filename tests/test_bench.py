@@ -29,6 +29,7 @@ def test_quick_bench_writes_every_section(tmp_path):
     assert {"project_over_keras_no_weight_norm_32_seq8_fp32", "project_over_keras_weight_norm_32_seq16_fp32",
             "bf16_over_fp32_32_seq16"} <= set(result["ratios"])
     assert "[bench] wrote" in proc.stdout
+    assert result["machine"]["gate_math"] == "fused CPU kernels"
     table = [line for line in proc.stdout.splitlines() if line.startswith("| 32 | 4 x ")]  # docs/PERFORMANCE.md's
     assert len(table) == 4 and all(line.count("chars/s") == 3 for line in table), proc.stdout
 

@@ -131,10 +131,12 @@ def test_bad_config_is_rejected():
         ModelConfig(precision="fp8")
 
 
+@pytest.mark.parametrize("fused", [False, True])
 @pytest.mark.parametrize("use_final_state", [False, True])
-def test_hand_written_backward_equals_autodiff(use_final_state):
-    """_recurrence's custom gradient against TF autodiff through the same forward loop."""
-    from horovod_mlstm.model import _forward, _recurrence
+def test_hand_written_backward_equals_autodiff(use_final_state, fused):
+    """recurrence()'s custom gradient, with TensorFlow's gate math or the fused kernels, against TF
+    autodiff through the forward loop of TensorFlow ops."""
+    from horovod_mlstm.model import _forward, recurrence
 
     rng = np.random.default_rng(4)
     T, B, n = 6, 3, 5
@@ -152,7 +154,7 @@ def test_hand_written_backward_equals_autodiff(use_final_state):
     args = [proj, h0, c0, wh, wmh]
     with tf.GradientTape() as tape:
         tape.watch(args)
-        custom = loss(_recurrence(*args))
+        custom = loss(recurrence(fused)(*args))
     with tf.GradientTape() as tape2:
         tape2.watch(args)
         reference = loss(_forward(*args))

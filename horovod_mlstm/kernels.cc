@@ -1,0 +1,168 @@
+// Fused CPU kernels for the mLSTM's per-step gate math (see kernels.py; built by `make kernels`).
+//
+// One recurrent step is two dependent matmuls and, between them, about a dozen elementwise ops on
+// [batch, hidden] tensors. TensorFlow runs each as its own kernel, reading and writing memory each
+// time; these two kernels do a step's gate math, and its gradient, in one pass per row.
+
+#include "tensorflow/core/framework/op.h"
+#include "tensorflow/core/framework/op_kernel.h"
+#include "tensorflow/core/framework/shape_inference.h"
+#include "tensorflow/core/util/work_sharder.h"
+
+namespace {
+
+using tensorflow::int64;
+using tensorflow::OpKernel;
+using tensorflow::OpKernelConstruction;
+using tensorflow::OpKernelContext;
+using tensorflow::Tensor;
+using tensorflow::TensorShape;
+using tensorflow::errors::InvalidArgument;
+namespace shape_inference = tensorflow::shape_inference;
+
+using ArrayF = Eigen::Map<const Eigen::Array<float, Eigen::Dynamic, 1>>;
+using OutF = Eigen::Map<Eigen::Array<float, Eigen::Dynamic, 1>>;
+template <typename T>
+using ArrayT = Eigen::Map<const Eigen::Array<T, Eigen::Dynamic, 1>>;
+template <typename T>
+using OutT = Eigen::Map<Eigen::Array<T, Eigen::Dynamic, 1>>;
+
+// Runs work(first_row, end_row) over `rows` rows on TensorFlow's intra-op threads.
+template <typename Work>
+void ForRows(OpKernelContext* ctx, int64 rows, int64 cost_per_row, Work work) {
+  auto* pool = ctx->device()->tensorflow_cpu_worker_threads();
+  tensorflow::Shard(pool->num_threads, pool->workers, rows, cost_per_row, work);
+}
+
+bool IsMatrix(const Tensor& t, int64 rows, int64 cols) {
+  return t.dims() == 2 && t.dim_size(0) == rows && t.dim_size(1) == cols;
+}
+
+}  // namespace
+
+REGISTER_OP("MlstmGates")
+    .Attr("T: {float, bfloat16, half}")
+    .Input("xz: T")  // x W_x + b for this step, [B, 4n]: gates i, f, o, u
+    .Input("mz: T")  // m W_h, [B, 4n]
+    .Input("c: float")
+    .Output("i: float")
+    .Output("f: float")
+    .Output("o: float")
+    .Output("u: float")
+    .Output("c_new: float")
+    .Output("tanh_c: float")
+    .Output("h: float")
+    .Output("h_compute: T")  // h in the compute dtype, for the next step's matmul
+    .SetShapeFn([](shape_inference::InferenceContext* ctx) {
+      for (int k = 0; k < 8; ++k) ctx->set_output(k, ctx->input(2));
+      return tensorflow::OkStatus();
+    });
+
+template <typename T>
+class MlstmGatesOp : public OpKernel {
+ public:
+  explicit MlstmGatesOp(OpKernelConstruction* ctx) : OpKernel(ctx) {}
+
+  void Compute(OpKernelContext* ctx) override {
+    const Tensor &xz = ctx->input(0), &mz = ctx->input(1), &c = ctx->input(2);
+    OP_REQUIRES(ctx, c.dims() == 2, InvalidArgument("c must be [batch, hidden], got ", c.shape().DebugString()));
+    const int64 B = c.dim_size(0), n = c.dim_size(1);
+    OP_REQUIRES(ctx, IsMatrix(xz, B, 4 * n) && IsMatrix(mz, B, 4 * n),
+                InvalidArgument("xz and mz must be [", B, ", ", 4 * n, "], got ", xz.shape().DebugString(), " and ",
+                                mz.shape().DebugString()));
+    Tensor* out[8];
+    for (int k = 0; k < 8; ++k) OP_REQUIRES_OK(ctx, ctx->allocate_output(k, c.shape(), &out[k]));
+    const T* X = xz.flat<T>().data();
+    const T* M = mz.flat<T>().data();
+    const float* C = c.flat<float>().data();
+    ForRows(ctx, B, 40 * n, [&](int64 first, int64 end) {
+      for (int64 r = first; r < end; ++r) {
+        const T *x = X + r * 4 * n, *m = M + r * 4 * n;
+        const int64 k = r * n;
+        auto z = [&](int gate) {  // pre-activation in float32
+          return ArrayT<T>(x + gate * n, n).template cast<float>() + ArrayT<T>(m + gate * n, n).template cast<float>();
+        };
+        OutF i(out[0]->flat<float>().data() + k, n), f(out[1]->flat<float>().data() + k, n),
+            o(out[2]->flat<float>().data() + k, n), u(out[3]->flat<float>().data() + k, n),
+            c_new(out[4]->flat<float>().data() + k, n), tanh_c(out[5]->flat<float>().data() + k, n),
+            h(out[6]->flat<float>().data() + k, n);
+        i = z(0).logistic();
+        f = z(1).logistic();
+        o = z(2).logistic();
+        u = z(3).tanh();
+        c_new = f * ArrayF(C + k, n) + i * u;
+        tanh_c = c_new.tanh();
+        h = o * tanh_c;
+        OutT<T>(out[7]->flat<T>().data() + k, n) = h.template cast<T>();
+      }
+    });
+  }
+};
+
+REGISTER_OP("MlstmGatesGrad")
+    .Attr("T: {float, bfloat16, half}")
+    .Input("d_h: float")   // from step t+1 through the recurrent matmul
+    .Input("d_hs: float")  // from this step's output
+    .Input("d_c: float")   // from step t+1
+    .Input("i: float")
+    .Input("f: float")
+    .Input("o: float")
+    .Input("u: float")
+    .Input("tanh_c: float")
+    .Input("c_prev: float")
+    .Output("d_z: T")          // [B, 4n], for the matmuls
+    .Output("d_c_prev: float")  // to step t-1
+    .SetShapeFn([](shape_inference::InferenceContext* ctx) {
+      shape_inference::DimensionHandle four_n;
+      TF_RETURN_IF_ERROR(ctx->Multiply(ctx->Dim(ctx->input(0), 1), 4, &four_n));
+      ctx->set_output(0, ctx->Matrix(ctx->Dim(ctx->input(0), 0), four_n));
+      ctx->set_output(1, ctx->input(0));
+      return tensorflow::OkStatus();
+    });
+
+template <typename T>
+class MlstmGatesGradOp : public OpKernel {
+ public:
+  explicit MlstmGatesGradOp(OpKernelConstruction* ctx) : OpKernel(ctx) {}
+
+  void Compute(OpKernelContext* ctx) override {
+    const Tensor& first = ctx->input(0);
+    OP_REQUIRES(ctx, first.dims() == 2, InvalidArgument("d_h must be [batch, hidden], got ", first.shape().DebugString()));
+    const int64 B = first.dim_size(0), n = first.dim_size(1);
+    const float* in[9];
+    for (int k = 0; k < 9; ++k) {
+      OP_REQUIRES(ctx, IsMatrix(ctx->input(k), B, n),
+                  InvalidArgument("input ", k, " must be [", B, ", ", n, "], got ", ctx->input(k).shape().DebugString()));
+      in[k] = ctx->input(k).flat<float>().data();
+    }
+    Tensor *d_z_out, *d_c_out;
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(0, TensorShape({B, 4 * n}), &d_z_out));
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(1, first.shape(), &d_c_out));
+    T* DZ = d_z_out->flat<T>().data();
+    float* DC = d_c_out->flat<float>().data();
+    ForRows(ctx, B, 40 * n, [&](int64 first_row, int64 end) {
+      for (int64 r = first_row; r < end; ++r) {
+        const int64 k = r * n;
+        ArrayF d_h_in(in[0] + k, n), d_hs(in[1] + k, n), d_c_in(in[2] + k, n), i(in[3] + k, n), f(in[4] + k, n),
+            o(in[5] + k, n), u(in[6] + k, n), tanh_c(in[7] + k, n), c_prev(in[8] + k, n);
+        OutF d_c(DC + k, n);  // the step's whole d_c first, then d_c * f for step t-1
+        T* d_z = DZ + r * 4 * n;
+        d_c = d_c_in + (d_h_in + d_hs) * o * (1.0f - tanh_c * tanh_c);
+        OutT<T>(d_z, n) = (d_c * u * i * (1.0f - i)).template cast<T>();
+        OutT<T>(d_z + n, n) = (d_c * c_prev * f * (1.0f - f)).template cast<T>();
+        OutT<T>(d_z + 2 * n, n) = ((d_h_in + d_hs) * tanh_c * o * (1.0f - o)).template cast<T>();
+        OutT<T>(d_z + 3 * n, n) = (d_c * i * (1.0f - u * u)).template cast<T>();
+        d_c = d_c * f;
+      }
+    });
+  }
+};
+
+#define REGISTER(T)                                                                                        \
+  REGISTER_KERNEL_BUILDER(Name("MlstmGates").Device(tensorflow::DEVICE_CPU).TypeConstraint<T>("T"),     \
+                          MlstmGatesOp<T>);                                                                \
+  REGISTER_KERNEL_BUILDER(Name("MlstmGatesGrad").Device(tensorflow::DEVICE_CPU).TypeConstraint<T>("T"), \
+                          MlstmGatesGradOp<T>);
+REGISTER(float)
+REGISTER(tensorflow::bfloat16)
+REGISTER(Eigen::half)

@@ -1,0 +1,104 @@
+"""Fused CPU kernels for the mLSTM's per-step gate math (kernels.cc), and their build.
+
+Each recurrent step is a strict chain: a matmul, the gate math (about a dozen elementwise ops on
+[batch, hidden] tensors), the next matmul. TensorFlow runs each elementwise op as its own kernel;
+kernels.cc does a step's gate math in one kernel and its gradient in another, which made the update
+1.07-1.11x faster on CPU (docs/PERFORMANCE.md). The model uses them where this module finds the
+library built from the current kernels.cc for this TensorFlow and no GPU is visible, and TensorFlow's
+own ops otherwise (GPU, XLA, or not built). `make setup` builds them; by hand:
+
+    python -m horovod_mlstm.kernels
+"""
+
+from __future__ import annotations
+
+import functools
+import glob
+import hashlib
+import os
+import subprocess
+import sys
+
+import tensorflow as tf
+
+SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "kernels.cc")
+# -march=native: the library is built on the machine that runs it (make setup), like Horovod itself.
+CXXFLAGS = ["-O3", "-march=native", "-shared", "-fPIC"]
+
+
+for _op in ("MlstmGates", "MlstmGatesGrad"):
+    tf.no_gradient(_op)  # used inside the model's custom gradient only
+
+
+def library_path() -> str:
+    """Where the library built from this kernels.cc, for this TensorFlow and these flags, lives."""
+    with open(SOURCE, "rb") as f:
+        key = hashlib.sha256(f.read() + tf.__version__.encode() + " ".join(CXXFLAGS).encode()).hexdigest()[:12]
+    return os.path.join(os.path.dirname(SOURCE), f"_kernels-{key}.so")
+
+
+def build() -> str:
+    """Compiles kernels.cc (about 10 s) unless the library for it is already there; returns its path."""
+    path = library_path()
+    if os.path.exists(path):
+        return path
+    tmp = f"{path}.{os.getpid()}.tmp"
+    cmd = [os.environ.get("CXX", "g++"), *CXXFLAGS, SOURCE, "-o", tmp, *tf.sysconfig.get_compile_flags(),
+           *tf.sysconfig.get_link_flags()]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+    except FileNotFoundError:
+        raise RuntimeError(f"no C++ compiler {cmd[0]!r} (apt-get install g++, or set CXX)") from None
+    if proc.returncode != 0:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        first_error = next((line for line in proc.stderr.splitlines() if "error" in line), proc.stderr.strip()[-300:])
+        raise RuntimeError(f"compiling {SOURCE} failed: {first_error}")
+    os.replace(tmp, path)
+    _load.cache_clear()
+    for old in glob.glob(os.path.join(os.path.dirname(path), "_kernels-*.so")):
+        if old != path:
+            os.remove(old)
+    return path
+
+
+@functools.lru_cache(maxsize=None)
+def _load() -> tuple[object | None, str]:
+    """(the loaded op library or None, why not)."""
+    if tf.config.list_physical_devices("GPU"):
+        return None, "a GPU is visible (the kernels are CPU-only)"
+    path = library_path()
+    if not os.path.exists(path):
+        return None, "not built for this kernels.cc and TensorFlow (run make setup)"
+    return tf.load_op_library(path), ""
+
+
+def available() -> bool:
+    return _load()[0] is not None
+
+
+def status() -> str:
+    """One phrase for logs and benchmark records: which gate math the model runs."""
+    library, why_not = _load()
+    return "fused CPU kernels" if library is not None else f"TensorFlow ops ({why_not})"
+
+
+def gates(xz, mz, c):
+    """One step's gate math: (i, f, o, u, c_new, tanh_c, h) in float32 and h in xz's dtype."""
+    return _load()[0].mlstm_gates(xz, mz, c)
+
+
+def gates_grad(d_h, d_hs, d_c, i, f, o, u, tanh_c, c_prev, dtype):
+    """Gradient through one step's gate math: (d_z [B, 4n] in `dtype`, d_c for step t-1)."""
+    return _load()[0].mlstm_gates_grad(d_h, d_hs, d_c, i, f, o, u, tanh_c, c_prev, T=dtype)
+
+
+def main() -> None:
+    try:
+        print(f"[kernels] {build()}")
+    except RuntimeError as e:
+        sys.exit(f"error: {e}")
+
+
+if __name__ == "__main__":
+    main()
