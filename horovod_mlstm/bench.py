@@ -193,6 +193,7 @@ def step_rate(hidden: int, precision: str, batch: int, seq: int, repeats: int, b
 # Kinds of op in a step's profile, by the op type after the last ':' of a profiler event; first match wins.
 OP_KINDS = (
     ("matmul", r"MatMul|Einsum"),
+    ("fused gate kernels", r"MlstmGates"),
     ("TensorArray reads and writes", r"TensorList|TensorArray"),
     ("casts", r"Cast"),
     ("optimizer and variables", r"Apply|Assign|ReadVariable|VarHandle"),

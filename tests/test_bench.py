@@ -167,7 +167,7 @@ def test_op_kinds():
     from horovod_mlstm.bench import op_kind
 
     assert [op_kind(t) for t in ("_MklMatMul", "_MklEinsum", "TensorListGetItem", "Cast", "Sigmoid", "_MklAddV2",
-                                 "StridedSlice", "ResourceApplyAdam", "AssignAddVariableOp", "NoOp")] == [
+                                 "StridedSlice", "ResourceApplyAdam", "AssignAddVariableOp", "MlstmGatesGrad", "NoOp")] == [
         "matmul", "matmul", "TensorArray reads and writes", "casts", "elementwise and reductions",
         "elementwise and reductions", "slices, concats and copies", "optimizer and variables", "optimizer and variables",
-        "other"]
+        "fused gate kernels", "other"]
