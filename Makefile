@@ -82,6 +82,6 @@ wheelhouse: ## Download every pinned wheel and Horovod's source into wheelhouse/
 docker-test: ## Start dockerd, build the CPU image offline on the debootstrap base, train the demo in it, check it
 	bash scripts/docker.sh test
 
-clean: ## Remove runs/, data/ and caches (keeps .venv)
-	rm -rf runs data bench_out .pytest_cache
+clean: ## Remove runs/, data/, caches and the built kernels (keeps .venv)
+	rm -rf runs data bench_out .pytest_cache horovod_mlstm/_kernels-*.so
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +

@@ -54,7 +54,9 @@ REGISTER_OP("MlstmGates")
     .Output("h: float")
     .Output("h_compute: T")  // h in the compute dtype, for the next step's matmul
     .SetShapeFn([](shape_inference::InferenceContext* ctx) {
-      for (int k = 0; k < 8; ++k) ctx->set_output(k, ctx->input(2));
+      shape_inference::ShapeHandle c;
+      TF_RETURN_IF_ERROR(ctx->WithRank(ctx->input(2), 2, &c));
+      for (int k = 0; k < 8; ++k) ctx->set_output(k, c);
       return tensorflow::OkStatus();
     });
 
@@ -113,10 +115,12 @@ REGISTER_OP("MlstmGatesGrad")
     .Output("d_z: T")          // [B, 4n], for the matmuls
     .Output("d_c_prev: float")  // to step t-1
     .SetShapeFn([](shape_inference::InferenceContext* ctx) {
+      shape_inference::ShapeHandle d_h;
       shape_inference::DimensionHandle four_n;
-      TF_RETURN_IF_ERROR(ctx->Multiply(ctx->Dim(ctx->input(0), 1), 4, &four_n));
-      ctx->set_output(0, ctx->Matrix(ctx->Dim(ctx->input(0), 0), four_n));
-      ctx->set_output(1, ctx->input(0));
+      TF_RETURN_IF_ERROR(ctx->WithRank(ctx->input(0), 2, &d_h));
+      TF_RETURN_IF_ERROR(ctx->Multiply(ctx->Dim(d_h, 1), 4, &four_n));
+      ctx->set_output(0, ctx->Matrix(ctx->Dim(d_h, 0), four_n));
+      ctx->set_output(1, d_h);
       return tensorflow::OkStatus();
     });
 

@@ -13,7 +13,6 @@ own ops otherwise (GPU, XLA, or not built). `make setup` builds them; by hand:
 from __future__ import annotations
 
 import functools
-import glob
 import hashlib
 import os
 import subprocess
@@ -22,8 +21,19 @@ import sys
 import tensorflow as tf
 
 SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "kernels.cc")
-# -march=native: the library is built on the machine that runs it (make setup), like Horovod itself.
+# -march=native: built by each machine for its own CPU (make setup), like Horovod itself.
 CXXFLAGS = ["-O3", "-march=native", "-shared", "-fPIC"]
+
+
+def _cpu() -> bytes:
+    """This CPU's model and instruction sets: a checkout shared by several kinds of node keeps one
+    library per kind, and none loads a library built for another CPU (it could die of SIGILL)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            lines = [line for line in f if line.startswith(("model name", "flags", "Features"))]
+    except OSError:
+        return b""
+    return "".join(sorted(set(lines))).encode()
 
 
 for _op in ("MlstmGates", "MlstmGatesGrad"):
@@ -31,9 +41,9 @@ for _op in ("MlstmGates", "MlstmGatesGrad"):
 
 
 def library_path() -> str:
-    """Where the library built from this kernels.cc, for this TensorFlow and these flags, lives."""
+    """Where the library built from this kernels.cc, for this TensorFlow, flags and CPU, lives."""
     with open(SOURCE, "rb") as f:
-        key = hashlib.sha256(f.read() + tf.__version__.encode() + " ".join(CXXFLAGS).encode()).hexdigest()[:12]
+        key = hashlib.sha256(f.read() + tf.__version__.encode() + " ".join(CXXFLAGS).encode() + _cpu()).hexdigest()[:12]
     return os.path.join(os.path.dirname(SOURCE), f"_kernels-{key}.so")
 
 
@@ -54,11 +64,8 @@ def build() -> str:
             os.remove(tmp)
         first_error = next((line for line in proc.stderr.splitlines() if "error" in line), proc.stderr.strip()[-300:])
         raise RuntimeError(f"compiling {SOURCE} failed: {first_error}")
-    os.replace(tmp, path)
+    os.replace(tmp, path)  # atomic: a concurrent build of the same key writes the same file
     _load.cache_clear()
-    for old in glob.glob(os.path.join(os.path.dirname(path), "_kernels-*.so")):
-        if old != path:
-            os.remove(old)
     return path
 
 

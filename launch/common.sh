@@ -199,7 +199,7 @@ local_ranks() {
   while children="$(pgrep -d, -P "$parents")"; do
     while read -r pid args; do
       [[ "$args" == "$RANKS_RUN"* ]] && echo "$pid"
-    done < <(ps -o pid=,args= -p "$children")
+    done < <(ps -ww -o pid=,args= -p "$children")  # -ww: whole command lines, whatever $COLUMNS says
     parents="$children"
   done
 }

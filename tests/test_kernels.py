@@ -45,6 +45,18 @@ def test_wrong_shapes_are_an_error_naming_them():
         kernels.gates(tf.zeros([2, 15]), tf.zeros([2, 16]), tf.zeros([2, 4]))
     with pytest.raises(tf.errors.InvalidArgumentError, match=r"input 8 must be \[2, 4\]"):
         kernels.gates_grad(*[tf.zeros([2, 4])] * 8, tf.zeros([3, 4]), tf.float32)
+    vector = tf.TensorSpec([4], tf.float32)  # caught when a graph is built, before any kernel runs
+    with pytest.raises(ValueError, match="must be rank 2"):
+        tf.function(lambda x: kernels.gates_grad(*[x] * 9, tf.float32)).get_concrete_function(vector)
+    with pytest.raises(ValueError, match="must be rank 2"):
+        tf.function(lambda x: kernels.gates(tf.zeros([1, 16]), tf.zeros([1, 16]), x)).get_concrete_function(vector)
+
+
+def test_the_library_is_keyed_by_source_tensorflow_and_cpu(monkeypatch):
+    """A checkout shared by different CPUs never loads a library built for another one."""
+    here = kernels.library_path()
+    monkeypatch.setattr(kernels, "_cpu", lambda: b"flags : sse2")
+    assert kernels.library_path() != here and kernels.library_path().endswith(".so")
 
 
 def op_types(concrete) -> set[str]:

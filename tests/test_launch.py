@@ -292,18 +292,19 @@ def test_a_signal_to_the_launcher_reaches_every_rank_and_75_comes_back(tmp_path,
     assert out.count("[train] stopped at step 7") == 2
 
 
-def start_standin(standin_tree, records, *flags):
+def start_standin(standin_tree, records, *flags, env=None):
     """horovodrun.sh --gloo with 2 stand-in ranks, once both have started."""
     cmd = ["bash", f"{standin_tree}/launch/horovodrun.sh", "--gloo", "--np", "2", f"--record_dir={records}", *flags]
-    proc = subprocess.Popen(cmd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(cmd, env={**ENV, **(env or {})}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     for rank in (0, 1):
         wait_for(records / f"rank{rank}.started", proc, timeout=120)
     return proc
 
 
 def test_a_stop_longer_than_horovodruns_5_s_grace_still_ends_75(tmp_path, standin_tree):
-    """horovodrun SIGKILLs its ranks 5 s after its own SIGTERM: the launcher signals the ranks instead."""
-    proc = start_standin(standin_tree, tmp_path, "--stop_seconds=8")
+    """horovodrun SIGKILLs its ranks 5 s after its own SIGTERM: the launcher signals the ranks instead.
+    COLUMNS=20 would cut ps's command lines short of the ranks' own, were it not for ps -ww."""
+    proc = start_standin(standin_tree, tmp_path, "--stop_seconds=8", env={"COLUMNS": "20"})
     started = time.time()
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=120)
