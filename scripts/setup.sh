@@ -9,7 +9,8 @@ cd "$(dirname "$0")/.."
 
 PYTHON=${PYTHON:-python3.11}
 VENV=${VENV:-.venv}
-DEBS="libopenmpi-dev openmpi-bin openssh-client openssh-server iproute2 procps strace libcap2-bin"
+# g++: Horovod's build and the fused CPU kernels (horovod_mlstm/kernels.cc)
+DEBS="g++ libopenmpi-dev openmpi-bin openssh-client openssh-server iproute2 procps strace libcap2-bin"
 
 log() { echo "[setup] $*"; }
 
