@@ -76,7 +76,7 @@ def _load() -> tuple[object | None, str]:
         return None, "a GPU is visible (the kernels are CPU-only)"
     path = library_path()
     if not os.path.exists(path):
-        return None, "not built for this kernels.cc and TensorFlow (run make setup)"
+        return None, "not built for this kernels.cc, TensorFlow and CPU; make setup builds them"
     return tf.load_op_library(path), ""
 
 
