@@ -62,6 +62,7 @@ def test_trains_checkpoints_and_reports(tmp_path, tiny_data):
     assert summary["chars_seen"] == 60 * 4 * 32
     assert summary["replicas_in_sync"] is True
     assert "[train] step 60/60" in proc.stdout and "lr " in proc.stdout and "chars/s" in proc.stdout
+    assert "gate math: fused CPU kernels" in proc.stdout  # the job runs the kernels make setup built
     assert sorted(os.listdir(model_dir / "checkpoints"))[0].startswith("checkpoint")
     assert (model_dir / "config.json").exists() and list((model_dir / "tensorboard").iterdir())
 
