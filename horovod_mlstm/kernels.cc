@@ -1,4 +1,4 @@
-// Fused CPU kernels for the mLSTM's per-step gate math (see kernels.py; built by `make kernels`).
+// Fused CPU kernels for the mLSTM's per-step gate math (see kernels.py; `make setup` builds them).
 //
 // One recurrent step is two dependent matmuls and, between them, about a dozen elementwise ops on
 // [batch, hidden] tensors. TensorFlow runs each as its own kernel, reading and writing memory each

@@ -3,7 +3,7 @@
 Each recurrent step is a strict chain: a matmul, the gate math (about a dozen elementwise ops on
 [batch, hidden] tensors), the next matmul. TensorFlow runs each elementwise op as its own kernel;
 kernels.cc does a step's gate math in one kernel and its gradient in another, which made the update
-1.07-1.11x faster on CPU (docs/PERFORMANCE.md). The model uses them where this module finds the
+1.07-1.10x faster in bf16 on CPU, 1.01-1.05x in fp32 (docs/PERFORMANCE.md). The model uses them where this module finds the
 library built from the current kernels.cc for this TensorFlow and no GPU is visible, and TensorFlow's
 own ops otherwise (GPU, XLA, or not built). `make setup` builds them; by hand:
 
