@@ -131,7 +131,11 @@ read_hostfile() {
 #   RANKS_RUN set, the ranks on this host get it directly: see forward_signal);
 # - a job that stopped that way exits 75 (horovodrun's own "exited with non-zero status" is unwrapped),
 #   after one line saying so and how it resumes ($RESUME_HINT);
-# - a failed job's last stderr line is rank 0's first `error:` line, rank prefix stripped.
+# - a failed job's last stderr line is rank 0's first `error:` line, rank prefix stripped;
+# - a 0 from horovodrun after it was sent SIGTERM is not success: it then kills the ranks itself, and its
+#   safe_shell_exec reaps each rank's shell from two threads at once (a psutil wait in the termination
+#   thread, Popen.wait in the main one); the loser reads "reaped elsewhere" as status 0 (measured: 2 of 45
+#   elastic stops said 0). The launcher exits 143 (SIGTERM) instead.
 run_job() {
   if [ "$DRY_RUN" = 1 ]; then
     local a out=()
@@ -147,7 +151,7 @@ run_job() {
   # tee ignores the signals, or a Ctrl-C would end it and the job's last words (and its stderr) with it
   (trap '' TERM USR1 INT; exec tee "$stderr_log" < "$stderr_log.fifo" >&2) &
   tee_pid=$!
-  JOB_PID=""
+  JOB_PID="" RUNNER_TERMINATED=0
   trap 'forward_signal TERM' TERM
   trap 'forward_signal USR1' USR1
   trap 'forward_signal INT' INT
@@ -160,7 +164,11 @@ run_job() {
   wait "$tee_pid" || true
   trap - TERM USR1 INT
   status=$(job_status "$status" "$stderr_log")
-  if [ "$status" = "$EX_TEMPFAIL" ]; then
+  if [ "$status" = 0 ] && [ "$RUNNER_TERMINATED" = 1 ]; then
+    echo "$(basename "$0"): horovodrun said 0 after it terminated the ranks, which is not a finished job;" \
+      "exiting 143 (the same command resumes from the last checkpoint)" >&2
+    status=143
+  elif [ "$status" = "$EX_TEMPFAIL" ]; then
     echo "$(basename "$0"): training stopped at a checkpoint (status 75); ${RESUME_HINT:-the same command resumes it}" >&2
   elif [ "$status" != 0 ]; then
     rank0_error "$stderr_log" >&2
@@ -190,6 +198,9 @@ forward_signal() {
     return 0
   fi
   echo "$(basename "$0"): got SIG$1, passing SIG$signal to the job so it checkpoints and stops" >&2
+  if [ "$target" = "$JOB_PID" ] && [[ "$(ps -ww -o args= -p "$JOB_PID")" == *horovodrun* ]]; then
+    RUNNER_TERMINATED=1  # see run_job
+  fi
   kill -s "$signal" "$target" 2>/dev/null || true
 }
 

@@ -53,5 +53,9 @@ max_np=${max_np:-$NP}
 cmd=("$HOROVODRUN" -np "$NP" --min-np "$min_np" --max-np "$max_np" --host-discovery-script "$discovery"
      --blacklist-cooldown-range 10 300)
 [ -n "$IFACE" ] && cmd+=(--network-interface "$IFACE")
-FORWARD_AS=TERM  # as horovodrun.sh
+# As horovodrun.sh: a signal goes to the ranks on this host as SIGTERM, not to horovodrun, which would
+# kill them 5 s later. Each rank then exits 75 on its own; the driver counts that as a failure of every
+# host, stops, and reports the 75, which run_job passes on.
+FORWARD_AS=TERM
+RANKS_RUN="$PYTHON $TRAIN_PY"
 run_job "${env_cmd[@]}" "${cmd[@]}" "${TOOL_FLAGS[@]}" "$PYTHON" "$TRAIN_PY" --elastic "${ARGS[@]}"

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import time
@@ -127,6 +128,24 @@ def test_host_removed_and_added_back_shrinks_and_grows(job):
     sizes = summary["steps_at_world_size"]
     assert summary["final_step"] == steps and sum(sizes.values()) == steps, sizes
     assert sizes.get("1", 0) > 0 and sizes.get("2", 0) > 40, sizes
+
+
+def test_sigterm_to_the_launcher_stops_at_a_checkpoint_and_the_same_command_continues(job):
+    """The launcher signals the ranks itself, not horovodrun, which would kill them 5 s later and can then
+    report them as status 0 (launch/common.sh): every rank stops at one step and the job exits 75."""
+    j = job(2000)
+    j.wait_for("step 30/")
+    os.kill(j.proc.pid, signal.SIGTERM)
+    assert j.proc.wait(120) == 75, j.log.read_text(errors="replace")[-3000:]
+    log = j.log.read_text(errors="replace")
+    assert "passing SIGTERM to the ranks on this host" in log
+    stopped = re.findall(r"\[train\] stopped at step (\d+) \(SIGTERM\)", log)
+    assert stopped, log[-3000:]
+    step = int(stopped[0])
+    assert tf.train.latest_checkpoint(str(j.model_dir / "checkpoints")).endswith(f"ckpt-{step}")
+    rerun = job(step + 10)
+    rerun.wait_for(f"continuing at step {step}")
+    assert rerun.finish()["final_step"] == step + 10
 
 
 def test_launcher_dry_run_and_bad_settings(tmp_path):

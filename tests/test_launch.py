@@ -292,37 +292,63 @@ def test_a_signal_to_the_launcher_reaches_every_rank_and_75_comes_back(tmp_path,
     assert out.count("[train] stopped at step 7") == 2
 
 
-def start_standin(standin_tree, records, *flags, env=None):
-    """horovodrun.sh --gloo with 2 stand-in ranks, once both have started."""
-    cmd = ["bash", f"{standin_tree}/launch/horovodrun.sh", "--gloo", "--np", "2", f"--record_dir={records}", *flags]
+def start_standin(standin_tree, records, script, *flags, env=None):
+    """horovodrun.sh --gloo, or elastic.sh on two local "hosts", with 2 stand-in ranks, once both have started."""
+    (records / "hosts.txt").write_text("localhost:1\n127.0.0.1:1\n")
+    launcher = ["--gloo"] if script == "horovodrun.sh" else ["--hostfile", str(records / "hosts.txt")]
+    cmd = ["bash", f"{standin_tree}/launch/{script}", *launcher, "--np", "2", f"--record_dir={records}", *flags]
     proc = subprocess.Popen(cmd, env={**ENV, **(env or {})}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     for rank in (0, 1):
         wait_for(records / f"rank{rank}.started", proc, timeout=120)
     return proc
 
 
-def test_a_stop_longer_than_horovodruns_5_s_grace_still_ends_75(tmp_path, standin_tree):
-    """horovodrun SIGKILLs its ranks 5 s after its own SIGTERM: the launcher signals the ranks instead.
-    COLUMNS=20 would cut ps's command lines short of the ranks' own, were it not for ps -ww."""
-    proc = start_standin(standin_tree, tmp_path, "--stop_seconds=8", env={"COLUMNS": "20"})
+@pytest.mark.parametrize("script", ["horovodrun.sh", "elastic.sh"])
+def test_a_stop_longer_than_horovodruns_5_s_grace_still_ends_75(tmp_path, standin_tree, script):
+    """horovodrun SIGKILLs its ranks 5 s after its own SIGTERM (elastic mode too): the launcher signals the
+    ranks instead. COLUMNS=20 would cut ps's command lines short of the ranks' own, were it not for ps -ww."""
+    proc = start_standin(standin_tree, tmp_path, script, "--stop_seconds=8", env={"COLUMNS": "20"})
     started = time.time()
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=120)
-    assert proc.returncode == 75, err[-2000:]
+    assert proc.returncode == 75, out[-2000:] + err[-2000:]
     assert time.time() - started >= 8 and out.count("[train] stopped at step 7") == 2
     assert "passing SIGTERM to the ranks on this host" in err
 
 
 def test_a_second_signal_goes_to_horovodrun_which_ends_a_stop_that_hangs(tmp_path, standin_tree):
-    proc = start_standin(standin_tree, tmp_path, "--stop_seconds=600")
+    proc = start_standin(standin_tree, tmp_path, "horovodrun.sh", "--stop_seconds=600")
     proc.send_signal(signal.SIGTERM)
     for rank in (0, 1):
         wait_for(tmp_path / f"rank{rank}.signals", proc)
     started = time.time()
     proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=120)
-    assert proc.returncode not in (0, 75) and time.time() - started < 60, err[-2000:]
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode not in (0, 75) and time.time() - started < 60, out[-2000:] + err[-2000:]
     assert "got SIGTERM, passing SIGTERM to the job" in err
+
+
+def test_a_0_from_horovodrun_after_it_was_terminated_is_not_success(tmp_path, standin_tree):
+    """horovodrun can report a rank it terminated as status 0 (two threads reap the rank's shell; see
+    common.sh run_job). A stand-in horovodrun that does just that, with no rank to signal directly."""
+    venv = tmp_path / "venv"
+    (venv / "bin").mkdir(parents=True)
+    (venv / "bin" / "python").symlink_to(f"{BIN}/python")
+    (venv / "bin" / "horovodrun").write_text(
+        "#!/bin/bash\ntrap 'kill $!; exit 0' TERM\ntouch \"$RECORDS/runner.started\"\nsleep 60 & wait\n")
+    (venv / "bin" / "horovodrun").chmod(0o755)
+    (standin_tree / ".venv").unlink()
+    (standin_tree / ".venv").symlink_to(venv)
+    proc = subprocess.Popen(["bash", f"{standin_tree}/launch/horovodrun.sh", "--gloo", "--np", "2"],
+                            env={**ENV, "RECORDS": str(tmp_path)}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    wait_for(tmp_path / "runner.started", proc)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 143, err
+    assert "passing SIGTERM to the job" in err
+    assert last_line(err).endswith("horovodrun said 0 after it terminated the ranks, which is not a finished job; "
+                                   "exiting 143 (the same command resumes from the last checkpoint)")
 
 
 @pytest.mark.parametrize("text, message", [
