@@ -15,6 +15,8 @@ def test_quick_bench_writes_every_section(tmp_path):
     assert {r["dtype"] for r in result["limits"]} == {"float32", "bfloat16"}
     for limit in result["limits"]:  # the chained limit, and the independent products' throughput beside it
         assert limit["flops_per_s"] > 0 and limit["independent_flops_per_s"] > 0 and 20 <= limit["matmuls"] <= 1000
+        # read before and after the steps; the faster reading is the limit
+        assert len(limit["readings"]) == 2 and limit["flops_per_s"] == max(limit["readings"])
     for row in result["project"] + result["baseline"]:
         assert row["chars_per_s"] > 0 and row["seconds"]["min"] <= row["seconds"]["median"] <= row["seconds"]["max"]
     runs = {"gloo", "mpi", "gloo_cycle_1ms", "independent"}
