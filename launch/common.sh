@@ -134,7 +134,7 @@ read_hostfile() {
 # - a failed job's last stderr line is rank 0's first `error:` line, rank prefix stripped;
 # - a 0 from horovodrun after it was sent SIGTERM is not success: it then kills the ranks itself, and its
 #   safe_shell_exec reaps each rank's shell from two threads at once (a psutil wait in the termination
-#   thread, Popen.wait in the main one); the loser reads "reaped elsewhere" as status 0 (measured: 2 of 45
+#   thread, Popen.wait in the main one); the loser reads "reaped elsewhere" as status 0 (measured: 5 of 120
 #   elastic stops said 0). The launcher exits 143 (SIGTERM) instead.
 run_job() {
   if [ "$DRY_RUN" = 1 ]; then
@@ -198,7 +198,7 @@ forward_signal() {
     return 0
   fi
   echo "$(basename "$0"): got SIG$1, passing SIG$signal to the job so it checkpoints and stops" >&2
-  if [ "$target" = "$JOB_PID" ] && [[ "$(ps -ww -o args= -p "$JOB_PID")" == *horovodrun* ]]; then
+  if [ "$target" = "$JOB_PID" ] && [[ "$(ps -ww -o args= -p "$JOB_PID")" == *"$HOROVODRUN "* ]]; then
     RUNNER_TERMINATED=1  # see run_job
   fi
   kill -s "$signal" "$target" 2>/dev/null || true
