@@ -413,19 +413,19 @@ def main(argv):
         # The limit is read again after the steps, and the faster reading counts: one reading that a busy
         # moment slowed would otherwise inflate every share of this hidden size (the two readings of one
         # run differed by up to 17%; single readings of 245-323 GFLOP/s at 1024 bf16 made shares of 74-105%).
+        limit = {}
         for dtype, first in before.items():
             second = matmul_rate(batch, hidden, tf.as_dtype(dtype), repeats)
             rate = max(first, second, key=lambda x: x["flops_per_s"])
             readings = [first["flops_per_s"], second["flops_per_s"]]
+            limit[dtype] = rate["flops_per_s"]
             result["limits"].append({"hidden": hidden, "batch": batch, "dtype": dtype, **rate, "readings": readings})
             print(f"[bench] matmul {batch}x{hidden} @ {hidden}x{4 * hidden} {dtype}: "
                   f"{rate['flops_per_s'] / 1e9:.1f} GFLOP/s chained (readings before and after the steps: "
                   f"{readings[0] / 1e9:.1f}, {readings[1] / 1e9:.1f}), "
                   f"{rate['independent_flops_per_s'] / 1e9:.1f} independent", flush=True)
         for r in steps:
-            limit = next(x for x in result["limits"] if x["hidden"] == hidden and
-                         x["dtype"] == ("float32" if r["precision"] == "fp32" else "bfloat16"))
-            r["fraction_of_matmul_limit"] = r["flops_per_s"] / limit["flops_per_s"]
+            r["fraction_of_matmul_limit"] = r["flops_per_s"] / limit["float32" if r["precision"] == "fp32" else "bfloat16"]
             result["baseline" if r.get("variant") else "project"].append(r)
             print(f"[bench] {r.get('variant') or 'project'} hidden {hidden} seq {r['seq_length']} {r['precision']}: "
                   f"{r['fraction_of_matmul_limit']:.0%} of the chained matmul limit", flush=True)
