@@ -512,22 +512,22 @@ def compute_dtype_bytes(precision: str) -> int:
 def activation_bytes(hidden: int, streams: int, seq: int, precision: str) -> dict:
     """Bytes of the per-timestep tensors one update keeps, from their shapes and dtypes in model.py.
 
-    saved_by_forward: what _forward(save=True) keeps per step for the backward pass: h_prev, hm, m
-    in the compute dtype, the four gates, c_prev and tanh_c in float32.
-    read_by_backward: the input projections [T, B, 5n] in the compute dtype and the float32
-    gradient d_hs [T, B, n] that _backward reads.
-    kept_by_backward: the TensorArrays _backward fills over the reverse loop: d_z [T, B, 4n], d_xm
-    and d_hm [T, B, n], in the compute dtype.
-    stacked_by_backward: after the loop, those arrays stacked (a copy while the arrays still live)
-    and d_proj = concat(d_z, d_xm) [T, B, 5n]. All four are alive together as the backward pass
-    ends, which is when the update's memory peaks.
+    saved_by_forward: what _forward(save=True) keeps per step for the backward pass: hm in the
+    compute dtype; the four gates, c_prev and tanh_c in float32.
+    read_by_backward: the input projections [T, B, 5n] and a contiguous copy of their x_m part
+    [T, B, n] in the compute dtype, and the float32 gradient d_hs [T, B, n] that _backward reads.
+    kept_by_backward: the TensorArrays _backward fills over the reverse loop: d_z [T, B, 4n] and
+    d_m [T, B, n], in the compute dtype.
+    stacked_by_backward: after the loop, those arrays stacked (a copy while the arrays still live),
+    then d_xm, d_hm, m and h_prev [T, B, n] and d_proj = concat(d_z, d_xm) [T, B, 5n]. Counted as
+    alive together as the backward pass ends, which is when the update's memory peaks.
     """
     d, f32 = compute_dtype_bytes(precision), 4
     cells = streams * seq * hidden
-    parts = {"saved_by_forward": cells * (3 * d + 6 * f32),
-             "read_by_backward": cells * (5 * d + f32),
-             "kept_by_backward": cells * 6 * d,
-             "stacked_by_backward": cells * (6 * d + 5 * d)}
+    parts = {"saved_by_forward": cells * (d + 6 * f32),
+             "read_by_backward": cells * (6 * d + f32),
+             "kept_by_backward": cells * 5 * d,
+             "stacked_by_backward": cells * (5 * d + 4 * d + 5 * d)}
     return {**parts, "total": sum(parts.values())}
 
 

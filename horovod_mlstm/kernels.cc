@@ -45,18 +45,17 @@ REGISTER_OP("MlstmGates")
     .Input("xz: T")  // x W_x + b for this step, [B, 4n]: gates i, f, o, u
     .Input("mz: T")  // m W_h, [B, 4n]
     .Input("c: float")
-    .Output("i: float")
-    .Output("f: float")
-    .Output("o: float")
-    .Output("u: float")
+    .Output("saved: float")  // [B, 6n]: i, f, o, u, c (the input), tanh(c_new): what the backward step reads
     .Output("c_new: float")
-    .Output("tanh_c: float")
     .Output("h: float")
     .Output("h_compute: T")  // h in the compute dtype, for the next step's matmul
     .SetShapeFn([](shape_inference::InferenceContext* ctx) {
       shape_inference::ShapeHandle c;
+      shape_inference::DimensionHandle six_n;
       TF_RETURN_IF_ERROR(ctx->WithRank(ctx->input(2), 2, &c));
-      for (int k = 0; k < 8; ++k) ctx->set_output(k, c);
+      TF_RETURN_IF_ERROR(ctx->Multiply(ctx->Dim(c, 1), 6, &six_n));
+      ctx->set_output(0, ctx->Matrix(ctx->Dim(c, 0), six_n));
+      for (int k = 1; k < 4; ++k) ctx->set_output(k, c);
       return tensorflow::OkStatus();
     });
 
@@ -72,30 +71,32 @@ class MlstmGatesOp : public OpKernel {
     OP_REQUIRES(ctx, IsMatrix(xz, B, 4 * n) && IsMatrix(mz, B, 4 * n),
                 InvalidArgument("xz and mz must be [", B, ", ", 4 * n, "], got ", xz.shape().DebugString(), " and ",
                                 mz.shape().DebugString()));
-    Tensor* out[8];
-    for (int k = 0; k < 8; ++k) OP_REQUIRES_OK(ctx, ctx->allocate_output(k, c.shape(), &out[k]));
+    Tensor* out[4];
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(0, TensorShape({B, 6 * n}), &out[0]));
+    for (int k = 1; k < 4; ++k) OP_REQUIRES_OK(ctx, ctx->allocate_output(k, c.shape(), &out[k]));
     const T* X = xz.flat<T>().data();
     const T* M = mz.flat<T>().data();
     const float* C = c.flat<float>().data();
+    float* S = out[0]->flat<float>().data();
     ForRows(ctx, B, 40 * n, [&](int64 first, int64 end) {
       for (int64 r = first; r < end; ++r) {
         const T *x = X + r * 4 * n, *m = M + r * 4 * n;
+        float* s = S + r * 6 * n;
         const int64 k = r * n;
         auto z = [&](int gate) {  // pre-activation in float32
           return ArrayT<T>(x + gate * n, n).template cast<float>() + ArrayT<T>(m + gate * n, n).template cast<float>();
         };
-        OutF i(out[0]->flat<float>().data() + k, n), f(out[1]->flat<float>().data() + k, n),
-            o(out[2]->flat<float>().data() + k, n), u(out[3]->flat<float>().data() + k, n),
-            c_new(out[4]->flat<float>().data() + k, n), tanh_c(out[5]->flat<float>().data() + k, n),
-            h(out[6]->flat<float>().data() + k, n);
+        OutF i(s, n), f(s + n, n), o(s + 2 * n, n), u(s + 3 * n, n), c_prev(s + 4 * n, n), tanh_c(s + 5 * n, n),
+            c_new(out[1]->flat<float>().data() + k, n), h(out[2]->flat<float>().data() + k, n);
         i = z(0).logistic();
         f = z(1).logistic();
         o = z(2).logistic();
         u = z(3).tanh();
-        c_new = f * ArrayF(C + k, n) + i * u;
+        c_prev = ArrayF(C + k, n);
+        c_new = f * c_prev + i * u;
         tanh_c = c_new.tanh();
         h = o * tanh_c;
-        OutT<T>(out[7]->flat<T>().data() + k, n) = h.template cast<T>();
+        OutT<T>(out[3]->flat<T>().data() + k, n) = h.template cast<T>();
       }
     });
   }
@@ -103,15 +104,10 @@ class MlstmGatesOp : public OpKernel {
 
 REGISTER_OP("MlstmGatesGrad")
     .Attr("T: {float, bfloat16, half}")
-    .Input("d_h: float")   // from step t+1 through the recurrent matmul
+    .Input("d_h: T")       // from step t+1 through the recurrent matmul, in its output dtype
     .Input("d_hs: float")  // from this step's output
     .Input("d_c: float")   // from step t+1
-    .Input("i: float")
-    .Input("f: float")
-    .Input("o: float")
-    .Input("u: float")
-    .Input("tanh_c: float")
-    .Input("c_prev: float")
+    .Input("saved: float")  // [B, 6n], MlstmGates' first output for this step
     .Output("d_z: T")          // [B, 4n], for the matmuls
     .Output("d_c_prev: float")  // to step t-1
     .SetShapeFn([](shape_inference::InferenceContext* ctx) {
@@ -133,28 +129,31 @@ class MlstmGatesGradOp : public OpKernel {
     const Tensor& first = ctx->input(0);
     OP_REQUIRES(ctx, first.dims() == 2, InvalidArgument("d_h must be [batch, hidden], got ", first.shape().DebugString()));
     const int64 B = first.dim_size(0), n = first.dim_size(1);
-    const float* in[9];
-    for (int k = 0; k < 9; ++k) {
-      OP_REQUIRES(ctx, IsMatrix(ctx->input(k), B, n),
-                  InvalidArgument("input ", k, " must be [", B, ", ", n, "], got ", ctx->input(k).shape().DebugString()));
-      in[k] = ctx->input(k).flat<float>().data();
+    for (int k = 1; k < 4; ++k) {
+      const int64 cols = k == 3 ? 6 * n : n;
+      OP_REQUIRES(ctx, IsMatrix(ctx->input(k), B, cols),
+                  InvalidArgument("input ", k, " must be [", B, ", ", cols, "], got ", ctx->input(k).shape().DebugString()));
     }
+    const T* DH = first.flat<T>().data();
+    const float *DHS = ctx->input(1).flat<float>().data(), *DCIN = ctx->input(2).flat<float>().data(),
+                *S = ctx->input(3).flat<float>().data();
     Tensor *d_z_out, *d_c_out;
     OP_REQUIRES_OK(ctx, ctx->allocate_output(0, TensorShape({B, 4 * n}), &d_z_out));
-    OP_REQUIRES_OK(ctx, ctx->allocate_output(1, first.shape(), &d_c_out));
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(1, TensorShape({B, n}), &d_c_out));
     T* DZ = d_z_out->flat<T>().data();
     float* DC = d_c_out->flat<float>().data();
     ForRows(ctx, B, 40 * n, [&](int64 first_row, int64 end) {
       for (int64 r = first_row; r < end; ++r) {
         const int64 k = r * n;
-        ArrayF d_h_in(in[0] + k, n), d_hs(in[1] + k, n), d_c_in(in[2] + k, n), i(in[3] + k, n), f(in[4] + k, n),
-            o(in[5] + k, n), u(in[6] + k, n), tanh_c(in[7] + k, n), c_prev(in[8] + k, n);
+        const float* s = S + r * 6 * n;
+        ArrayF i(s, n), f(s + n, n), o(s + 2 * n, n), u(s + 3 * n, n), c_prev(s + 4 * n, n), tanh_c(s + 5 * n, n);
+        const auto d_h = ArrayT<T>(DH + k, n).template cast<float>() + ArrayF(DHS + k, n);
         OutF d_c(DC + k, n);  // the step's whole d_c first, then d_c * f for step t-1
         T* d_z = DZ + r * 4 * n;
-        d_c = d_c_in + (d_h_in + d_hs) * o * (1.0f - tanh_c * tanh_c);
+        d_c = ArrayF(DCIN + k, n) + d_h * o * (1.0f - tanh_c * tanh_c);
         OutT<T>(d_z, n) = (d_c * u * i * (1.0f - i)).template cast<T>();
         OutT<T>(d_z + n, n) = (d_c * c_prev * f * (1.0f - f)).template cast<T>();
-        OutT<T>(d_z + 2 * n, n) = ((d_h_in + d_hs) * tanh_c * o * (1.0f - o)).template cast<T>();
+        OutT<T>(d_z + 2 * n, n) = (d_h * tanh_c * o * (1.0f - o)).template cast<T>();
         OutT<T>(d_z + 3 * n, n) = (d_c * i * (1.0f - u * u)).template cast<T>();
         d_c = d_c * f;
       }

@@ -91,13 +91,13 @@ def status() -> str:
 
 
 def gates(xz, mz, c):
-    """One step's gate math: (i, f, o, u, c_new, tanh_c, h) in float32 and h in xz's dtype."""
+    """One step's gate math: (saved [B, 6n], c_new, h) in float32 and h in xz's dtype (model._gates)."""
     return _load()[0].mlstm_gates(xz, mz, c)
 
 
-def gates_grad(d_h, d_hs, d_c, i, f, o, u, tanh_c, c_prev, dtype):
-    """Gradient through one step's gate math: (d_z [B, 4n] in `dtype`, d_c for step t-1)."""
-    return _load()[0].mlstm_gates_grad(d_h, d_hs, d_c, i, f, o, u, tanh_c, c_prev, T=dtype)
+def gates_grad(d_h, d_hs, d_c, saved):
+    """Gradient through one step's gate math: (d_z [B, 4n] in d_h's dtype, d_c for step t-1)."""
+    return _load()[0].mlstm_gates_grad(d_h, d_hs, d_c, saved)
 
 
 def main() -> None:

@@ -154,7 +154,11 @@ class MLSTM(tf.keras.layers.Layer):
 
 
 def _gates(xz, mz, c, fused):
-    """One step's gate math: (i, f, o, u, c_new, tanh_c, h_new) in float32, h_new in xz's dtype."""
+    """One step's gate math: (saved, c_new, h_new) in float32 and h_new in xz's dtype.
+
+    saved [B, 6n] is what the backward step reads: i, f, o, u, c and tanh(c_new), one tensor so the
+    loop writes (and the reverse loop reads) one array per step instead of six.
+    """
     if fused:
         return kernels.gates(xz, mz, c)
     z = tf.cast(xz + mz, tf.float32)
@@ -163,32 +167,34 @@ def _gates(xz, mz, c, fused):
     c_new = f * c + i * u
     tanh_c = tf.tanh(c_new)
     h_new = o * tanh_c
-    return i, f, o, u, c_new, tanh_c, h_new, tf.cast(h_new, xz.dtype)
+    return tf.concat([i, f, o, u, c, tanh_c], axis=1), c_new, h_new, tf.cast(h_new, xz.dtype)
 
 
-def _gates_grad(d_h, d_hs, d_c, i, f, o, u, tanh_c, c_prev, dtype, fused):
-    """Gradient through one step's gate math: (d_z [B, 4n] in `dtype`, d_c for step t-1).
+def _gates_grad(d_h, d_hs, d_c, saved, fused):
+    """Gradient through one step's gate math: (d_z [B, 4n] in d_h's dtype, d_c for step t-1).
 
-    d_h comes from step t+1 through the recurrent matmul, d_hs from this step's output.
+    d_h comes from step t+1 through the recurrent matmul, in the compute dtype; d_hs from this
+    step's output; saved is _gates' first output for this step.
     """
     if fused:
-        return kernels.gates_grad(d_h, d_hs, d_c, i, f, o, u, tanh_c, c_prev, dtype)
-    d_h = d_h + d_hs
-    d_c = d_c + d_h * o * (1.0 - tanh_c * tanh_c)
+        return kernels.gates_grad(d_h, d_hs, d_c, saved)
+    i, f, o, u, c_prev, tanh_c = tf.split(saved, 6, axis=1)
+    d_h_total = tf.cast(d_h, tf.float32) + d_hs
+    d_c = d_c + d_h_total * o * (1.0 - tanh_c * tanh_c)
     d_z = tf.concat([d_c * u * i * (1.0 - i), d_c * c_prev * f * (1.0 - f),
-                     d_h * tanh_c * o * (1.0 - o), d_c * i * (1.0 - u * u)], axis=1)
-    return tf.cast(d_z, dtype), d_c * f
+                     d_h_total * tanh_c * o * (1.0 - o), d_c * i * (1.0 - u * u)], axis=1)
+    return tf.cast(d_z, d_h.dtype), d_c * f
 
 
 @tf.function  # compiled with autograph: the loops run as tf.while_loop, also inside custom_gradient
 def _forward(proj, h, c, wh, wmh, keep=None, save=False, fused=False):
     """The recurrence over time-major projections [T, B, 5n]: hs [T, B, n] and the final (h, c).
 
-    With save=True also returns what the backward pass needs, per step: h_{t-1}, h_{t-1} W_mh
-    and m (compute dtype), the four gate activations, c_{t-1} and tanh(c_t) (float32).
-    The loop body is the two matmuls and the gate math only: the projections are split and
-    unstacked once before it, and each saved value is written as computed (no per-step slicing,
-    concatenation or second cast). fused: the gate math as one kernel (kernels.py; no autodiff).
+    With save=True also returns what the backward pass needs that it cannot recompute in one op
+    after the loop: per step h_{t-1} W_mh (compute dtype) and _gates' saved values (float32).
+    The loop body is the two matmuls, the gate math and three array writes: the projections are
+    split and unstacked once before it; h_{t-1} is hs shifted by one and m is x_m * h_{t-1} W_mh,
+    so neither is written per step. fused: the gate math as one kernel (kernels.py; no autodiff).
     """
     dtype, n = wh.dtype, wh.shape[0]
     steps = tf.shape(proj)[0]
@@ -196,22 +202,21 @@ def _forward(proj, h, c, wh, wmh, keep=None, save=False, fused=False):
     xz_steps = tf.TensorArray(dtype, size=steps).unstack(xz_all)
     xm_steps = tf.TensorArray(dtype, size=steps).unstack(xm_all)
     hs = tf.TensorArray(dtype, size=steps)
-    kept = [tf.TensorArray(dt, size=steps) for dt in (dtype,) * 3 + (tf.float32,) * 6] if save else []
+    kept = [tf.TensorArray(dtype, size=steps), tf.TensorArray(tf.float32, size=steps)] if save else []
     h_in = tf.cast(h, dtype)
     for t in tf.range(steps):
         hm = tf.matmul(h_in, wmh)
         m = xm_steps.read(t) * hm
-        i, f, o, u, c_new, tanh_c, h_new, h_new_in = _gates(xz_steps.read(t), tf.matmul(m, wh), c, fused)
+        saved, c_new, h_new, h_new_in = _gates(xz_steps.read(t), tf.matmul(m, wh), c, fused)
         if keep is not None:
             k = keep[t][:, None]
             c_new, h_new = tf.where(k, c_new, c), tf.where(k, h_new, h)
             h_new_in = tf.cast(h_new, dtype)
         if save:
-            kept = [ta.write(t, v) for ta, v in zip(kept, (h_in, hm, m, i, f, o, u, c, tanh_c))]
+            kept = [kept[0].write(t, hm), kept[1].write(t, saved)]
         h, c, h_in = h_new, c_new, h_new_in
         hs = hs.write(t, h_in)
-    names = ("h_prev", "hm", "m", "i", "f", "o", "u", "c_prev", "tanh_c")
-    return hs.stack(), h, c, {name: ta.stack() for name, ta in zip(names, kept)}
+    return hs.stack(), h, c, {name: ta.stack() for name, ta in zip(("hm", "gates"), kept)}
 
 
 @functools.lru_cache(maxsize=None)
@@ -229,9 +234,15 @@ def recurrence(fused: bool):
         hs, h, c, saved = _forward(proj, h0, c0, wh, wmh, save=True, fused=fused)
 
         def backward(d_hs, d_h, d_c):
-            d_h = tf.zeros_like(h0) if d_h is None else tf.cast(d_h, tf.float32)
+            d_hs = tf.cast(d_hs, tf.float32)
+            if d_h is not None:
+                # The gate gradient adds d_h (from step t+1) to d_hs (from step t's output) first, so
+                # the final state's gradient joins the last step's d_hs, and the reverse loop's d_h
+                # starts at zero in the matmul's output dtype (no cast per step). Training carries
+                # the state without a gradient, so this copy is for evaluation and tests only.
+                d_hs = tf.concat([d_hs[:-1], d_hs[-1:] + tf.cast(d_h, tf.float32)[None]], axis=0)
             d_c = tf.zeros_like(c0) if d_c is None else tf.cast(d_c, tf.float32)
-            return _backward(proj, wh, wmh, saved, tf.cast(d_hs, tf.float32), d_h, d_c, fused=fused)
+            return _backward(proj, h0, hs, wh, wmh, saved, d_hs, d_c, fused=fused)
 
         return (hs, h, c), backward
 
@@ -239,8 +250,13 @@ def recurrence(fused: bool):
 
 
 @tf.function
-def _backward(proj, wh, wmh, saved, d_hs, d_h, d_c, fused=False):
-    """Reverse loop of recurrence(): gradients for (proj, h0, c0, wh, wmh)."""
+def _backward(proj, h0, hs, wh, wmh, saved, d_hs, d_c, fused=False):
+    """Reverse loop of recurrence(): gradients for (proj, h0, c0, wh, wmh).
+
+    Per step: the gate gradient, d_m = d_z W_h^T, d_hm = d_m * x_m and d_h = d_hm W_mh^T. What the
+    recurrence does not need (d_xm, and d_hm for the weight gradient) is recomputed from d_m after
+    the loop, in one op each over all steps.
+    """
     dtype, n = wh.dtype, wh.shape[0]
     steps = tf.shape(proj)[0]
     # The loop multiplies by W_h^T and W_mh^T. oneDNN's float32 matmul with a transposed operand ran
@@ -248,25 +264,23 @@ def _backward(proj, wh, wmh, saved, d_hs, d_h, d_c, fused=False):
     # transposes the two weights once per call instead.
     transpose_b = dtype != tf.float32
     wh_t, wmh_t = (wh, wmh) if transpose_b else (tf.transpose(wh), tf.transpose(wmh))
+    xm_all = tf.split(proj, [4 * n, n], axis=2)[1]  # contiguous, so each step's slice is a view
+    d_h = tf.zeros_like(d_c, dtype)
     d_z_all = tf.TensorArray(dtype, size=steps)
-    d_xm_all = tf.TensorArray(dtype, size=steps)
-    d_hm_all = tf.TensorArray(dtype, size=steps)
+    d_m_all = tf.TensorArray(dtype, size=steps)
     for t in tf.range(steps - 1, -1, -1):
-        gates = (saved[name][t] for name in ("i", "f", "o", "u", "tanh_c", "c_prev"))
-        d_z, d_c_prev = _gates_grad(d_h, d_hs[t], d_c, *gates, dtype, fused)
+        d_z, d_c_prev = _gates_grad(d_h, d_hs[t], d_c, saved["gates"][t], fused)
         d_m = tf.matmul(d_z, wh_t, transpose_b=transpose_b)
-        d_hm = d_m * proj[t, :, 4 * n:]
-        d_xm_all = d_xm_all.write(t, d_m * saved["hm"][t])
-        d_z_all = d_z_all.write(t, d_z)
-        d_hm_all = d_hm_all.write(t, d_hm)
-        d_h = tf.cast(tf.matmul(d_hm, wmh_t, transpose_b=transpose_b), tf.float32)
+        d_z_all, d_m_all = d_z_all.write(t, d_z), d_m_all.write(t, d_m)
+        d_h = tf.matmul(d_m * xm_all[t], wmh_t, transpose_b=transpose_b)
         d_c = d_c_prev
-    d_z, d_hm = d_z_all.stack(), d_hm_all.stack()
-    d_proj = tf.concat([d_z, d_xm_all.stack()], axis=2)
+    d_z, d_m, hm = d_z_all.stack(), d_m_all.stack(), saved["hm"]
+    d_proj = tf.concat([d_z, d_m * hm], axis=2)
     # Weight gradients over all T*B rows: one plain 2-D matmul each (einsum's batched form was slower).
-    d_wh = tf.matmul(tf.reshape(saved["m"], [-1, n]), tf.reshape(d_z, [-1, 4 * n]), transpose_a=True)
-    d_wmh = tf.matmul(tf.reshape(saved["h_prev"], [-1, n]), tf.reshape(d_hm, [-1, n]), transpose_a=True)
-    return d_proj, d_h, d_c, d_wh, d_wmh
+    h_prev = tf.concat([tf.cast(h0, dtype)[None], hs[:-1]], axis=0)
+    d_wh = tf.matmul(tf.reshape(xm_all * hm, [-1, n]), tf.reshape(d_z, [-1, 4 * n]), transpose_a=True)
+    d_wmh = tf.matmul(tf.reshape(h_prev, [-1, n]), tf.reshape(d_m * xm_all, [-1, n]), transpose_a=True)
+    return d_proj, tf.cast(d_h, tf.float32), d_c, d_wh, d_wmh
 
 
 class LanguageModel(tf.keras.Model):

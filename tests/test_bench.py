@@ -86,12 +86,12 @@ def test_paper_json_has_every_field(paper_result):
 def test_paper_activation_memory_is_the_formula(paper_result):
     result, _ = paper_result
     cells, bf16, f32 = 4 * 32 * 64, 2, 4  # streams x seq x hidden
-    expected = {"saved_by_forward": cells * (3 * bf16 + 6 * f32),  # h_prev, hm, m; gates (4n), c_prev, tanh_c
-                "read_by_backward": cells * (5 * bf16 + f32),  # proj [T, B, 5n], d_hs
-                "kept_by_backward": cells * 6 * bf16,  # d_z (4n), d_xm, d_hm
-                "stacked_by_backward": cells * 11 * bf16}  # the three stacked, and d_proj (5n)
-    assert result["activations"] == {**expected, "total": cells * 78}
-    assert result["computed_activation_bytes_per_stream"] == 32 * 64 * 78
+    expected = {"saved_by_forward": cells * (bf16 + 6 * f32),  # hm; gates (4n), c_prev, tanh_c
+                "read_by_backward": cells * (6 * bf16 + f32),  # proj [T, B, 5n], its x_m part, d_hs
+                "kept_by_backward": cells * 5 * bf16,  # d_z (4n), d_m
+                "stacked_by_backward": cells * 14 * bf16}  # the two stacked, d_xm, d_hm, m, h_prev, d_proj (5n)
+    assert result["activations"] == {**expected, "total": cells * 80}
+    assert result["computed_activation_bytes_per_stream"] == 32 * 64 * 80
 
 
 def test_paper_allreduce_is_four_bytes_per_parameter(paper_result):
@@ -109,7 +109,7 @@ def test_paper_micro_batches_split_the_activations(tmp_path):
            f"--output={out}", check=True, timeout=600)
     result = json.loads(out.read_text())
     assert result["micro_batches"] == 2 and result["fit"] is None
-    assert result["activations"]["total"] == 2 * 32 * 64 * 78  # one micro-batch of 2 streams
+    assert result["activations"]["total"] == 2 * 32 * 64 * 80  # one micro-batch of 2 streams
 
 
 def test_paper_refuses_a_shape_over_the_memory_limit_in_one_line(tmp_path):

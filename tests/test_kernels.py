@@ -21,6 +21,7 @@ def test_fused_gates_equal_tensorflow_ops(dtype):
     xz, mz, c = random(rng, (B, 4 * N), dtype, 2.0), random(rng, (B, 4 * N), dtype, 2.0), random(rng, (B, N))
     fused, plain = _gates(xz, mz, c, fused=True), _gates(xz, mz, c, fused=False)
     assert fused[-1].dtype == plain[-1].dtype == dtype and all(t.dtype == tf.float32 for t in fused[:-1])
+    assert fused[0].shape == (B, 6 * N) and all(t.shape == (B, N) for t in fused[1:])
     for got, want in zip(fused, plain):
         np.testing.assert_allclose(tf.cast(got, tf.float32), tf.cast(want, tf.float32), atol=TOLERANCE[dtype])
 
@@ -28,11 +29,11 @@ def test_fused_gates_equal_tensorflow_ops(dtype):
 @pytest.mark.parametrize("dtype", [tf.float32, tf.float16, tf.bfloat16])
 def test_fused_gate_gradient_equals_tensorflow_ops(dtype):
     rng = np.random.default_rng(1)
-    d_h, d_hs, d_c, c_prev = (random(rng, (B, N)) for _ in range(4))
+    d_h, d_hs, d_c, c_prev = random(rng, (B, N), dtype), random(rng, (B, N)), random(rng, (B, N)), random(rng, (B, N))
     i, f, o, u = tf.sigmoid(random(rng, (B, N))), tf.sigmoid(random(rng, (B, N))), \
         tf.sigmoid(random(rng, (B, N))), tf.tanh(random(rng, (B, N)))
-    tanh_c = tf.tanh(random(rng, (B, N)))
-    args = (d_h, d_hs, d_c, i, f, o, u, tanh_c, c_prev, dtype)
+    saved = tf.concat([i, f, o, u, c_prev, tf.tanh(random(rng, (B, N)))], axis=1)
+    args = (d_h, d_hs, d_c, saved)
     (d_z, d_c_prev), (want_z, want_c) = _gates_grad(*args, fused=True), _gates_grad(*args, fused=False)
     assert d_z.dtype == dtype and d_z.shape == (B, 4 * N)
     np.testing.assert_allclose(tf.cast(d_z, tf.float32), tf.cast(want_z, tf.float32), rtol=TOLERANCE[dtype],
@@ -43,11 +44,11 @@ def test_fused_gate_gradient_equals_tensorflow_ops(dtype):
 def test_wrong_shapes_are_an_error_naming_them():
     with pytest.raises(tf.errors.InvalidArgumentError, match=r"xz and mz must be \[2, 16\]"):
         kernels.gates(tf.zeros([2, 15]), tf.zeros([2, 16]), tf.zeros([2, 4]))
-    with pytest.raises(tf.errors.InvalidArgumentError, match=r"input 8 must be \[2, 4\]"):
-        kernels.gates_grad(*[tf.zeros([2, 4])] * 8, tf.zeros([3, 4]), tf.float32)
+    with pytest.raises(tf.errors.InvalidArgumentError, match=r"input 3 must be \[2, 24\]"):
+        kernels.gates_grad(*[tf.zeros([2, 4])] * 3, tf.zeros([2, 20]))
     vector = tf.TensorSpec([4], tf.float32)  # caught when a graph is built, before any kernel runs
     with pytest.raises(ValueError, match="must be rank 2"):
-        tf.function(lambda x: kernels.gates_grad(*[x] * 9, tf.float32)).get_concrete_function(vector)
+        tf.function(lambda x: kernels.gates_grad(x, x, x, tf.zeros([1, 24]))).get_concrete_function(vector)
     with pytest.raises(ValueError, match="must be rank 2"):
         tf.function(lambda x: kernels.gates(tf.zeros([1, 16]), tf.zeros([1, 16]), x)).get_concrete_function(vector)
 
