@@ -512,10 +512,11 @@ def compute_dtype_bytes(precision: str) -> int:
 def activation_bytes(hidden: int, streams: int, seq: int, precision: str) -> dict:
     """Bytes of the per-timestep tensors one update keeps, from their shapes and dtypes in model.py.
 
-    saved_by_forward: what _forward(save=True) keeps per step for the backward pass: hm in the
-    compute dtype; the four gates, c_prev and tanh_c in float32.
-    read_by_backward: the input projections [T, B, 5n] and a contiguous copy of their x_m part
-    [T, B, n] in the compute dtype, and the float32 gradient d_hs [T, B, n] that _backward reads.
+    saved_by_forward: what _forward(save=True) keeps for the backward pass: x_m (a contiguous copy
+    of the projections' last n columns) and hm in the compute dtype; the four gates, c_prev and
+    tanh_c in float32 (the array's per-step elements, never stacked).
+    read_by_backward: the input projections [T, B, 5n] in the compute dtype and the float32
+    gradient d_hs [T, B, n] that _backward reads.
     kept_by_backward: the TensorArrays _backward fills over the reverse loop: d_z [T, B, 4n] and
     d_m [T, B, n], in the compute dtype.
     stacked_by_backward: after the loop, those arrays stacked (a copy while the arrays still live),
@@ -524,8 +525,8 @@ def activation_bytes(hidden: int, streams: int, seq: int, precision: str) -> dic
     """
     d, f32 = compute_dtype_bytes(precision), 4
     cells = streams * seq * hidden
-    parts = {"saved_by_forward": cells * (d + 6 * f32),
-             "read_by_backward": cells * (6 * d + f32),
+    parts = {"saved_by_forward": cells * (2 * d + 6 * f32),
+             "read_by_backward": cells * (5 * d + f32),
              "kept_by_backward": cells * 5 * d,
              "stacked_by_backward": cells * (5 * d + 4 * d + 5 * d)}
     return {**parts, "total": sum(parts.values())}

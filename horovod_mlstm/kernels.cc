@@ -42,7 +42,7 @@ bool IsMatrix(const Tensor& t, int64 rows, int64 cols) {
 
 REGISTER_OP("MlstmGates")
     .Attr("T: {float, bfloat16, half}")
-    .Input("xz: T")  // x W_x + b for this step, [B, 4n]: gates i, f, o, u
+    .Input("xz: T")  // x W_x + b for this step, [B, >= 4n]: gates i, f, o, u in the first 4n columns
     .Input("mz: T")  // m W_h, [B, 4n]
     .Input("c: float")
     .Output("saved: float")  // [B, 6n]: i, f, o, u, c (the input), tanh(c_new): what the backward step reads
@@ -68,9 +68,10 @@ class MlstmGatesOp : public OpKernel {
     const Tensor &xz = ctx->input(0), &mz = ctx->input(1), &c = ctx->input(2);
     OP_REQUIRES(ctx, c.dims() == 2, InvalidArgument("c must be [batch, hidden], got ", c.shape().DebugString()));
     const int64 B = c.dim_size(0), n = c.dim_size(1);
-    OP_REQUIRES(ctx, IsMatrix(xz, B, 4 * n) && IsMatrix(mz, B, 4 * n),
-                InvalidArgument("xz and mz must be [", B, ", ", 4 * n, "], got ", xz.shape().DebugString(), " and ",
-                                mz.shape().DebugString()));
+    OP_REQUIRES(ctx, xz.dims() == 2 && xz.dim_size(0) == B && xz.dim_size(1) >= 4 * n && IsMatrix(mz, B, 4 * n),
+                InvalidArgument("xz must be [", B, ", >= ", 4 * n, "] and mz [", B, ", ", 4 * n, "], got ",
+                                xz.shape().DebugString(), " and ", mz.shape().DebugString()));
+    const int64 x_stride = xz.dim_size(1);  // the model passes the whole projection row, x_m included
     Tensor* out[4];
     OP_REQUIRES_OK(ctx, ctx->allocate_output(0, TensorShape({B, 6 * n}), &out[0]));
     for (int k = 1; k < 4; ++k) OP_REQUIRES_OK(ctx, ctx->allocate_output(k, c.shape(), &out[k]));
@@ -80,7 +81,7 @@ class MlstmGatesOp : public OpKernel {
     float* S = out[0]->flat<float>().data();
     ForRows(ctx, B, 40 * n, [&](int64 first, int64 end) {
       for (int64 r = first; r < end; ++r) {
-        const T *x = X + r * 4 * n, *m = M + r * 4 * n;
+        const T *x = X + r * x_stride, *m = M + r * 4 * n;
         float* s = S + r * 6 * n;
         const int64 k = r * n;
         auto z = [&](int gate) {  // pre-activation in float32

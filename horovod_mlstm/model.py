@@ -156,12 +156,14 @@ class MLSTM(tf.keras.layers.Layer):
 def _gates(xz, mz, c, fused):
     """One step's gate math: (saved, c_new, h_new) in float32 and h_new in xz's dtype.
 
+    xz: the step's input projections [B, 4n + k]; the gates use the first 4n columns.
+
     saved [B, 6n] is what the backward step reads: i, f, o, u, c and tanh(c_new), one tensor so the
     loop writes (and the reverse loop reads) one array per step instead of six.
     """
     if fused:
         return kernels.gates(xz, mz, c)
-    z = tf.cast(xz + mz, tf.float32)
+    z = tf.cast(xz[:, :mz.shape[1]] + mz, tf.float32)
     i, f, o, u = tf.split(z, 4, axis=1)
     i, f, o, u = tf.sigmoid(i), tf.sigmoid(f), tf.sigmoid(o), tf.tanh(u)
     c_new = f * c + i * u
@@ -191,23 +193,23 @@ def _forward(proj, h, c, wh, wmh, keep=None, save=False, fused=False):
     """The recurrence over time-major projections [T, B, 5n]: hs [T, B, n] and the final (h, c).
 
     With save=True also returns what the backward pass needs that it cannot recompute in one op
-    after the loop: per step h_{t-1} W_mh (compute dtype) and _gates' saved values (float32).
-    The loop body is the two matmuls, the gate math and three array writes: the projections are
-    split and unstacked once before it; h_{t-1} is hs shifted by one and m is x_m * h_{t-1} W_mh,
-    so neither is written per step. fused: the gate math as one kernel (kernels.py; no autodiff).
+    after the loop: x_m and h_{t-1} W_mh stacked [T, B, n] (compute dtype), and _gates' saved values
+    [B, 6n] (float32) as the TensorArray's list, unstacked: the reverse loop reads them one step at
+    a time, so stacking them would only copy them. The loop body is the two matmuls, the gate
+    math and three array writes: each step's projections are views of proj (no per-step slicing
+    copy); h_{t-1} is hs shifted by one and m is x_m * h_{t-1} W_mh, so neither is written per
+    step. fused: the gate math as one kernel (kernels.py; no autodiff).
     """
     dtype, n = wh.dtype, wh.shape[0]
     steps = tf.shape(proj)[0]
-    xz_all, xm_all = tf.split(proj, [4 * n, n], axis=2)
-    xz_steps = tf.TensorArray(dtype, size=steps).unstack(xz_all)
-    xm_steps = tf.TensorArray(dtype, size=steps).unstack(xm_all)
+    xm_all = tf.split(proj, [4 * n, n], axis=2)[1]  # contiguous, so each step's slice is a view
     hs = tf.TensorArray(dtype, size=steps)
     kept = [tf.TensorArray(dtype, size=steps), tf.TensorArray(tf.float32, size=steps)] if save else []
     h_in = tf.cast(h, dtype)
     for t in tf.range(steps):
         hm = tf.matmul(h_in, wmh)
-        m = xm_steps.read(t) * hm
-        saved, c_new, h_new, h_new_in = _gates(xz_steps.read(t), tf.matmul(m, wh), c, fused)
+        m = xm_all[t] * hm
+        saved, c_new, h_new, h_new_in = _gates(proj[t], tf.matmul(m, wh), c, fused)
         if keep is not None:
             k = keep[t][:, None]
             c_new, h_new = tf.where(k, c_new, c), tf.where(k, h_new, h)
@@ -216,7 +218,7 @@ def _forward(proj, h, c, wh, wmh, keep=None, save=False, fused=False):
             kept = [kept[0].write(t, hm), kept[1].write(t, saved)]
         h, c, h_in = h_new, c_new, h_new_in
         hs = hs.write(t, h_in)
-    return hs.stack(), h, c, {name: ta.stack() for name, ta in zip(("hm", "gates"), kept)}
+    return hs.stack(), h, c, ({"xm": xm_all, "hm": kept[0].stack(), "gates": kept[1].flow} if save else {})
 
 
 @functools.lru_cache(maxsize=None)
@@ -264,12 +266,17 @@ def _backward(proj, h0, hs, wh, wmh, saved, d_hs, d_c, fused=False):
     # transposes the two weights once per call instead.
     transpose_b = dtype != tf.float32
     wh_t, wmh_t = (wh, wmh) if transpose_b else (tf.transpose(wh), tf.transpose(wmh))
-    xm_all = tf.split(proj, [4 * n, n], axis=2)[1]  # contiguous, so each step's slice is a view
+    xm_all = saved["xm"]
     d_h = tf.zeros_like(d_c, dtype)
+
+    def read_gates(t):  # step t of the forward's unstacked array of saved gate values
+        return tf.raw_ops.TensorListGetItem(input_handle=saved["gates"], index=t, element_shape=[-1, 6 * n],
+                                            element_dtype=tf.float32)
+
     d_z_all = tf.TensorArray(dtype, size=steps)
     d_m_all = tf.TensorArray(dtype, size=steps)
     for t in tf.range(steps - 1, -1, -1):
-        d_z, d_c_prev = _gates_grad(d_h, d_hs[t], d_c, saved["gates"][t], fused)
+        d_z, d_c_prev = _gates_grad(d_h, d_hs[t], d_c, read_gates(t), fused)
         d_m = tf.matmul(d_z, wh_t, transpose_b=transpose_b)
         d_z_all, d_m_all = d_z_all.write(t, d_z), d_m_all.write(t, d_m)
         d_h = tf.matmul(d_m * xm_all[t], wmh_t, transpose_b=transpose_b)

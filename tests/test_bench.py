@@ -86,8 +86,8 @@ def test_paper_json_has_every_field(paper_result):
 def test_paper_activation_memory_is_the_formula(paper_result):
     result, _ = paper_result
     cells, bf16, f32 = 4 * 32 * 64, 2, 4  # streams x seq x hidden
-    expected = {"saved_by_forward": cells * (bf16 + 6 * f32),  # hm; gates (4n), c_prev, tanh_c
-                "read_by_backward": cells * (6 * bf16 + f32),  # proj [T, B, 5n], its x_m part, d_hs
+    expected = {"saved_by_forward": cells * (2 * bf16 + 6 * f32),  # x_m, hm; gates (4n), c_prev, tanh_c
+                "read_by_backward": cells * (5 * bf16 + f32),  # proj [T, B, 5n], d_hs
                 "kept_by_backward": cells * 5 * bf16,  # d_z (4n), d_m
                 "stacked_by_backward": cells * 14 * bf16}  # the two stacked, d_xm, d_hm, m, h_prev, d_proj (5n)
     assert result["activations"] == {**expected, "total": cells * 80}

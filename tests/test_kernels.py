@@ -42,7 +42,7 @@ def test_fused_gate_gradient_equals_tensorflow_ops(dtype):
 
 
 def test_wrong_shapes_are_an_error_naming_them():
-    with pytest.raises(tf.errors.InvalidArgumentError, match=r"xz and mz must be \[2, 16\]"):
+    with pytest.raises(tf.errors.InvalidArgumentError, match=r"xz must be \[2, >= 16\] and mz \[2, 16\]"):
         kernels.gates(tf.zeros([2, 15]), tf.zeros([2, 16]), tf.zeros([2, 4]))
     with pytest.raises(tf.errors.InvalidArgumentError, match=r"input 3 must be \[2, 24\]"):
         kernels.gates_grad(*[tf.zeros([2, 4])] * 3, tf.zeros([2, 20]))
