@@ -15,10 +15,11 @@ def random(rng, shape, dtype=tf.float32, scale=1.0):
     return tf.cast(tf.constant(rng.normal(size=shape) * scale, tf.float32), dtype)
 
 
+@pytest.mark.parametrize("width", [4 * N, 5 * N])  # the model passes whole projection rows, x_m included
 @pytest.mark.parametrize("dtype", [tf.float32, tf.float16, tf.bfloat16])
-def test_fused_gates_equal_tensorflow_ops(dtype):
+def test_fused_gates_equal_tensorflow_ops(dtype, width):
     rng = np.random.default_rng(0)
-    xz, mz, c = random(rng, (B, 4 * N), dtype, 2.0), random(rng, (B, 4 * N), dtype, 2.0), random(rng, (B, N))
+    xz, mz, c = random(rng, (B, width), dtype, 2.0), random(rng, (B, 4 * N), dtype, 2.0), random(rng, (B, N))
     fused, plain = _gates(xz, mz, c, fused=True), _gates(xz, mz, c, fused=False)
     assert fused[-1].dtype == plain[-1].dtype == dtype and all(t.dtype == tf.float32 for t in fused[:-1])
     assert fused[0].shape == (B, 6 * N) and all(t.shape == (B, N) for t in fused[1:])
