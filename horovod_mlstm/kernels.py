@@ -23,6 +23,10 @@ import tensorflow as tf
 SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "kernels.cc")
 # -march=native: built by each machine for its own CPU (make setup), like Horovod itself.
 CXXFLAGS = ["-O3", "-march=native", "-shared", "-fPIC"]
+# Where -march=native turns on AVX512-FP16 (Sapphire Rapids and later), the Eigen headers of TensorFlow
+# 2.15 fail to compile their float16 packet casts ("invalid static_cast ... to __vector(16) float");
+# TensorFlow itself is built without it, so the kernels leave it off too.
+NO_FP16_VECTORS = "-mno-avx512fp16"
 
 
 def _cpu() -> bytes:
@@ -53,10 +57,13 @@ def build() -> str:
     if os.path.exists(path):
         return path
     tmp = f"{path}.{os.getpid()}.tmp"
-    cmd = [os.environ.get("CXX", "g++"), *CXXFLAGS, SOURCE, "-o", tmp, *tf.sysconfig.get_compile_flags(),
+    extra = [NO_FP16_VECTORS] if b"avx512_fp16" in _cpu() else []
+    cmd = [os.environ.get("CXX", "g++"), *CXXFLAGS, *extra, SOURCE, "-o", tmp, *tf.sysconfig.get_compile_flags(),
            *tf.sysconfig.get_link_flags()]
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True)
+        if extra and "unrecognized command-line option" in proc.stderr:  # a compiler older than the CPU
+            proc = subprocess.run([c for c in cmd if c not in extra], capture_output=True, text=True)
     except FileNotFoundError:
         raise RuntimeError(f"no C++ compiler {cmd[0]!r} (apt-get install g++, or set CXX)") from None
     if proc.returncode != 0:
