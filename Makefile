@@ -6,7 +6,7 @@ SETUP_STAMP := $(VENV)/.setup-done
 NP ?= 2
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 
-.PHONY: help setup test train lint bench capacity large-batch docker-build docker-run docker-base docker-test wheelhouse \
+.PHONY: help setup test test-fast train lint bench capacity large-batch docker-build docker-run docker-base docker-test wheelhouse \
 	clean cluster-test pretrain-imdb imdb-model-size
 
 help: ## List the targets
@@ -19,8 +19,11 @@ $(SETUP_STAMP): scripts/setup.sh requirements.txt pyproject.toml
 	bash scripts/setup.sh
 	touch $@
 
-test: setup ## Run the test suite (CPU, real horovodrun -np 2 runs included)
+test: setup ## Run the whole test suite, every tier (CPU, real horovodrun -np 2 runs included)
 	$(PY) -m pytest -q tests
+
+test-fast: setup ## Run the unit tier, in the pytest process (minutes): what to run on every change
+	$(PY) -m pytest -q -m unit tests
 
 N ?= 16
 cluster-test: setup ## N hosts (default 16) in network namespaces with sshd: launchers, MPI and Gloo; wall time and memory

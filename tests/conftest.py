@@ -1,4 +1,15 @@
-"""Shared test helpers: paths, subprocess runners (plain and horovodrun), tiny data."""
+"""Shared test helpers: paths, subprocess runners (plain and horovodrun), tiny data, and the test tiers.
+
+Every test carries exactly one tier marker, by module (`pytestmark`) or on the test itself:
+
+    unit       runs in the pytest process                         make test-fast (minutes)
+    cli        starts one project process (python -m ..., train.py, a launcher)
+    multiproc  several processes: horovodrun/mpirun jobs, signals and kill -9 between processes
+    cluster    hosts in network namespaces (needs root)
+
+`make test` runs every tier. A `cluster` test, or one marked `needs_root` (tmpfs, dropped capabilities),
+skips with its reason where the suite does not run as root, and fails where it does but skipped anyway.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +18,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
@@ -38,14 +50,61 @@ def horovodrun(np: int, *args: str, **kw) -> subprocess.CompletedProcess:
     return run([HOROVODRUN, "-np", str(np), "-H", f"localhost:{np}", PYTHON, *args], **kw)
 
 
+def model_weights(model_dir) -> dict[str, np.ndarray]:
+    """The model's variables from the newest checkpoint, by checkpoint key."""
+    import tensorflow as tf
+
+    path = tf.train.latest_checkpoint(os.path.join(model_dir, "checkpoints"))
+    reader = tf.train.load_checkpoint(path)
+    return {k: reader.get_tensor(k) for k in reader.get_variable_to_shape_map()
+            if k.startswith("model/") and "OPTIMIZER_SLOT" not in k}
+
+
+def assert_same_weights(a, b, rtol=1e-5, atol=1e-6):
+    wa, wb = model_weights(a), model_weights(b)
+    assert wa.keys() == wb.keys() and len(wa) >= 8
+    for key in wa:
+        np.testing.assert_allclose(wa[key], wb[key], rtol=rtol, atol=atol, err_msg=key)
+
+
 def last_line(text: str) -> str:
     lines = [line for line in text.strip().splitlines() if line.strip()]
     return lines[-1] if lines else ""
 
 
-@pytest.fixture(scope="session", autouse=True)
+TIERS = ("unit", "cli", "multiproc", "cluster")
+
+
+def pytest_configure(config):
+    for tier, what in zip(TIERS, ("in the pytest process", "one project process", "several processes",
+                                  "network-namespace hosts")):
+        config.addinivalue_line("markers", f"{tier}: test tier: {what}")
+    config.addinivalue_line("markers", "needs_root: needs root (namespaces, mounts); a skip under root fails")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Every test has exactly one tier marker, so that `-m unit` and friends select what they say."""
+    wrong = [f"{item.nodeid} ({', '.join(tiers) or 'no tier'})" for item in items
+             if len(tiers := [m.name for m in item.iter_markers() if m.name in TIERS]) != 1]
+    if wrong:
+        raise pytest.UsageError("tests need exactly one tier marker of " + ", ".join(TIERS) + ":\n  "
+                                + "\n  ".join(wrong))
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """Under root, a needs_root test that skipped hides a failure: report it as one."""
+    outcome = yield
+    report = outcome.get_result()
+    needs_root = item.get_closest_marker("needs_root") or item.get_closest_marker("cluster")
+    if report.skipped and os.geteuid() == 0 and needs_root and call.when != "teardown":
+        report.outcome = "failed"
+        report.longrepr = f"needs_root test skipped although the suite runs as root: {call.excinfo.value}"
+
+
+@pytest.fixture(scope="session")
 def fused_kernels() -> None:
-    """The fused CPU kernels built (as `make setup` does), so every test runs the model as training does."""
+    """The fused CPU kernels built (as `make setup` does), so a test runs the model as training does."""
     from horovod_mlstm import kernels
 
     kernels.build()

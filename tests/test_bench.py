@@ -7,6 +7,7 @@ import pytest
 from conftest import last_line, python
 
 
+@pytest.mark.cli
 def test_quick_bench_writes_every_section(tmp_path):
     out = tmp_path / "bench.json"
     proc = python("-m", "horovod_mlstm.bench", "--quick", f"--output={out}", check=True, timeout=600)
@@ -36,11 +37,13 @@ def test_quick_bench_writes_every_section(tmp_path):
     assert len(table) == 4 and all(line.count("chars/s") == 3 for line in table), proc.stdout
 
 
+@pytest.mark.cli
 def test_bad_seq_lengths_is_one_line():
     proc = python("-m", "horovod_mlstm.bench", "--quick", "--seq_lengths=128,long")
     assert proc.returncode != 0 and last_line(proc.stderr) == "error: --seq_lengths must be integers, got 128,long"
 
 
+@pytest.mark.cli
 def test_unknown_precision_is_one_line():
     proc = python("-m", "horovod_mlstm.bench", "--quick", "--precisions=fp8")
     assert proc.returncode != 0 and "unknown precision 'fp8'" in proc.stderr.strip().splitlines()[-1]
@@ -60,6 +63,7 @@ def paper_result(tmp_path_factory):
     return json.loads(out.read_text()), proc.stdout
 
 
+@pytest.mark.cli
 def test_paper_json_has_every_field(paper_result):
     result, stdout = paper_result
     assert {"memory", "activations", "computed_need", "parameters", "parameter_bytes", "optimizer_bytes",
@@ -83,6 +87,7 @@ def test_paper_json_has_every_field(paper_result):
     assert "PROJECTION (not measured)" in stdout and "| --backward_passes_per_step |" in stdout
 
 
+@pytest.mark.cli
 def test_paper_activation_memory_is_the_formula(paper_result):
     result, _ = paper_result
     cells, bf16, f32 = 4 * 32 * 64, 2, 4  # streams x seq x hidden
@@ -94,6 +99,7 @@ def test_paper_activation_memory_is_the_formula(paper_result):
     assert result["computed_activation_bytes_per_stream"] == 32 * 64 * 80
 
 
+@pytest.mark.cli
 def test_paper_allreduce_is_four_bytes_per_parameter(paper_result):
     result, _ = paper_result
     n = result["parameters"]
@@ -103,6 +109,7 @@ def test_paper_allreduce_is_four_bytes_per_parameter(paper_result):
     assert result["allreduce_bytes"] == {"fp32": 4 * n, "fp16_allreduce": 2 * n}
 
 
+@pytest.mark.cli
 def test_paper_micro_batches_split_the_activations(tmp_path):
     out = tmp_path / "paper.json"
     python("-m", "horovod_mlstm.bench", *TINY_PAPER, "--paper_micro_batches=2", "--paper_fit_streams=",
@@ -112,6 +119,7 @@ def test_paper_micro_batches_split_the_activations(tmp_path):
     assert result["activations"]["total"] == 2 * 32 * 64 * 80  # one micro-batch of 2 streams
 
 
+@pytest.mark.cli
 def test_paper_refuses_a_shape_over_the_memory_limit_in_one_line(tmp_path):
     out = tmp_path / "paper.json"
     proc = python("-m", "horovod_mlstm.bench", "--paper", f"--output={out}", timeout=300)  # 4096 x 256 streams
@@ -124,6 +132,7 @@ def test_paper_refuses_a_shape_over_the_memory_limit_in_one_line(tmp_path):
     assert need > 8
 
 
+@pytest.mark.cli
 def test_paper_bad_micro_batches_is_one_line():
     proc = python("-m", "horovod_mlstm.bench", *TINY_PAPER, "--paper_micro_batches=3")
     assert proc.returncode != 0 and "Traceback" not in proc.stderr
@@ -131,12 +140,14 @@ def test_paper_bad_micro_batches_is_one_line():
                                       "--paper_fit_streams")
 
 
+@pytest.mark.cli
 def test_paper_bad_fit_streams_is_one_line():
     proc = python("-m", "horovod_mlstm.bench", *TINY_PAPER, "--paper_fit_streams=8,x")
     assert proc.returncode != 0 and "Traceback" not in proc.stderr
     assert last_line(proc.stderr) == "error: --paper_fit_streams='8,x' is not a list of stream counts like 8,16,32"
 
 
+@pytest.mark.unit
 def test_ring_allreduce_projection_formula():
     from horovod_mlstm.bench import allreduce_projection, ring_seconds
 
@@ -147,6 +158,7 @@ def test_ring_allreduce_projection_formula():
     assert p["hierarchical"] == pytest.approx(2 * 7 / 8 * 128e6 / 150e9 + 2 * 15 / 16 * 128e6 / 50e9)
 
 
+@pytest.mark.cli
 def test_profile_breaks_the_step_down_by_kind_of_op(tmp_path):
     out = tmp_path / "profile.json"
     proc = python("-m", "horovod_mlstm.bench", "--quick", "--profile", "--precisions=mixed_bfloat16",
@@ -165,6 +177,7 @@ def test_profile_breaks_the_step_down_by_kind_of_op(tmp_path):
     assert proc.stdout.count("unprofiled: update ") == 2
 
 
+@pytest.mark.unit
 def test_op_kinds():
     from horovod_mlstm.bench import op_kind
 

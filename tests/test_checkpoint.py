@@ -8,6 +8,8 @@ import tensorflow as tf
 
 from horovod_mlstm.checkpoint import CheckpointError, Checkpointer, latest_readable
 
+pytestmark = pytest.mark.unit
+
 
 def make(tmp_path, value=0.0):
     v = tf.Variable(np.full([64], value, np.float32))

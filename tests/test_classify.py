@@ -47,6 +47,7 @@ def read_output(path):
         return list(csv.DictReader(f))
 
 
+@pytest.mark.cli
 def test_csv_input_matches_the_python_api_in_input_order(tmp_path, tiny_model_dir, classifier_dir):
     source = tmp_path / "in.csv"
     with open(source, "w", newline="", encoding="utf-8-sig") as f:  # with a BOM, as spreadsheets write
@@ -73,6 +74,7 @@ def test_csv_input_matches_the_python_api_in_input_order(tmp_path, tiny_model_di
     assert [r["label"] for r in written] == classifier.predict(features).tolist()
 
 
+@pytest.mark.cli
 @pytest.mark.parametrize("kind", ["jsonl", "txt"])
 def test_gzipped_json_lines_and_plain_text(tmp_path, tiny_model_dir, classifier_dir, kind):
     texts = [t.replace("\n", " ") for t in TEXTS if t]
@@ -86,6 +88,7 @@ def test_gzipped_json_lines_and_plain_text(tmp_path, tiny_model_dir, classifier_
     assert all(abs(float(r["p_neg"]) + float(r["p_pos"]) - 1) < 1e-5 for r in rows)
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("name, content, kw, message", [
     ("a.csv", "id,body\n1,x\n", {"text_column": "text"}, r"a.csv:1: no column 'text' \(columns: id, body\)"),
     ("a.csv", "id,text\n1,x\n2\n", {"text_column": "text"}, r"a.csv:3: row has 1 fields, the header has 2"),
@@ -107,6 +110,7 @@ def test_bad_input_is_one_line_naming_the_file(tmp_path, name, content, kw, mess
         check_writable(str(tmp_path / "no_such_dir" / "out.csv"))
 
 
+@pytest.mark.cli
 def test_classifier_from_another_version_or_checkpoint_is_refused(tmp_path, tiny_model_dir, classifier_dir):
     from horovod_mlstm.checkpoint import Checkpointer
     from horovod_mlstm.inference import load_trained_model

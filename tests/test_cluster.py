@@ -18,8 +18,9 @@ import subprocess
 import pytest
 
 import netns
-from conftest import ENV, REPO, TINY_MODEL_FLAGS, python
-from test_train import assert_same_weights
+from conftest import ENV, REPO, TINY_MODEL_FLAGS, assert_same_weights, python
+
+pytestmark = pytest.mark.cluster
 
 
 def cluster_hosts() -> int:

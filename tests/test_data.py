@@ -13,6 +13,8 @@ from horovod_mlstm import corpus
 from horovod_mlstm.data import ByteStreams, check_split, read_range, split_streams
 from horovod_mlstm.records import DataError, frame, split_shards, write_corpus
 
+pytestmark = pytest.mark.unit
+
 
 def test_text_to_shards_to_batches_reproduces_the_text(tmp_path):
     texts = list(corpus.texts(300, seed=5))

@@ -14,9 +14,9 @@ import re
 import numpy as np
 import pytest
 
-from conftest import HOROVODRUN, PYTHON, TINY_MODEL_FLAGS, horovodrun, python, run, write_shards
+from conftest import (HOROVODRUN, PYTHON, TINY_MODEL_FLAGS, assert_same_weights, horovodrun, python, run,
+                      write_shards)
 from horovod_mlstm import corpus, distributed as dist
-from test_train import assert_same_weights
 
 FLAGS = [*TINY_MODEL_FLAGS, "--batch_scaling=none", "--checkpoint_every=2", "--warmup_steps=1",
          "--lr_horizon_steps=20", "--eval_windows=2"]
@@ -35,6 +35,7 @@ def two_record_data(tmp_path_factory):
                         {split: [record(split, i) for i in range(2)] for split in ("train", "val")})
 
 
+@pytest.mark.multiproc
 def test_two_ranks_match_one_rank_on_the_concatenated_batch_and_resume(tmp_path, two_record_data):
     data = f"--data_dir={two_record_data}"
     one = tmp_path / "one_rank"
@@ -58,6 +59,7 @@ def test_two_ranks_match_one_rank_on_the_concatenated_batch_and_resume(tmp_path,
     assert_same_weights(one, two)
 
 
+@pytest.mark.multiproc
 def test_accumulated_micro_batches_match_one_big_batch_across_ranks(tmp_path, two_record_data):
     """2 ranks x 2 micro-batches of 1 stream == 1 rank with 4 streams in one pass."""
     data = f"--data_dir={two_record_data}"
@@ -70,6 +72,7 @@ def test_accumulated_micro_batches_match_one_big_batch_across_ranks(tmp_path, tw
     assert_same_weights(one, acc)
 
 
+@pytest.mark.unit
 def test_cycle_time_is_set_before_horovod_starts(monkeypatch):
     """--cycle_time_ms must be in the environment when hvd.init() reads it, whatever the launcher set;
     0 leaves the launcher's value. (bench.py measures what the setting is worth, in real jobs.)"""
@@ -84,6 +87,7 @@ def test_cycle_time_is_set_before_horovod_starts(monkeypatch):
     assert seen[-1] == "1"
 
 
+@pytest.mark.multiproc
 def test_a_checkpoint_continues_on_another_number_of_ranks(tmp_path, tiny_data):
     """4 ranks x 8 streams, then 2 x 16, then 1 x 32: the same streams, bytes and RNN states as one
     uninterrupted 1 x 32 run, so the same final weights."""
@@ -130,6 +134,7 @@ def adasum_result(stdout: str, ranks: int) -> list:
     return json.loads(results[0])
 
 
+@pytest.mark.multiproc
 def test_adasum_combines_gradients_tensor_by_tensor_without_dividing_by_ranks():
     """Adasum(a, b) = (1 - a.b / 2|a|^2) a + (1 - a.b / 2|b|^2) b, per tensor: orthogonal gradients add
     up (an average would halve them), parallel ones average, equal ones stay. One rank: its own."""
@@ -142,6 +147,7 @@ def test_adasum_combines_gradients_tensor_by_tensor_without_dividing_by_ranks():
     assert adasum_result(single.stdout, ranks=1) == [[3.0, 0.0], [1.0, 2.0], [4.0]]
 
 
+@pytest.mark.multiproc
 def test_adasum_under_gloo_is_one_line_from_every_rank(tmp_path, two_record_data):
     """Gloo has no Adasum (its op fails with "No Adasum operation enabled"): refused at start-up."""
     proc = horovodrun_with("--gloo", 2, "train.py", *FLAGS, f"--model_dir={tmp_path}/gloo",

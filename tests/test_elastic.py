@@ -17,8 +17,7 @@ from pathlib import Path
 import pytest
 import tensorflow as tf
 
-from conftest import ENV, REPO, TINY_MODEL_FLAGS, python, run
-from test_train import assert_same_weights
+from conftest import ENV, REPO, TINY_MODEL_FLAGS, assert_same_weights, python, run
 
 FLAGS = [*TINY_MODEL_FLAGS, "--learning_rate=3e-3", "--batch_scaling=none", "--warmup_steps=2", "--lr_decay=constant",
          "--log_every=10", "--checkpoint_every=100", "--commit_every=10", "--eval_windows=2"]
@@ -91,6 +90,7 @@ def job(tmp_path, tiny_data):
         j.kill()
 
 
+@pytest.mark.multiproc
 def test_sigkill_of_a_worker_loses_no_step(job, tmp_path, tiny_data):
     steps = 200
     j = job(steps)
@@ -115,6 +115,7 @@ def test_sigkill_of_a_worker_loses_no_step(job, tmp_path, tiny_data):
     assert_same_weights(straight, j.model_dir, rtol=1e-3, atol=1e-4)
 
 
+@pytest.mark.multiproc
 def test_host_removed_and_added_back_shrinks_and_grows(job):
     steps = 1500
     j = job(steps)
@@ -130,6 +131,7 @@ def test_host_removed_and_added_back_shrinks_and_grows(job):
     assert sizes.get("1", 0) > 0 and sizes.get("2", 0) > 40, sizes
 
 
+@pytest.mark.multiproc
 def test_sigterm_to_the_launcher_stops_at_a_checkpoint_and_the_same_command_continues(job):
     """The launcher signals the ranks itself, not horovodrun, which would kill them 5 s later and can then
     report them as status 0 (launch/common.sh): every rank stops at one step and the job exits 75."""
@@ -148,6 +150,7 @@ def test_sigterm_to_the_launcher_stops_at_a_checkpoint_and_the_same_command_cont
     assert rerun.finish()["final_step"] == step + 10
 
 
+@pytest.mark.cli
 def test_launcher_dry_run_and_bad_settings(tmp_path):
     hosts = tmp_path / "hosts.txt"
     hosts.write_text("# two slots\nnode1:2\nnode2:2\n")
@@ -166,6 +169,7 @@ def test_launcher_dry_run_and_bad_settings(tmp_path):
         assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and message in bad.stderr, bad.stderr
 
 
+@pytest.mark.cli
 def test_launcher_hostfile_is_the_discovery_hosts_file(tmp_path):
     """--hostfile (Open MPI "host slots=N" or discovery "host:slots" lines) is what discovery reads, not ignored."""
     (tmp_path / "cluster.txt").write_text("# three hosts\nnode1 slots=4\nnode2:4\nnode3 slots=8  # big one\n")

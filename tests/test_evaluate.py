@@ -12,6 +12,7 @@ from horovod_mlstm.inference import load_trained_model
 from horovod_mlstm.metrics import bits_per_char, xent
 
 
+@pytest.mark.cli
 def test_cli_matches_in_process_bpc(tmp_path, tiny_model_dir, tiny_data):
     out = tmp_path / "eval.json"
     proc = python("-m", "horovod_mlstm.evaluate", f"--model_dir={tiny_model_dir}", f"--data_dir={tiny_data}",
@@ -27,6 +28,7 @@ def test_cli_matches_in_process_bpc(tmp_path, tiny_model_dir, tiny_data):
     assert 0 < result["bpc"] < 8.5
 
 
+@pytest.mark.unit
 def test_full_pass_equals_each_stream_scored_in_one_call(tiny_model_dir):
     """Windows with the state carried, plus the tail, score exactly what one long call does.
 
@@ -46,6 +48,7 @@ def test_full_pass_equals_each_stream_scored_in_one_call(tiny_model_dir):
     assert bits_per_char(model, streams, windows=2) != pytest.approx(expected, rel=1e-3)  # the tail counts
 
 
+@pytest.mark.multiproc
 def test_two_ranks_share_the_split_and_score_as_one_rank_with_their_streams(tmp_path, tiny_model_dir, tiny_data):
     out = tmp_path / "eval2.json"
     horovodrun(2, "-m", "horovod_mlstm.evaluate", f"--model_dir={tiny_model_dir}", f"--data_dir={tiny_data}",
@@ -58,6 +61,7 @@ def test_two_ranks_share_the_split_and_score_as_one_rank_with_their_streams(tmp_
     assert result["bpc"] == pytest.approx(bits_per_char(load_trained_model(str(tiny_model_dir)), streams), rel=1e-5)
 
 
+@pytest.mark.cli
 @pytest.mark.parametrize("output, message", [("missing_dir/eval.json", "does not exist"), (".", "is a directory")])
 def test_unwritable_output_fails_before_the_work(tmp_path, tiny_model_dir, tiny_data, output, message):
     proc = python("-m", "horovod_mlstm.evaluate", f"--model_dir={tiny_model_dir}", f"--data_dir={tiny_data}",
@@ -66,6 +70,7 @@ def test_unwritable_output_fails_before_the_work(tmp_path, tiny_model_dir, tiny_
     assert "bits per character" not in proc.stdout
 
 
+@pytest.mark.cli
 def test_missing_checkpoint_and_split(tmp_path, tiny_model_dir):
     proc = python("-m", "horovod_mlstm.evaluate", f"--model_dir={tmp_path}", "--split=test")
     assert proc.returncode != 0 and "no trained model" in last_line(proc.stderr)
@@ -73,6 +78,7 @@ def test_missing_checkpoint_and_split(tmp_path, tiny_model_dir):
     assert proc.returncode != 0 and "no manifest.json in" in last_line(proc.stderr)
 
 
+@pytest.mark.cli
 def test_checkpoint_that_does_not_fit_config_is_the_last_line(tmp_path, tiny_model_dir):
     """An edited config.json: one error line at the end, not buried under TF's teardown warnings."""
     model_dir = tmp_path / "edited"

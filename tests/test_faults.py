@@ -37,6 +37,7 @@ def needs(tool):
 
 # ---------------------------------------------------------------- preprocess publishing
 
+@pytest.mark.multiproc
 @pytest.mark.parametrize("rename", [1, 2])
 def test_preprocess_killed_at_each_rename_leaves_the_old_output_whole(tmp_path, rename):
     needs("strace")
@@ -56,6 +57,7 @@ def test_preprocess_killed_at_each_rename_leaves_the_old_output_whole(tmp_path, 
         (out / "manifest.json").read_text())["splits"]["train"]["shards"][0]["file"].split("/")[0]]
 
 
+@pytest.mark.multiproc
 def test_two_preprocess_runs_into_one_dir_leave_one_runs_output(tmp_path):
     needs("strace")
     out = tmp_path / "out"
@@ -81,6 +83,8 @@ def without_root_override(*cmd):
     return ["capsh", "--drop=cap_dac_override,cap_dac_read_search", "--", "-c", " ".join(map(str, cmd))]
 
 
+@pytest.mark.cli
+@pytest.mark.needs_root
 def test_read_only_directories_are_one_line(tmp_path, tiny_data):
     locked = tmp_path / "locked"
     locked.mkdir()
@@ -106,6 +110,8 @@ def small_disk(tmp_path):
     subprocess.run(["umount", "-l", str(mount)], check=False)
 
 
+@pytest.mark.cli
+@pytest.mark.needs_root
 def test_a_full_disk_stops_training_with_one_line_and_keeps_the_checkpoints(small_disk, tiny_data):
     model_dir = small_disk / "run"
     proc = python("train.py", f"--model_dir={model_dir}", f"--data_dir={tiny_data}", "--train_steps=200",
@@ -126,6 +132,7 @@ def train(model_dir, data, *extra, **kw):
                   *TINY_MODEL_FLAGS, *extra, **kw)
 
 
+@pytest.mark.cli
 def test_lost_checkpoint_index_resumes_from_the_files(tmp_path, tiny_data):
     model_dir = tmp_path / "run"
     train(model_dir, tiny_data, "--train_steps=20", check=True)
@@ -135,6 +142,7 @@ def test_lost_checkpoint_index_resumes_from_the_files(tmp_path, tiny_data):
     assert json.loads((model_dir / "summary.json").read_text())["final_step"] == 30
 
 
+@pytest.mark.cli
 def test_divergence_stops_the_job_and_keeps_the_good_checkpoints(tmp_path, tiny_data):
     model_dir = tmp_path / "run"
     train(model_dir, tiny_data, "--train_steps=20", check=True)
@@ -147,6 +155,7 @@ def test_divergence_stops_the_job_and_keeps_the_good_checkpoints(tmp_path, tiny_
     assert json.loads((model_dir / "summary.json").read_text())["final_step"] == 20
 
 
+@pytest.mark.cli
 def test_rerunning_a_finished_job_changes_nothing(tmp_path, tiny_data):
     model_dir = tmp_path / "run"
     train(model_dir, tiny_data, "--train_steps=20", check=True)
@@ -159,6 +168,7 @@ def test_rerunning_a_finished_job_changes_nothing(tmp_path, tiny_data):
     assert "NaN" not in before and summary["final_step"] == 20 and summary["steps_this_run"] == 20
 
 
+@pytest.mark.cli
 def test_resumed_summary_keeps_the_earlier_history(tmp_path, tiny_data):
     model_dir = tmp_path / "run"
     train(model_dir, tiny_data, "--train_steps=20", "--eval_every=10", check=True)
@@ -167,6 +177,7 @@ def test_resumed_summary_keeps_the_earlier_history(tmp_path, tiny_data):
     assert [h["step"] for h in summary["history"]] == [10, 20, 30] and summary["steps_this_run"] == 10
 
 
+@pytest.mark.cli
 def test_a_data_dir_without_manifest_is_refused(tmp_path, tiny_data):
     """What a killed publish of the old preprocess left: shards, no manifest. Training must not use it."""
     data = tmp_path / "partial"
@@ -177,6 +188,7 @@ def test_a_data_dir_without_manifest_is_refused(tmp_path, tiny_data):
     assert not (tmp_path / "run" / "summary.json").exists()
 
 
+@pytest.mark.cli
 def test_a_truncated_shard_is_refused(tmp_path, tiny_data):
     data = tmp_path / "cut"
     shutil.copytree(tiny_data, data)
@@ -188,6 +200,7 @@ def test_a_truncated_shard_is_refused(tmp_path, tiny_data):
     assert os.path.basename(shard) in last_line(proc.stderr)
 
 
+@pytest.mark.multiproc
 def test_one_line_from_every_rank_under_horovodrun(tmp_path, tiny_data):
     """A data error is found by every rank before any collective: no Gloo tracebacks, same line."""
     data = tmp_path / "partial"

@@ -12,6 +12,7 @@ from horovod_mlstm.generate import (allowed_next_bytes, char_length, check_tempe
                                     unit_for_heatmap)
 
 
+@pytest.mark.unit
 def test_any_walk_through_the_allowed_bytes_is_valid_utf8():
     rng = np.random.default_rng(0)
     for _ in range(300):
@@ -25,6 +26,7 @@ def test_any_walk_through_the_allowed_bytes_is_valid_utf8():
         assert len(out.decode("utf-8")) == 20  # strict decode: raises on invalid UTF-8
 
 
+@pytest.mark.unit
 def test_masks_follow_rfc3629():
     start = allowed_next_bytes(b"")
     assert start[ord("a")] and start[0xC2] and start[0xF4]
@@ -34,6 +36,7 @@ def test_masks_follow_rfc3629():
     assert np.flatnonzero(allowed_next_bytes(b"\xf4")).max() == 0x8F        # nothing above U+10FFFF
 
 
+@pytest.mark.cli
 def test_cli_samples_the_asked_length(tiny_model_dir):
     proc = python("-m", "horovod_mlstm.generate", f"--model_dir={tiny_model_dir}", "--prime=This product",
                   "--length=120", "--temperature=0.8", "--seed=3", "--set_unit=5=1.5", check=True)
@@ -45,6 +48,7 @@ def test_cli_samples_the_asked_length(tiny_model_dir):
     assert again.stdout == proc.stdout  # a seed fixes the sample
 
 
+@pytest.mark.cli
 @pytest.mark.parametrize("args, message", [
     (["--set_unit=5"], "is not K=V"),
     (["--set_unit=99999=1"], "outside"),
@@ -64,12 +68,14 @@ def test_bad_flags(tiny_model_dir, tmp_path, args, message):
     assert proc.stdout == "" and not list(tmp_path.iterdir())
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("temperature", [-1.0, float("inf"), float("-inf")])
 def test_temperature_must_be_positive_and_finite(temperature):
     with pytest.raises(ValueError, match="--temperature must be positive and finite"):
         check_temperature(temperature)
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("specs, message", [
     (["3=inf"], "must be a finite number"),
     (["3=-inf"], "must be a finite number"),
@@ -82,6 +88,7 @@ def test_set_unit_specs(specs, message):
     assert parse_set_units(["3=1", "4=-2.5"]) == {3: 1.0, 4: -2.5}
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("heatmap, unit, set_units, expected", [
     (None, None, {}, None),
     ("h.png", 7, {3: 1.0}, 7),
@@ -99,6 +106,7 @@ def test_heatmap_unit_choice(heatmap, unit, set_units, expected):
         assert unit_for_heatmap(flag_values, set_units) == expected
 
 
+@pytest.mark.cli
 def test_heatmap_cli(tiny_model_dir, tmp_path):
     heatmap = tmp_path / "heat.png"
     proc = python("-m", "horovod_mlstm.generate", f"--model_dir={tiny_model_dir}", "--prime=The strings",
@@ -107,6 +115,7 @@ def test_heatmap_cli(tiny_model_dir, tmp_path):
     assert heatmap.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and heatmap.stat().st_size > 10_000
 
 
+@pytest.mark.unit
 def test_heatmap_of_a_steered_sample_shows_the_unit_unclamped(tiny_model_dir, tmp_path):
     """--set_unit holds the unit while sampling; re-reading the text, the heatmap shows the unit moving."""
     from horovod_mlstm.generate import heatmap_of_sample, sample
@@ -119,6 +128,7 @@ def test_heatmap_of_a_steered_sample_shows_the_unit_unclamped(tiny_model_dir, tm
     assert np.abs(values - 3.0).min() > 1.0 and np.ptp(values) > 1e-3  # far from the held 3.0, and moving
 
 
+@pytest.mark.cli
 @pytest.mark.parametrize("signum, status", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
 def test_a_stop_signal_ends_a_long_generation_with_one_line(tiny_model_dir, signum, status):
     proc = subprocess.Popen([PYTHON, "-m", "horovod_mlstm.generate", f"--model_dir={tiny_model_dir}",
@@ -141,6 +151,7 @@ def test_a_stop_signal_ends_a_long_generation_with_one_line(tiny_model_dir, sign
     assert stdout == ""
 
 
+@pytest.mark.cli
 def test_missing_model(tmp_path):
     proc = python("-m", "horovod_mlstm.generate", f"--model_dir={tmp_path}", "--length=5")
     assert proc.returncode != 0 and "no trained model" in last_line(proc.stderr)

@@ -67,6 +67,7 @@ def imported(tmp_path_factory):
     return root
 
 
+@pytest.mark.unit
 def test_imported_model_computes_openai_equations(imported):
     import tensorflow as tf
 
@@ -85,12 +86,14 @@ def test_imported_model_computes_openai_equations(imported):
     assert np.abs(c_ref).max() > 0.1  # the comparison is not between two near-zero states
 
 
+@pytest.mark.cli
 def test_imported_model_works_with_the_tools(imported):
     proc = python("-m", "horovod_mlstm.generate", f"--model_dir={imported / 'model'}", "--prime=Great",
                   "--length=20", "--seed=1", check=True)
     assert len(proc.stdout.rstrip("\n")) == len("Great") + 20
 
 
+@pytest.mark.cli
 def test_refuses_to_overwrite_a_model(imported):
     before = sorted(os.listdir(imported / "model" / "checkpoints"))
     proc = python("-m", "horovod_mlstm.import_openai", f"--npy_dir={imported / 'npy'}",
@@ -113,6 +116,7 @@ def release_error(npy_dir, model_dir):
     return message
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("damage, expected", [
     (lambda d: os.remove(d / "9.npy"), "9.npy is missing (mLSTM weight-norm gain gx)"),
     (lambda d: np.save(d / "13.npy", np.zeros((HIDDEN, 255), np.float32)),
@@ -133,6 +137,7 @@ def test_a_bad_release_file_is_named(tmp_path, damage, expected):
     assert expected in release_error(tmp_path / "npy", tmp_path / "model")
 
 
+@pytest.mark.unit
 def test_sizes_are_inferred_from_the_files(tmp_path):
     from horovod_mlstm.import_openai import read_release
 
@@ -142,6 +147,7 @@ def test_sizes_are_inferred_from_the_files(tmp_path):
     assert [a.dtype for a in arrays] == [np.float32] * 15
 
 
+@pytest.mark.cli
 def test_cli_error_is_one_line(tmp_path):
     write_release(tmp_path / "npy")
     os.remove(tmp_path / "npy" / "0.npy")
@@ -152,6 +158,7 @@ def test_cli_error_is_one_line(tmp_path):
     assert not os.path.exists(tmp_path / "model")
 
 
+@pytest.mark.unit
 def test_non_empty_target_is_refused(tmp_path):
     write_release(tmp_path / "npy")
     (tmp_path / "model").mkdir()
@@ -163,6 +170,7 @@ def test_non_empty_target_is_refused(tmp_path):
     assert os.listdir(tmp_path / "model") == ["notes.txt"]
 
 
+@pytest.mark.unit
 def test_a_failed_write_leaves_nothing(tmp_path, monkeypatch):
     from horovod_mlstm import import_openai
 

@@ -6,6 +6,8 @@ import tensorflow as tf
 
 from horovod_mlstm.inference import READOUTS, Featurizer, encode, is_empty, load_trained_model
 
+pytestmark = pytest.mark.unit
+
 TEXTS = ["great strings", "Terrible. Broke in a week &amp; returned it", "ok", "<b>Five</b> stars",
          "é ü 漢字 mixed bytes", "a much longer review " * 5, "line one\nline two"]
 

@@ -7,6 +7,8 @@ import tensorflow as tf
 from horovod_mlstm import kernels
 from horovod_mlstm.model import ModelConfig, _gates, _gates_grad, build_model
 
+pytestmark = [pytest.mark.unit, pytest.mark.usefixtures("fused_kernels")]
+
 B, N = 5, 12
 TOLERANCE = {tf.float32: 1e-6, tf.float16: 1e-3, tf.bfloat16: 1e-2}  # bf16: the fused kernel adds xz + mz in float32
 

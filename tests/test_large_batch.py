@@ -13,6 +13,7 @@ def curve(*values):
     return [{"val_bpc": v} for v in values]
 
 
+@pytest.mark.unit
 def test_outcomes():
     assert outcome(curve(7.5, 5.0, 4.0), spike_bits=0.5) == "stable"
     assert outcome(curve(7.5, float("nan")), spike_bits=0.5) == "diverged"
@@ -24,6 +25,7 @@ def test_outcomes():
     assert outcome(curve(5.0, 4.0, 4.3, 3.9), spike_bits=0.5) == "stable"    # a rise within the tolerance
 
 
+@pytest.mark.unit
 def test_peak_learning_rates():
     assert peak_lr("linear", 0.01, 1024, 16, 1.5) == pytest.approx(0.64)
     assert peak_lr("sqrt", 0.01, 1024, 16, 1.5) == pytest.approx(0.08)
@@ -33,6 +35,7 @@ def test_peak_learning_rates():
     assert peak_lr("adasum", 0.01, 1024, 16, 1.5) == 0.01  # Adasum needs no scaling with the ranks
 
 
+@pytest.mark.cli
 def test_tiny_experiment_tunes_past_a_planted_exploding_lr(tmp_path, tiny_data):
     out = tmp_path / "lb"
     args = ["-m", "horovod_mlstm.experiments.large_batch", f"--out_dir={out}", f"--data_dir={tiny_data}",
@@ -67,6 +70,7 @@ def test_tiny_experiment_tunes_past_a_planted_exploding_lr(tmp_path, tiny_data):
 
 
 
+@pytest.mark.multiproc
 def test_adasum_policy_trains_on_two_mpi_ranks_at_the_base_lr(tmp_path, tiny_data):
     """The adasum run is train.py --gradient_reduction=adasum under horovodrun --mpi (Gloo would refuse it),
     at the tuned base LR with a linear decay; its averaging twin is schedule at cap 1x."""
@@ -85,6 +89,7 @@ def test_adasum_policy_trains_on_two_mpi_ranks_at_the_base_lr(tmp_path, tiny_dat
     assert 0 < summary["val_bpc"] < 9
 
 
+@pytest.mark.cli
 @pytest.mark.parametrize("flag, message", [
     ("--policies=linear,cubic", "--policies must be some of"),
     ("--policies=", "--policies must be some of"),

@@ -26,6 +26,7 @@ def launch(script, *args, cwd=REPO, **kw):
     return run(["bash", f"{REPO}/launch/{script}", *args], cwd=cwd, **kw)
 
 
+@pytest.mark.cli
 def test_horovodrun_dry_run_for_16_dgx1_nodes():
     out = launch("horovodrun.sh", "--hostfile", DGX, "--dry-run", "--flagfile=configs/paper_32k.cfg",
                  check=True).stdout
@@ -33,6 +34,7 @@ def test_horovodrun_dry_run_for_16_dgx1_nodes():
                      r"--flagfile=configs/paper_32k.cfg$", out.strip()), out
 
 
+@pytest.mark.cli
 def test_mpirun_dry_run_has_horovods_multinode_settings():
     out = launch("mpirun.sh", "--hostfile", DGX, "--iface", "ib0", "--dry-run", "--train_steps=5",
                  check=True).stdout
@@ -42,6 +44,7 @@ def test_mpirun_dry_run_has_horovods_multinode_settings():
         assert part in out, part
 
 
+@pytest.mark.cli
 def test_slurm_dry_run_is_128_tasks():
     out = launch("slurm.sbatch", "--dry-run", "--flagfile=configs/paper_32k.cfg", check=True).stdout
     assert "srun --ntasks=128 --ntasks-per-node=8 --gpus-per-task=1" in out and "paper_32k.cfg" in out
@@ -54,6 +57,7 @@ def test_slurm_dry_run_is_128_tasks():
     ("bad.txt", [], "bad.txt:2: expected 'host slots=N'"),
     ("good.txt", ["--np", "9"], "--np 9 is more than the 8 slots"),
 ])
+@pytest.mark.cli
 @pytest.mark.parametrize("script", ["horovodrun.sh", "mpirun.sh"])
 def test_bad_hostfiles_and_too_many_processes(tmp_path, script, hostfile, args, message):
     (tmp_path / "bad.txt").write_text("node1 slots=4\nnode2 slots four\n")
@@ -63,6 +67,7 @@ def test_bad_hostfiles_and_too_many_processes(tmp_path, script, hostfile, args, 
     assert proc.stderr.strip().count("\n") == 0 and message in proc.stderr
 
 
+@pytest.mark.multiproc
 @pytest.mark.parametrize("script", ["horovodrun.sh", "mpirun.sh"])
 def test_launchers_really_train_two_processes_with_paths_from_the_callers_directory(tmp_path, tiny_data, script):
     """Relative --flagfile, --data_dir, --model_dir and --timeline resolve against where the launcher is run,
@@ -92,6 +97,7 @@ def test_launchers_really_train_two_processes_with_paths_from_the_callers_direct
     assert f"{steps} rounds, median" in out and "NEGOTIATE_ALLREDUCE" in out
 
 
+@pytest.mark.multiproc
 @pytest.mark.parametrize("script", ["horovodrun.sh", "mpirun.sh"])
 def test_a_failed_job_ends_with_rank_0s_error_line(tmp_path, script):
     proc = launch(script, "--np", "2", "--batch_size_per_worker=0", f"--model_dir={tmp_path}/run", timeout=300)
@@ -118,6 +124,7 @@ TOOLS = [
 ]
 
 
+@pytest.mark.multiproc
 @pytest.mark.parametrize("options, flags, variables", TOOLS, ids=lambda x: x[0] if isinstance(x, list) else "")
 @pytest.mark.parametrize("script", LAUNCHERS)
 def test_horovod_tools_reach_the_ranks_as_horovod_documents(tmp_path, elastic_hosts, script, options, flags,
@@ -133,6 +140,7 @@ def test_horovod_tools_reach_the_ranks_as_horovod_documents(tmp_path, elastic_ho
         assert out.startswith(f"env {' '.join(variables)} srun --ntasks=128"), out
 
 
+@pytest.mark.cli
 def test_tool_names_are_horovods_own():
     """The flags and variables above are the ones the installed horovodrun defines (not guessed)."""
     from horovod.runner.common.util import config_parser
@@ -157,6 +165,7 @@ def test_tool_names_are_horovods_own():
     (["--timeline", "missing/tl.json"], "/missing/tl.json: directory "),
     (["--flagfile=missing.cfg"], "flagfile missing.cfg not found in"),
 ])
+@pytest.mark.cli
 @pytest.mark.parametrize("script", LAUNCHERS)
 def test_bad_launcher_settings_are_one_line(tmp_path, elastic_hosts, script, args, message):
     proc = launch(script, *args, "--dry-run", cwd=tmp_path, env=elastic_hosts)
@@ -167,6 +176,7 @@ VALUE_OPTIONS = ["--hostfile", "--np", "--iface", "--timeline", "--autotune_log"
                  "--stall_check_shutdown_seconds"]
 
 
+@pytest.mark.cli
 @pytest.mark.parametrize("script, option", [(s, o) for s in LAUNCHERS for o in VALUE_OPTIONS]
                          + [("elastic.sh", o) for o in ["--min-np", "--max-np", "--discovery"]])
 def test_an_option_without_its_value_is_one_line(elastic_hosts, script, option):
@@ -175,6 +185,7 @@ def test_an_option_without_its_value_is_one_line(elastic_hosts, script, option):
         assert proc.returncode == 2 and proc.stderr.strip() == f"{script}: {option} needs a value", proc.stderr
 
 
+@pytest.mark.cli
 @pytest.mark.parametrize("script", ["mpirun.sh", "elastic.sh", "slurm.sbatch"])
 def test_controller_choice_belongs_to_horovodrun_sh(elastic_hosts, script):
     proc = launch(script, "--gloo", "--dry-run", env=elastic_hosts)
@@ -182,6 +193,7 @@ def test_controller_choice_belongs_to_horovodrun_sh(elastic_hosts, script):
     assert "--gloo" in launch("horovodrun.sh", "--gloo", "--dry-run", check=True).stdout
 
 
+@pytest.mark.cli
 def test_slurm_refuses_a_hostfile():
     proc = launch("slurm.sbatch", "--hostfile", "hostfiles/localhost.txt", "--dry-run")
     assert proc.returncode == 2 and "--hostfile does not apply" in proc.stderr
@@ -218,6 +230,7 @@ def wait_for(path, proc, timeout=60):
         time.sleep(0.1)
 
 
+@pytest.mark.multiproc
 @pytest.mark.parametrize("sig", [signal.SIGUSR1, signal.SIGTERM])
 def test_slurm_passes_the_signal_to_srun_and_requeues_on_75(tmp_path, fake_slurm, sig):
     proc = subprocess.Popen(["bash", "launch/slurm.sbatch", "--np", "2", "--train_steps=5"], cwd=REPO,
@@ -234,12 +247,14 @@ def test_slurm_passes_the_signal_to_srun_and_requeues_on_75(tmp_path, fake_slurm
     assert "#SBATCH --signal=B:USR1@300" in header and "#SBATCH --requeue" in header
 
 
+@pytest.mark.cli
 @pytest.mark.parametrize("status", [0, 3])
 def test_slurm_passes_other_statuses_through_without_requeue(tmp_path, fake_slurm, status):
     proc = launch("slurm.sbatch", "--np", "2", env={**fake_slurm, "FAKE_SRUN_STATUS": str(status)})
     assert proc.returncode == status and not (tmp_path / "scontrol.args").exists()
 
 
+@pytest.mark.cli
 def test_slurm_outside_an_allocation_says_so():
     proc = launch("slurm.sbatch", "--np", "2", env={"SLURM_JOB_ID": ""})
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "not inside a SLURM allocation" in proc.stderr
@@ -247,6 +262,7 @@ def test_slurm_outside_an_allocation_says_so():
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "srun is not on PATH" in proc.stderr
 
 
+@pytest.mark.cli
 def test_mpirun_missing_is_one_line(tmp_path):
     """Only the tools the script itself needs are on PATH: mpirun is not."""
     for tool in ["bash", "dirname", "basename", "hostname", "id"]:
@@ -266,6 +282,7 @@ def standin_tree(tmp_path):
     return tree
 
 
+@pytest.mark.multiproc
 @pytest.mark.parametrize("script, controller, received", [
     ("horovodrun.sh", "--gloo", "SIGTERM"),  # the launcher sends it to the ranks itself, not to horovodrun
     ("horovodrun.sh", "--mpi", "SIGUSR1"),  # it becomes mpirun, which would kill the ranks on SIGTERM
@@ -303,6 +320,7 @@ def start_standin(standin_tree, records, script, *flags, env=None):
     return proc
 
 
+@pytest.mark.multiproc
 @pytest.mark.parametrize("script", ["horovodrun.sh", "elastic.sh"])
 def test_a_stop_longer_than_horovodruns_5_s_grace_still_ends_75(tmp_path, standin_tree, script):
     """horovodrun SIGKILLs its ranks 5 s after its own SIGTERM (elastic mode too): the launcher signals the
@@ -316,6 +334,7 @@ def test_a_stop_longer_than_horovodruns_5_s_grace_still_ends_75(tmp_path, standi
     assert "passing SIGTERM to the ranks on this host" in err
 
 
+@pytest.mark.multiproc
 def test_a_second_signal_goes_to_horovodrun_which_ends_a_stop_that_hangs(tmp_path, standin_tree):
     proc = start_standin(standin_tree, tmp_path, "horovodrun.sh", "--stop_seconds=600")
     proc.send_signal(signal.SIGTERM)
@@ -328,6 +347,7 @@ def test_a_second_signal_goes_to_horovodrun_which_ends_a_stop_that_hangs(tmp_pat
     assert "got SIGTERM, passing SIGTERM to the job" in err
 
 
+@pytest.mark.multiproc
 def test_a_0_from_horovodrun_after_it_was_terminated_is_not_success(tmp_path, standin_tree):
     """horovodrun can report a rank it terminated as status 0 (two threads reap the rank's shell; see
     common.sh run_job). A stand-in horovodrun that does just that, with no rank to signal directly."""
@@ -351,6 +371,7 @@ def test_a_0_from_horovodrun_after_it_was_terminated_is_not_success(tmp_path, st
                                    "exiting 143 (the same command resumes from the last checkpoint)")
 
 
+@pytest.mark.cli
 @pytest.mark.parametrize("text, message", [
     ("[{", "not a readable Horovod timeline"),
     ("{}", "expected a JSON list of trace events"),
@@ -365,6 +386,7 @@ def test_timeline_summary_refuses_a_file_that_is_not_a_timeline(tmp_path, text, 
     assert bad.stderr.count("\n") == 1
 
 
+@pytest.mark.cli
 def test_lint_scripts_and_dockerfile():
     run([f"{BIN}/shellcheck", "-x", "-P", "SCRIPTDIR", *map(str, sorted((REPO / "launch").glob("*.sh"))),
          *map(str, sorted((REPO / "scripts").glob("*.sh"))), "launch/slurm.sbatch", "hostfiles/discover_hosts.sh",
@@ -372,6 +394,7 @@ def test_lint_scripts_and_dockerfile():
     run([f"{BIN}/hadolint", "Dockerfile"], check=True)
 
 
+@pytest.mark.unit
 def test_dockerfile_pins_the_stack_and_orders_layers():
     text = (REPO / "Dockerfile").read_text()
     steps = (REPO / "scripts" / "image.sh").read_text()
@@ -400,6 +423,7 @@ def fake_commands(tmp_path, **scripts):
     return {**ENV, "PATH": f"{bin_dir}:{ENV['PATH']}"}
 
 
+@pytest.mark.cli
 def test_docker_daemon_without_permission_is_one_line(tmp_path):
     # docker 20.10 prints this on stdout, newer clients on stderr: the script must see both
     env = fake_commands(tmp_path, docker="echo 'ERROR: Got permission denied while trying to connect to the Docker "
@@ -409,6 +433,7 @@ def test_docker_daemon_without_permission_is_one_line(tmp_path):
     assert proc.stderr.startswith("[docker] error: no permission to use the Docker daemon")
 
 
+@pytest.mark.cli
 def test_docker_daemon_that_cannot_start_names_the_cause(tmp_path):
     env = fake_commands(tmp_path, docker="echo 'Cannot connect to the Docker daemon' >&2; exit 1",
                         dockerd="echo 'level=fatal msg=\"failed to start daemon: iptables not found\"'; exit 1")
@@ -417,6 +442,8 @@ def test_docker_daemon_that_cannot_start_names_the_cause(tmp_path):
     assert "iptables not found" in proc.stderr and proc.stderr.count("error") == 1, proc.stderr
 
 
+@pytest.mark.cli
+@pytest.mark.needs_root
 def test_docker_daemon_not_running_without_root_is_one_line():
     if os.geteuid() != 0 or not shutil.which("setpriv"):
         pytest.skip("needs root and setpriv to run the script as another user")

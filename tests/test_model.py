@@ -6,6 +6,8 @@ import tensorflow as tf
 
 from horovod_mlstm.model import ModelConfig, build_model, flops_per_char
 
+pytestmark = [pytest.mark.unit, pytest.mark.usefixtures("fused_kernels")]
+
 
 def sigmoid(x):
     return 1.0 / (1.0 + np.exp(-x))

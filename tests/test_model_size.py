@@ -2,7 +2,11 @@
 
 import json
 
+import pytest
+
 from conftest import TINY_MODEL_FLAGS, last_line, python
+
+pytestmark = pytest.mark.cli
 
 
 def test_two_tiny_sizes_train_on_equal_characters_and_are_reused(tmp_path, tiny_data):

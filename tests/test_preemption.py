@@ -3,6 +3,8 @@ rank 0 checkpoints, the job exits 75, and the same command resumes to the uninte
 
 from __future__ import annotations
 
+import pytest
+
 import json
 import os
 import signal
@@ -11,8 +13,9 @@ import time
 
 import tensorflow as tf
 
-from conftest import ENV, PYTHON, REPO, TINY_MODEL_FLAGS, horovodrun, python
-from test_train import assert_same_weights
+from conftest import ENV, PYTHON, REPO, TINY_MODEL_FLAGS, assert_same_weights, horovodrun, python
+
+pytestmark = pytest.mark.multiproc
 
 FLAGS = [*TINY_MODEL_FLAGS, "--hidden_size=48", "--train_steps=240", "--checkpoint_every=100", "--log_every=10"]
 

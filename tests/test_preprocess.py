@@ -72,6 +72,7 @@ def write_mixed_inputs(tmp_path) -> list[str]:
     return [str(big), str(gz), str(tmp_path / "s.csv"), str(tmp_path / "t.txt")]
 
 
+@pytest.mark.unit
 def test_clean_and_parse():
     assert clean(" Great &amp; <b>cheap</b>\n\tstrings ") == "Great & cheap strings"
     assert parse_review(review_line("Works."), "reviewText") == ("Nice. Works.", None)
@@ -82,6 +83,7 @@ def test_clean_and_parse():
     assert parse_review("{not json", "reviewText") == (None, "malformed JSON")
 
 
+@pytest.mark.unit
 def test_mcauley_sample_preprocesses_without_loss(tmp_path, shared_dir):
     sample = shared_dir / "data" / "amazon" / "musical_instruments_5core_sample.json"
     manifest = preprocess([str(sample)], str(tmp_path / "out"), 2, **OPTS)
@@ -96,6 +98,7 @@ def test_mcauley_sample_preprocesses_without_loss(tmp_path, shared_dir):
     assert on_disk["splits"]["train"]["shards"][0]["file"].endswith("/train-00000-of-00002.tfrecord")
 
 
+@pytest.mark.unit
 def test_split_is_stable_and_adding_files_moves_nothing(tmp_path):
     a, b = tmp_path / "a.json", tmp_path / "b.json"
     a.write_text("".join(review_line(f"review number {i}") for i in range(200)))
@@ -109,6 +112,7 @@ def test_split_is_stable_and_adding_files_moves_nothing(tmp_path):
         assert assign(r, 0.2, 0.2)[0] == "val"
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("which", ["one_plain_file", "one_gzip_file", "several_files"])
 def test_output_is_identical_whatever_the_chunks_and_workers(tmp_path, which):
     """One sequential pass (one chunk per file) vs many chunks in 1 and in 2 worker processes."""
@@ -125,6 +129,7 @@ def test_output_is_identical_whatever_the_chunks_and_workers(tmp_path, which):
                      if any(path.endswith("/" + name) for path in inputs)}
 
 
+@pytest.mark.unit
 def test_csv_is_cut_only_between_records(tmp_path):
     """Quoted newlines are never a cut; a stray quote makes the file one piece, read as csv would."""
     rows = io.StringIO()
@@ -146,6 +151,7 @@ def test_csv_is_cut_only_between_records(tmp_path):
     assert _csv_boundaries(str(stray), data.index(b"\n") + 1, len(data), 1024) is None
 
 
+@pytest.mark.unit
 def test_formats_gzip_csv_text_and_auto(tmp_path):
     gz = tmp_path / "r.json.gz"
     with gzip.open(gz, "wt") as f:
@@ -165,6 +171,7 @@ def test_formats_gzip_csv_text_and_auto(tmp_path):
     assert sum(whole["splits"][s]["reviews"] for s in ("train", "val", "test")) == 1
 
 
+@pytest.mark.unit
 def test_skipped_records_are_counted_with_their_reason(tmp_path):
     p = tmp_path / "mixed.json"
     good = "".join(review_line(f"good review {i}") for i in range(97))
@@ -186,6 +193,7 @@ def peak_rss_mb(cmd, logs) -> tuple[float, subprocess.CompletedProcess]:
         return usage.ru_maxrss / 1024, subprocess.CompletedProcess(cmd, proc.returncode, out.read(), err.read())
 
 
+@pytest.mark.cli
 def test_one_enormous_line_is_skipped_without_holding_it(tmp_path):
     """A 256 MB line (no newline) between reviews: skipped and counted, memory as for the reviews alone."""
     first, second = ("".join(review_line(f"review {i}") for i in range(k, k + 100)).encode() for k in (0, 100))
@@ -220,6 +228,7 @@ def test_one_enormous_line_is_skipped_without_holding_it(tmp_path):
     assert last_line(proc.stderr).startswith(f"error: {small}: {len(good):,} bytes, more than --max_record_bytes=2048")
 
 
+@pytest.mark.cli
 def test_a_small_corpus_gets_eval_splits_that_train(tmp_path, shared_dir):
     """1,000 real reviews with the default fractions: val and test reach --min_eval_bytes; training runs."""
     source = shared_dir / "data" / "amazon" / "reviews_Musical_Instruments_5.json.gz"
@@ -272,6 +281,7 @@ def write_bad(tmp_path, kind):
     return str(tmp_path / "nocol.csv")
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("kind, message", [
     ("missing", r"nope.json: no such file$"),
     ("directory", r"reviews: is a directory \(give the files in it"),
@@ -288,6 +298,7 @@ def test_fatal_input_keeps_previous_output(tmp_path, good_output, kind, message)
     assert not [n for n in os.listdir(out) if n.startswith(".staging-")]  # no staging dir left
 
 
+@pytest.mark.cli
 @pytest.mark.parametrize("flag, message", [
     ("--workers=-3", "--workers must be at least 1, got -3"),
     ("--workers=0", "--workers must be at least 1, got 0"),
@@ -304,6 +315,7 @@ def test_bad_flags_are_one_line(tmp_path, flag, message):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.unit
 def test_far_too_many_shards_are_refused_before_any_is_written(tmp_path, good_output):
     out, before = good_output
     src = tmp_path / "r.json"
@@ -314,6 +326,7 @@ def test_far_too_many_shards_are_refused_before_any_is_written(tmp_path, good_ou
     assert tree(out) == before and len(os.listdir(out)) == 3  # .lock, manifest.json, the old shards
 
 
+@pytest.mark.unit
 def test_an_overlong_csv_line_is_named_by_its_line_number(tmp_path, good_output):
     out, before = good_output
     path = tmp_path / "long.csv"
@@ -323,6 +336,7 @@ def test_an_overlong_csv_line_is_named_by_its_line_number(tmp_path, good_output)
     assert tree(out) == before
 
 
+@pytest.mark.multiproc
 @pytest.mark.parametrize("signum, status, workers", [(signal.SIGTERM, 143, 1), (signal.SIGINT, 130, 2)])
 def test_a_signal_stops_cleanly_and_keeps_the_previous_output(tmp_path, good_output, signum, status, workers):
     out, before = good_output
@@ -344,6 +358,7 @@ def test_a_signal_stops_cleanly_and_keeps_the_previous_output(tmp_path, good_out
     assert tree(out) == before and not list(out.glob(".staging-*"))
 
 
+@pytest.mark.multiproc
 def test_a_killed_worker_is_one_line_naming_the_file(tmp_path, good_output):
     out, before = good_output
     src = tmp_path / "many.json"
@@ -365,6 +380,7 @@ def test_a_killed_worker_is_one_line_naming_the_file(tmp_path, good_output):
     assert tree(out) == before and not list(out.glob(".staging-*"))
 
 
+@pytest.mark.cli
 def test_cli_success_and_one_line_failure(tmp_path):
     src = tmp_path / "r.json"
     src.write_text("".join(review_line(f"cli review {i}") for i in range(30)))

@@ -40,6 +40,7 @@ def sequential(inputs, out) -> tuple[dict, dict]:
     return shards_and_manifest(out)
 
 
+@pytest.mark.multiproc
 @pytest.mark.parametrize("which", ["one_plain_file", "one_gzip_file", "several_files"])
 def test_two_ranks_write_what_one_process_writes(tmp_path, inputs, which):
     chosen = {"one_plain_file": inputs[:1], "one_gzip_file": inputs[1:2], "several_files": inputs}[which]
@@ -49,6 +50,7 @@ def test_two_ranks_write_what_one_process_writes(tmp_path, inputs, which):
     assert proc.stdout.count("[preprocess] ") == 1  # rank 0 reports, once
 
 
+@pytest.mark.multiproc
 def test_a_failing_rank_is_reported_once_and_nothing_is_published(tmp_path, inputs):
     out = tmp_path / "out"
     preprocess(inputs[:1], str(out), 3, **OPTS)
@@ -70,6 +72,7 @@ def test_a_failing_rank_is_reported_once_and_nothing_is_published(tmp_path, inpu
     assert tree(out) == before and not list(out.glob(".staging-*"))
 
 
+@pytest.mark.cli
 def test_launcher_dry_run_uses_the_training_hostfiles(tmp_path):
     proc = run(["bash", "launch/preprocess.sh", "--hostfile", "hostfiles/dgx1-16nodes.txt", "--np", "16", "--dry-run",
                 "--input", "in.json.gz", "--output_dir=/shared/out"], check=True)
@@ -81,6 +84,7 @@ def test_launcher_dry_run_uses_the_training_hostfiles(tmp_path):
     assert proc.returncode == 2 and "do not apply to preprocess" in last_line(proc.stderr)
 
 
+@pytest.mark.cluster
 def test_two_hosts_write_one_output(tmp_path, two_hosts, inputs):
     out = tmp_path / "out"  # /tmp: the hosts' namespaces share the filesystem, like a cluster's shared storage
     job = netns.run_job(two_hosts, ["bash", "launch/preprocess.sh", "--hostfile", str(two_hosts.hostfile),
@@ -92,6 +96,7 @@ def test_two_hosts_write_one_output(tmp_path, two_hosts, inputs):
     assert f"Accepted publickey for root from {two_hosts.addresses[0]}" in two_hosts.sshd_logs[1].read_text()
 
 
+@pytest.mark.multiproc
 def test_sigterm_to_the_launcher_stops_every_rank_and_publishes_nothing(tmp_path, inputs):
     out = tmp_path / "out"
     preprocess(inputs[:1], str(out), 3, **OPTS)

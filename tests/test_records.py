@@ -19,6 +19,7 @@ def listed(data_dir) -> set[str]:
     return {s["file"] for split in manifest["splits"].values() for s in split["shards"]}
 
 
+@pytest.mark.unit
 def test_publish_replaces_the_old_output_and_removes_its_shards(tmp_path):
     write_corpus([f"first run review {i}" for i in range(50)], str(tmp_path), num_shards=2)
     first = listed(tmp_path)
@@ -30,6 +31,7 @@ def test_publish_replaces_the_old_output_and_removes_its_shards(tmp_path):
     assert sorted(os.listdir(tmp_path)) == [".lock", "manifest.json", next(iter(second)).split("/")[0]]
 
 
+@pytest.mark.unit
 def test_the_layout_before_manifest_version_2_is_replaced_too(tmp_path):
     (tmp_path / "train-00000-of-00001.tfrecord").write_bytes(b"old")
     (tmp_path / "notes.txt").write_text("the user's own file")
@@ -38,6 +40,7 @@ def test_the_layout_before_manifest_version_2_is_replaced_too(tmp_path):
     assert (tmp_path / "notes.txt").read_text() == "the user's own file"
 
 
+@pytest.mark.unit
 def test_replace_false_keeps_what_is_published(tmp_path):
     write_shards(tmp_path, {"train": [[b"first"]]})
     staging = make_staging(str(tmp_path))
@@ -46,6 +49,7 @@ def test_replace_false_keeps_what_is_published(tmp_path):
     assert [s.bytes for s in split_shards(str(tmp_path), "train")] == [5]
 
 
+@pytest.mark.cli
 def test_staging_of_dead_runs_is_removed_and_live_ones_kept(tmp_path):
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     pid = int(dead.stdout)  # that process has exited
@@ -61,12 +65,14 @@ def test_staging_of_dead_runs_is_removed_and_live_ones_kept(tmp_path):
     assert other_host.exists()
 
 
+@pytest.mark.unit
 def test_unwritable_output_is_one_error(tmp_path):
     (tmp_path / "file").write_text("not a directory")
     with pytest.raises(DataError, match="cannot create output directory"):
         make_staging(str(tmp_path / "file" / "out"))
 
 
+@pytest.mark.multiproc
 def test_concurrent_runs_leave_one_runs_complete_output(tmp_path):
     """Several processes publish into one directory at once; the lock keeps the result consistent."""
     script = ("import sys; from horovod_mlstm.records import write_corpus\n"

@@ -6,6 +6,8 @@ import pytest
 
 from horovod_mlstm.schedule import WarmupDecaySchedule, peak_learning_rate
 
+pytestmark = pytest.mark.unit
+
 
 def lr(schedule, step):
     return float(schedule(step))

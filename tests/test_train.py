@@ -8,28 +8,13 @@ import signal
 import subprocess
 import time
 
-import numpy as np
 import pytest
 import tensorflow as tf
 
-from conftest import ENV, PYTHON, REPO, TINY_MODEL_FLAGS, last_line, python
+from conftest import ENV, PYTHON, REPO, TINY_MODEL_FLAGS, assert_same_weights, last_line, python
 
 
-def model_weights(model_dir) -> dict[str, np.ndarray]:
-    """The model's variables from the newest checkpoint, by checkpoint key."""
-    path = tf.train.latest_checkpoint(os.path.join(model_dir, "checkpoints"))
-    reader = tf.train.load_checkpoint(path)
-    return {k: reader.get_tensor(k) for k in reader.get_variable_to_shape_map()
-            if k.startswith("model/") and "OPTIMIZER_SLOT" not in k}
-
-
-def assert_same_weights(a, b, rtol=1e-5, atol=1e-6):
-    wa, wb = model_weights(a), model_weights(b)
-    assert wa.keys() == wb.keys() and len(wa) >= 8
-    for key in wa:
-        np.testing.assert_allclose(wa[key], wb[key], rtol=rtol, atol=atol, err_msg=key)
-
-
+@pytest.mark.cli
 @pytest.mark.parametrize("args, message", [
     (["--no_such_flag=1"], "no_such_flag"),
     (["--warmup_steps=50", "--train_steps=10"], "--warmup_steps (50) must be below the decay horizon"),
@@ -51,7 +36,8 @@ def test_bad_flags_fail_fast_with_one_clear_line(tmp_path, args, message):
     assert not os.path.exists(tmp_path / "m" / "checkpoints")
 
 
-def test_trains_checkpoints_and_reports(tmp_path, tiny_data):
+@pytest.mark.cli
+def test_trains_checkpoints_and_reports(tmp_path, tiny_data, fused_kernels):
     model_dir = tmp_path / "run"
     proc = python("train.py", f"--model_dir={model_dir}", f"--data_dir={tiny_data}", "--train_steps=60",
                   "--checkpoint_every=30", *TINY_MODEL_FLAGS, "--eval_every=30", check=True)
@@ -81,6 +67,7 @@ def test_trains_checkpoints_and_reports(tmp_path, tiny_data):
     assert proc.returncode != 0 and "holds a different model" in last_line(proc.stderr)
 
 
+@pytest.mark.multiproc
 def test_kill_9_and_resume_reaches_the_uninterrupted_weights(tmp_path, tiny_data):
     flags = [f"--data_dir={tiny_data}", "--train_steps=300", "--checkpoint_every=10", *TINY_MODEL_FLAGS,
              "--hidden_size=64", "--seq_length=64", "--batch_size_per_worker=8"]
@@ -103,6 +90,7 @@ def test_kill_9_and_resume_reaches_the_uninterrupted_weights(tmp_path, tiny_data
     assert_same_weights(tmp_path / "straight", killed)
 
 
+@pytest.mark.cli
 def test_eval_batch_size_fixes_the_validation_streams(tmp_path, tiny_data):
     """With --eval_batch_size the validation BPC is the one the evaluate CLI gives with that many
     streams (and not with the training batch's), so runs with different batches compare."""
@@ -122,6 +110,7 @@ def test_eval_batch_size_fixes_the_validation_streams(tmp_path, tiny_data):
     assert val_bpc != pytest.approx(evaluate(64), rel=1e-4)  # 64 shorter streams score differently
 
 
+@pytest.mark.cli
 def test_milestones_are_model_dirs_kept_at_character_counts(tmp_path, tiny_data):
     """--milestone_chars keeps the model at those character counts (4 x 32 = 128 chars per step here),
     as model dirs that evaluate reads, while the rotating checkpoints keep only the last one."""

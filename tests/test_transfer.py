@@ -26,6 +26,7 @@ def planted(classes: int, unit: int = 17, seed: int = 0):
     return features, labels
 
 
+@pytest.mark.unit
 def test_fit_finds_the_planted_sentiment_unit():
     features, labels = planted(2)
     result, pipeline = fit(features, labels, ["neg", "pos"])
@@ -35,6 +36,7 @@ def test_fit_finds_the_planted_sentiment_unit():
     assert sum(map(sum, result["test_confusion_matrix"])) == 200
 
 
+@pytest.mark.unit
 def test_fit_multiclass_and_the_saved_classifier_reproduces_it(tmp_path):
     features, labels = planted(4)
     result, pipeline = fit(features, labels, ["1", "2", "4", "5"])
@@ -50,6 +52,7 @@ def test_fit_multiclass_and_the_saved_classifier_reproduces_it(tmp_path):
     assert (loaded.predict(features["test"]) == expected).all()
 
 
+@pytest.mark.unit
 def test_when_l1_keeps_no_unit_there_is_no_top_unit():
     features, labels = planted(2)
     for split in features:  # constant features: standardised to zero, every weight stays zero
@@ -67,6 +70,7 @@ def write_csv(path, rows, header=("label", "text"), encoding="utf-8"):
     return str(path)
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("header, rows, message", [
     (("label", "sentence"), [(1, "good")], "x.csv:1: no column 'text'"),
     (("label", "text"), [], "no rows"),
@@ -79,6 +83,7 @@ def test_bad_csv(tmp_path, header, rows, message):
         read_labelled_csv(write_csv(tmp_path / "x.csv", rows, header), "text", "label")
 
 
+@pytest.mark.unit
 def test_real_world_encodings(tmp_path):
     rows = [(1, "très bien"), (0, "mauvais")]
     bom = tmp_path / "bom.csv"  # spreadsheet exports start with a UTF-8 BOM
@@ -91,6 +96,7 @@ def test_real_world_encodings(tmp_path):
     assert read_labelled_csv(latin, "text", "label", encoding="latin-1")[0] == ["très bien", "mauvais"]
 
 
+@pytest.mark.unit
 def test_labels_keep_the_training_files_classes_in_numeric_order(tmp_path):
     _, train_y, classes = read_labelled_csv(write_csv(tmp_path / "t.csv", [(10, "a"), (2, "b"), (9, "c")]),
                                             "text", "label")
@@ -118,6 +124,7 @@ def transfer(model_dir, paths, out, *extra, **kw):
                   f"--val={paths['val']}", f"--test={paths['test']}", f"--output_dir={out}", *extra, **kw)
 
 
+@pytest.mark.cli
 def test_cli_binary_and_the_features_cache(tmp_path, tiny_model_dir):
     paths = review_csvs(tmp_path, 60, lambda r: "pos" if r["overall"] >= 4 else "neg")
     out, cache = tmp_path / "out", tmp_path / "f.npz"
@@ -148,6 +155,7 @@ def test_cli_binary_and_the_features_cache(tmp_path, tiny_model_dir):
     assert np.load(cache)["test_features"].shape == (10, 32)
 
 
+@pytest.mark.cli
 def test_cli_multiclass_stars(tmp_path, tiny_model_dir):
     paths, out = review_csvs(tmp_path, 60, lambda r: int(r["overall"])), tmp_path / "out"
     proc = transfer(tiny_model_dir, paths, out,
@@ -161,6 +169,7 @@ def test_cli_multiclass_stars(tmp_path, tiny_model_dir):
     assert saved.coef.shape == (4, 32) and saved.featurization["readout"] == "mean_hidden"
 
 
+@pytest.mark.cli
 def test_cli_all_empty_texts_select_no_unit(tmp_path, tiny_model_dir):
     rows = [(0, " "), (1, "<br/>"), (0, ""), (1, "  ")]
     paths = {s: write_csv(tmp_path / f"{s}.csv", rows) for s in SPLITS}
@@ -177,6 +186,7 @@ def test_cli_all_empty_texts_select_no_unit(tmp_path, tiny_model_dir):
 
 
 
+@pytest.mark.cli
 def test_cli_errors(tmp_path, tiny_model_dir):
     good = write_csv(tmp_path / "g.csv", [(0, "bad"), (1, "good")])
     short = write_csv(tmp_path / "s.csv", [(0, "bad"), (1,), (1, "good")])

@@ -59,6 +59,7 @@ def pretrained(tmp_path_factory, tiny_data):
     return model_dir
 
 
+@pytest.mark.unit
 def test_transform_all_equals_transform_for_every_readout(pretrained):
     texts = [text for _, text in reviews(9, 0)] + ["a much longer review " * 12, "é 漢字"]
     featurizer = Featurizer(str(pretrained), batch_size=4, chunk=16)
@@ -70,6 +71,7 @@ def test_transform_all_equals_transform_for_every_readout(pretrained):
     assert not np.allclose(every["final_cell"], every["mean_hidden"])
 
 
+@pytest.mark.unit
 def test_stratified_order_prefixes_keep_proportions_and_slices_are_disjoint():
     labels = np.array([0] * 30 + [1] * 10)  # 3:1
     order = stratified_order(labels, seed=7)
@@ -87,6 +89,7 @@ def flipped_test(task: Task) -> Task:
     return Task(task.name, task.classes, splits)
 
 
+@pytest.mark.unit
 def test_readout_and_c_are_chosen_on_val_never_on_test():
     rng = np.random.default_rng(0)
     labels = {s: rng.integers(0, 2, n) for s, n in (("train", 60), ("val", 40), ("test", 40))}
@@ -116,6 +119,7 @@ def suite_flags(sst, imdb, **overrides):
     return types.SimpleNamespace(**{**values, **overrides})
 
 
+@pytest.mark.cli
 def test_bad_inputs_are_one_clear_line(task_dirs, tmp_path):
     sst, imdb = task_dirs
     tasks = load_tasks(suite_flags(sst, imdb))
@@ -140,6 +144,7 @@ def test_bad_inputs_are_one_clear_line(task_dirs, tmp_path):
     assert last_line(proc.stderr) == f"error: --model_dir {tmp_path}: no trained model there (missing config.json)"
 
 
+@pytest.mark.cli
 def test_suite_end_to_end_then_a_rerun_featurises_nothing(pretrained, task_dirs, tiny_data, tmp_path):
     sst, imdb = task_dirs
     out = tmp_path / "suite"

@@ -9,8 +9,12 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 import netns
 from conftest import ENV, REPO, TINY_MODEL_FLAGS
+
+pytestmark = pytest.mark.cluster
 
 two_hosts = netns.hosts_fixture(2)
 

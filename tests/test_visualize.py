@@ -12,6 +12,7 @@ from horovod_mlstm.heatmap import draw, per_character, wrap
 TEXT = "Tolle Saiten, café-Qualität ★ but the case broke."
 
 
+@pytest.mark.unit
 def test_wrap_breaks_at_spaces_and_keeps_every_character_in_order():
     text = "one two three " + "x" * 25 + " fourteen\nfive"
     lines = wrap(text, 10)
@@ -23,6 +24,7 @@ def test_wrap_breaks_at_spaces_and_keeps_every_character_in_order():
     assert drawn[5:] == ["fourteen\n", "five"]             # a newline ends its line
 
 
+@pytest.mark.unit
 def test_a_multibyte_character_takes_the_value_after_its_last_byte():
     data = "\naé★".encode("utf-8")  # 1 + 1 + 2 + 3 bytes
     text, values = per_character(data, np.arange(len(data), dtype=np.float32))
@@ -30,6 +32,7 @@ def test_a_multibyte_character_takes_the_value_after_its_last_byte():
     assert values.tolist() == [0, 1, 3, 6]
 
 
+@pytest.mark.unit
 def test_trace_is_the_cell_state_after_each_character(tiny_model_dir):
     import tensorflow as tf
 
@@ -47,6 +50,7 @@ def test_trace_is_the_cell_state_after_each_character(tiny_model_dir):
     assert np.ptp(values) > 0  # the unit moves, so the comparison above means something
 
 
+@pytest.mark.unit
 def test_positive_is_warm_and_negative_cool(tmp_path):
     import matplotlib.image
 
@@ -69,6 +73,7 @@ def summary(proc):
     return [float(part.split()[-1]) for part in numbers.split(", ")]
 
 
+@pytest.mark.cli
 def test_cli_unit_and_results_sign(tiny_model_dir, tmp_path):
     results = tmp_path / "results.json"
     results.write_text(json.dumps({"top_unit": 3, "top_unit_weight": -0.8, "model_dir": str(tiny_model_dir)}))
@@ -97,6 +102,7 @@ def latin1_file(tmp_path):
     return path
 
 
+@pytest.mark.cli
 @pytest.mark.parametrize("args, message", [
     (["--text=hi", "--results={null_results}"], "selected no unit (top_unit is null"),
     (["--text=hi", "--unit=32"], "--unit 32 is outside this model's 0..31"),
