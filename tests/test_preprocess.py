@@ -17,7 +17,8 @@ import pytest
 import tensorflow as tf
 
 from conftest import ENV, PYTHON, REPO, TINY_MODEL_FLAGS, last_line, python
-from horovod_mlstm.preprocess import PreprocessError, _csv_boundaries, parse_review, preprocess
+from horovod_mlstm.preprocess import PreprocessError, parse_review, preprocess
+from horovod_mlstm.preprocess.chunks import csv_boundaries
 from horovod_mlstm.records import assign, clean, split_shards
 
 OPTS = dict(text_field="reviewText", csv_column="sentence", text_whole_file=False, val_fraction=0.2,
@@ -138,7 +139,7 @@ def test_csv_is_cut_only_between_records(tmp_path):
     path.write_text(rows.getvalue())
     data = path.read_bytes()
     start = data.index(b"\n") + 1
-    cuts = _csv_boundaries(str(path), start, len(data), 1024)
+    cuts = csv_boundaries(str(path), start, len(data), 1024)
     assert len(cuts) > 10 and cuts[-1] == len(data)
     for cut in cuts[1:-1]:  # each cut is a line end with the quotes before it paired up
         assert data[cut - 1:cut] == b"\n" and data[:cut].count(b'"') % 2 == 0
@@ -148,7 +149,7 @@ def test_csv_is_cut_only_between_records(tmp_path):
     stray = tmp_path / "stray.csv"
     stray.write_text('label,sentence\n1,he said "hi\n' + "".join(f"0,line {i}\n" for i in range(200)))
     data = stray.read_bytes()
-    assert _csv_boundaries(str(stray), data.index(b"\n") + 1, len(data), 1024) is None
+    assert csv_boundaries(str(stray), data.index(b"\n") + 1, len(data), 1024) is None
 
 
 @pytest.mark.unit
