@@ -11,6 +11,7 @@ import os
 import signal
 import subprocess
 import time
+import tracemalloc
 
 import pytest
 
@@ -82,6 +83,26 @@ def test_clean_and_parse():
     assert parse_review('{"summary": "no text"}', "reviewText") == (None, "no 'reviewText' field")
     assert parse_review("[1, 2]", "reviewText") == (None, "not a JSON object")
     assert parse_review("{not json", "reviewText") == (None, "malformed JSON")
+    old_dump = "{'reviewerID': 'A2SUAM1J3GNN3B', 'helpful': [0, 0], 'reviewText': 'Fine.', 'overall': 5.0, 'summary': 'ok'}"
+    assert parse_review(old_dump, "reviewText") == ("ok. Fine.", None)
+
+
+@pytest.mark.unit
+def test_pathological_lines_are_malformed_and_cost_little_memory():
+    """Nesting deeper than the interpreter's limit, and a Python literal of many values (ast.literal_eval's
+    syntax tree took ~340 bytes per byte of it): both are malformed lines, parsed in a few times their size."""
+    deep = '{"reviewText": "x", "a": ' + "[" * 100_000 + "]" * 100_000 + "}"
+    many_values = "{'reviewText': 'x', 'a': [" + "1, " * 350_000 + "]}"  # 1 MB
+    long_text = "{'summary': 'Old', 'reviewText': '" + "word " * 200_000 + "', 'helpful': [2, 3]}"
+    tracemalloc.start()
+    try:
+        for line in (deep, many_values):
+            assert parse_review(line, "reviewText") == (None, "malformed JSON")
+        assert parse_review(long_text, "reviewText")[0].startswith("Old. word word")
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 10 * len(many_values), f"{peak / 1e6:.0f} MB to parse 1 MB lines"
 
 
 @pytest.mark.unit

@@ -12,9 +12,13 @@ import ast
 import csv
 import gzip
 import io
+import itertools
 import json
+import tokenize
 
 from horovod_mlstm.preprocess.settings import MB, Options, PreprocessError
+
+MAX_LITERAL_TOKENS = 10_000  # a Python-literal line with more is not a review (and would cost ~1 KB a token)
 
 
 class LineError(Exception):
@@ -50,10 +54,9 @@ def parse_review(line: str, text_field: str) -> tuple[str | None, str | None]:
     """(text, None) of one McAuley review line ("summary. reviewText"), or (None, why it has none)."""
     try:
         review = json.loads(line)
-    except json.JSONDecodeError:
-        try:  # the older dumps are Python dict literals, one per line
-            review = ast.literal_eval(line)
-        except (ValueError, SyntaxError, MemoryError, RecursionError):
+    except (json.JSONDecodeError, RecursionError):  # RecursionError: nested deeper than the interpreter's limit
+        review = _python_literal(line)  # the older dumps are Python dict literals, one per line
+        if review is None:
             return None, "malformed JSON"
     if not isinstance(review, dict):
         return None, "not a JSON object"
@@ -64,6 +67,22 @@ def parse_review(line: str, text_field: str) -> tuple[str | None, str | None]:
     summary = review.get("summary")
     text = f"{summary}. {review[text_field]}" if isinstance(summary, str) and summary.strip() else review[text_field]
     return text, None
+
+
+def _python_literal(line: str):
+    """The value of a Python literal line, or None when it is not one or has more than MAX_LITERAL_TOKENS tokens.
+
+    ast.literal_eval holds a syntax tree of about 1 KB per token (a 1 MB line of `1, 1, ...` took
+    476 MB), so a line is first counted, token by token, without building anything; a review of the
+    older dumps has about 30 tokens, whatever the length of its text.
+    """
+    try:
+        tokens = tokenize.generate_tokens(iter((line,)).__next__)  # not StringIO: it holds 4 bytes a character
+        if next(itertools.islice(tokens, MAX_LITERAL_TOKENS, None), None) is not None:
+            return None
+        return ast.literal_eval(line)
+    except (tokenize.TokenError, ValueError, SyntaxError, MemoryError, RecursionError):
+        return None
 
 
 def _csv_rows(lines, header: tuple[str, ...], opts: Options):
