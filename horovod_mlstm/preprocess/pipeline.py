@@ -11,17 +11,18 @@ the previous output as it was.
 from __future__ import annotations
 
 import dataclasses
+import glob
 import os
-import shutil
 import sys
 import time
 
+from horovod_mlstm.files import replace_whole
 from horovod_mlstm.preprocess import outcome
 from horovod_mlstm.preprocess.chunks import plan_inputs, rank_chunks
 from horovod_mlstm.preprocess.settings import MB, Options, PreprocessError, check_settings
-from horovod_mlstm.preprocess.worker import run_chunks, worker_pool
+from horovod_mlstm.preprocess.worker import CHUNK_FILES, run_chunks, worker_pool
 from horovod_mlstm.preprocess.world import Abandoned, Progress, ReportedElsewhere, World, signals_deferred
-from horovod_mlstm.records import RECORD_OVERHEAD, SPLITS, DataError, make_staging, publish, shard_name
+from horovod_mlstm.records import RECORD_OVERHEAD, SPLITS, DataError, make_staging, publish, remove_staging, shard_name
 
 
 def preprocess(inputs: list[str], output_dir: str, num_shards: int, fmt: str = "auto", workers: int = 1,
@@ -52,7 +53,7 @@ def preprocess(inputs: list[str], output_dir: str, num_shards: int, fmt: str = "
         if world.progress:
             world.progress.close()  # before any last line: the bar's own last line ends with it
         if world.rank == 0 and staging:
-            shutil.rmtree(staging, ignore_errors=True)
+            remove_staging(staging)
 
 
 def _plan(world: World, inputs: list[str], fmt: str, opts: Options, output_dir: str) -> tuple[list, str]:
@@ -96,8 +97,8 @@ def _passes(world, plans, opts, staging, pool, workers, max_bad_fraction, min_ev
                 world.bcast(decision)
                 raise PreprocessError(decision[1])
             if decision[0] == "rerun":
-                for name in os.listdir(staging):
-                    os.remove(os.path.join(staging, name))
+                for path in glob.glob(os.path.join(staging, CHUNK_FILES)):
+                    os.remove(path)
         decision = world.bcast(decision)
         if decision[0] == "fail":
             raise ReportedElsewhere()
@@ -131,7 +132,7 @@ def merge(staging: str, layout: list[tuple], outputs: list[tuple[int, int]], num
     for split, shard in outputs:
         path = os.path.join(staging, shard_name(SPLITS[split], shard, num_shards))
         try:
-            with open(path, "wb") as out:
+            with replace_whole(path, "wb") as out:  # on disk before the manifest that lists it
                 for source, where in located:
                     if (split, shard) in where:
                         _copy_range(source, *where[split, shard], out)

@@ -24,6 +24,9 @@ from horovod_mlstm.records import SPLITS, assign, frame, split_position
 _BAD_UTF8 = re.compile("[\udc80-\udcff]")  # bytes that were not UTF-8, kept by surrogateescape
 
 
+CHUNK_FILES = "chunk-*.tfrecord"  # the glob pattern of chunk_name's
+
+
 def chunk_name(key: tuple[int, int]) -> str:
     """The staging file of chunk (file index, chunk index)."""
     return f"chunk-{key[0]:06d}-{key[1]:07d}.tfrecord"
