@@ -37,6 +37,8 @@ import re
 import shutil
 import uuid
 
+import crc32c
+
 from horovod_mlstm.files import replace_whole, write_json
 
 SPLITS = ("train", "val", "test")
@@ -45,7 +47,6 @@ MANIFEST = "manifest.json"
 MANIFEST_VERSION = 2
 RECORD_OVERHEAD = 16  # a TFRecord frames each record with a length (8), its CRC (4) and a data CRC (4)
 _TAG = re.compile(r"<[^>]{0,200}>")
-_SPACE = re.compile(r"\s+")
 _STAGING = ".staging-"
 _OWNER = ".owner"  # in a staging directory: its run holds an flock on it while it lives
 _owned: dict[str, int] = {}  # staging directory -> the descriptor holding its owner lock, in this process
@@ -58,8 +59,12 @@ class DataError(Exception):
 # ---------------------------------------------------------------- documents
 
 def clean(text: str) -> str:
-    """Unescape HTML entities, strip tags, fold all whitespace (newlines too) to one space."""
-    return _SPACE.sub(" ", _TAG.sub(" ", html.unescape(text))).strip()
+    """Unescape HTML entities, strip tags, fold all whitespace (newlines too) to one space.
+
+    str.split() splits on exactly the characters the regex \\s matches (both ask Py_UNICODE_ISSPACE), and is
+    ~10x faster than substituting runs of them, which cost most of preprocessing's time.
+    """
+    return " ".join(_TAG.sub(" ", html.unescape(text)).split())
 
 
 def frame(text: str) -> bytes | None:
@@ -75,11 +80,15 @@ def split_position(record: bytes) -> tuple[float, int]:
     return int.from_bytes(digest[:8], "big") / 2.0**64, int.from_bytes(digest[8:], "big")
 
 
+def split_at(position: float, val_fraction: float, test_fraction: float) -> str:
+    """The split of a record whose split_position is `position`."""
+    return "val" if position < val_fraction else "test" if position < val_fraction + test_fraction else "train"
+
+
 def assign(record: bytes, val_fraction: float, test_fraction: float, num_shards: int = 1) -> tuple[str, int]:
     """(split, shard) of a record, from a hash of its bytes: stable across runs, inputs and workers."""
     h, n = split_position(record)
-    split = "val" if h < val_fraction else "test" if h < val_fraction + test_fraction else "train"
-    return split, n % num_shards
+    return split_at(h, val_fraction, test_fraction), n % num_shards
 
 
 def shard_name(split: str, index: int, count: int) -> str:
@@ -87,6 +96,22 @@ def shard_name(split: str, index: int, count: int) -> str:
 
 
 # ---------------------------------------------------------------- writing shards
+
+def _masked_crc(data: bytes) -> bytes:
+    """TFRecord's checksum: CRC-32C, rotated right by 15 bits plus a constant, little-endian."""
+    crc = crc32c.crc32c(data)
+    return (((crc >> 15 | crc << 17) + 0xA282EAD8) & 0xFFFFFFFF).to_bytes(4, "little")
+
+
+def write_tfrecords(f, records) -> None:
+    """Writes records to a binary file as tf.io.TFRecordWriter does (length, its checksum, data, its checksum),
+    without importing TensorFlow, which costs a process ~6 CPU s and ~450 MB."""
+    for record in records:
+        length = len(record).to_bytes(8, "little")
+        f.write(length + _masked_crc(length))
+        f.write(record)
+        f.write(_masked_crc(record))
+
 
 class ShardWriter:
     """TFRecord files `{prefix}-{split}-{shard}` in a directory, opened on first use, with counts."""
@@ -102,10 +127,8 @@ class ShardWriter:
 
     def write(self, record: bytes, split: str, shard: int) -> None:
         if (split, shard) not in self.writers:
-            import tensorflow as tf  # here, so worker processes import it only once they write
-
-            self.writers[split, shard] = tf.io.TFRecordWriter(self.path(split, shard))
-        self.writers[split, shard].write(record)
+            self.writers[split, shard] = open(self.path(split, shard), "wb")
+        write_tfrecords(self.writers[split, shard], [record])
         self.records[split][shard] += 1
         self.bytes[split][shard] += len(record)
 

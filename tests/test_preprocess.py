@@ -83,7 +83,7 @@ def test_clean_and_parse():
     assert parse_review('{"summary": "no text"}', "reviewText") == (None, "no 'reviewText' field")
     assert parse_review("[1, 2]", "reviewText") == (None, "not a JSON object")
     assert parse_review("{not json", "reviewText") == (None, "malformed JSON")
-    old_dump = "{'reviewerID': 'A2SUAM1J3GNN3B', 'helpful': [0, 0], 'reviewText': 'Fine.', 'overall': 5.0, 'summary': 'ok'}"
+    old_dump = "{'reviewerID': 'A2SUAM1J3GNN3B', 'helpful': [0, 0], 'reviewText': 'Fine.', 'summary': 'ok'}"
     assert parse_review(old_dump, "reviewText") == ("ok. Fine.", None)
 
 

@@ -2,21 +2,45 @@
 
 from __future__ import annotations
 
+import html
 import json
 import os
+import re
 import subprocess
 import sys
 
 import pytest
 
 from conftest import ENV, REPO, write_shards
-from horovod_mlstm.records import (DataError, make_staging, publish, remove_dead_staging, remove_staging,
-                                   split_shards, write_corpus)
+from horovod_mlstm.records import (DataError, clean, make_staging, publish, remove_dead_staging, remove_staging,
+                                   split_shards, write_corpus, write_tfrecords)
 
 
 def listed(data_dir) -> set[str]:
     manifest = json.loads((data_dir / "manifest.json").read_text())
     return {s["file"] for split in manifest["splits"].values() for s in split["shards"]}
+
+
+@pytest.mark.unit
+def test_tfrecords_are_written_as_tensorflow_writes_them(tmp_path):
+    import tensorflow as tf
+
+    records = [b"", b"a", "caf\u00e9 \U0001f600\n".encode(), bytes(range(256)) * 300]
+    with tf.io.TFRecordWriter(str(tmp_path / "tf.tfrecord")) as writer:
+        for record in records:
+            writer.write(record)
+    with open(tmp_path / "ours.tfrecord", "wb") as f:
+        write_tfrecords(f, records)
+    assert (tmp_path / "ours.tfrecord").read_bytes() == (tmp_path / "tf.tfrecord").read_bytes()
+    assert [r.numpy() for r in tf.data.TFRecordDataset([str(tmp_path / "ours.tfrecord")])] == records
+
+
+@pytest.mark.unit
+def test_clean_folds_what_the_whitespace_regex_folds():
+    samples = ["  a \t b\n\x1c c\u3000d\u00a0 ", "", "   ", "x", "\u2028a\u2029b\x85", "<b>bold</b>&amp;\r\n"]
+    for text in samples:
+        assert clean(text) == re.sub(r"\s+", " ", re.sub(r"<[^>]{0,200}>", " ", html.unescape(text))).strip()
+    assert all(chr(c).isspace() == bool(re.fullmatch(r"\s", chr(c))) for c in range(sys.maxunicode + 1))
 
 
 @pytest.mark.unit

@@ -17,9 +17,9 @@ import os
 import re
 
 from horovod_mlstm.preprocess.chunks import Chunk, chunk_texts
-from horovod_mlstm.preprocess.settings import BUCKET, BUCKETS, Options, PreprocessError
+from horovod_mlstm.preprocess.settings import BUCKET, BUCKETS, MB, Options, PreprocessError
 from horovod_mlstm.preprocess.world import ignore_interrupts
-from horovod_mlstm.records import SPLITS, assign, frame, split_position
+from horovod_mlstm.records import SPLITS, frame, split_at, split_position, write_tfrecords
 
 _BAD_UTF8 = re.compile("[\udc80-\udcff]")  # bytes that were not UTF-8, kept by surrogateescape
 
@@ -40,7 +40,7 @@ def process_chunk(chunk: Chunk, opts: Options, staging: str) -> dict:
     low = [0] * BUCKETS
     csv.field_size_limit(opts.max_record_bytes)
     for _, text, reason in chunk_texts(chunk, opts):
-        if text is not None and _BAD_UTF8.search(text):
+        if text is not None and not text.isascii() and _BAD_UTF8.search(text):
             text, reason = None, "invalid UTF-8"
         record = frame(text) if text is not None else None
         if text is not None and record is None:
@@ -48,9 +48,10 @@ def process_chunk(chunk: Chunk, opts: Options, staging: str) -> dict:
         if record is None:
             skipped[reason] += 1
             continue
-        split, shard = assign(record, opts.val_fraction, opts.test_fraction, opts.num_shards)
-        groups[SPLITS.index(split), shard].append(record)
-        bucket = int(split_position(record)[0] / BUCKET)
+        position, n = split_position(record)  # records.assign's (split, shard), and the histogram's position
+        split = SPLITS.index(split_at(position, opts.val_fraction, opts.test_fraction))
+        groups[split, n % opts.num_shards].append(record)
+        bucket = int(position / BUCKET)
         if bucket < BUCKETS:
             low[bucket] += len(record)
     if groups:
@@ -61,15 +62,13 @@ def process_chunk(chunk: Chunk, opts: Options, staging: str) -> dict:
 
 
 def _write_groups(path: str, groups: dict) -> None:
-    import tensorflow as tf  # here, so only processes that write import it
-
+    """A chunk file: scratch in the staging dir, which is dropped whole on any failure, so written plainly."""
     try:
-        with tf.io.TFRecordWriter(path) as writer:
+        with open(path, "wb", buffering=MB) as f:
             for key in sorted(groups):
-                for record in groups[key]:
-                    writer.write(record)
-    except tf.errors.OpError as e:
-        raise PreprocessError(f"cannot write {path}: {e.message}") from None
+                write_tfrecords(f, groups[key])
+    except OSError as e:
+        raise PreprocessError(f"cannot write {path}: {e.strerror or e}") from None
 
 
 @contextlib.contextmanager
