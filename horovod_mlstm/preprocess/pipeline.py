@@ -15,6 +15,7 @@ import glob
 import os
 import sys
 import time
+from concurrent.futures.process import BrokenProcessPool
 
 from horovod_mlstm.files import replace_whole
 from horovod_mlstm.preprocess import outcome
@@ -43,7 +44,7 @@ def preprocess(inputs: list[str], output_dir: str, num_shards: int, fmt: str = "
         with worker_pool(workers) as pool:
             layout, manifest = _passes(world, plans, opts, staging, pool, workers, max_bad_fraction, min_eval_bytes,
                                        progress)
-        _merge_everywhere(world, staging, layout, num_shards)
+            _merge_everywhere(world, pool, workers, staging, layout, num_shards)
         if world.rank != 0:
             return None
         _publish(staging, output_dir, layout, manifest)
@@ -107,17 +108,30 @@ def _passes(world, plans, opts, staging, pool, workers, max_bad_fraction, min_ev
         opts = dataclasses.replace(opts, val_fraction=decision[1], test_fraction=decision[2])
 
 
-def _merge_everywhere(world: World, staging: str, layout: list[tuple], num_shards: int) -> None:
-    """Every rank writes its share of the shards; the first failure, on rank 0, is this rank's error."""
-    outputs = [(s, i) for s in range(len(SPLITS)) for i in range(num_shards)]
+def _merge_everywhere(world: World, pool, workers: int, staging: str, layout: list[tuple], num_shards: int) -> None:
+    """Every rank writes its share of the shards; the first failure, on rank 0, is the run's error."""
+    outputs = [(s, i) for s in range(len(SPLITS)) for i in range(num_shards)][world.rank::world.size]
     error = None
     try:
-        merge(staging, layout, outputs[world.rank::world.size], num_shards)
+        _merge_with(pool, workers, staging, layout, outputs, num_shards)
     except PreprocessError as e:
         error = f"rank {world.rank}: {e}" if world.size > 1 else str(e)
     errors = [e for e in world.gather(error) or [] if e]
     if world.rank == 0 and errors:
         raise PreprocessError(errors[0])
+
+
+def _merge_with(pool, workers: int, staging: str, layout: list[tuple], outputs: list[tuple[int, int]],
+                num_shards: int) -> None:
+    """The shards `outputs`, shared among the rank's workers (written in this process without a pool)."""
+    if pool is None:
+        return merge(staging, layout, outputs, num_shards)
+    try:
+        for future in [pool.submit(merge, staging, layout, outputs[i::workers], num_shards) for i in range(workers)]:
+            future.result()
+    except BrokenProcessPool:
+        raise PreprocessError("a worker process died while writing the shards (killed, or out of memory: lower "
+                              "--workers)") from None
 
 
 def merge(staging: str, layout: list[tuple], outputs: list[tuple[int, int]], num_shards: int) -> None:
