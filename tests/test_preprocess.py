@@ -14,11 +14,12 @@ import time
 import tracemalloc
 
 import pytest
-
 import tensorflow as tf
+from absl import flags
 
 from conftest import ENV, PYTHON, REPO, TINY_MODEL_FLAGS, last_line, python
 from horovod_mlstm.preprocess import PreprocessError, parse_review, preprocess
+from horovod_mlstm.preprocess.__main__ import arguments, define_flags
 from horovod_mlstm.preprocess.chunks import csv_boundaries
 from horovod_mlstm.records import assign, clean, split_shards
 
@@ -320,7 +321,7 @@ def test_fatal_input_keeps_previous_output(tmp_path, good_output, kind, message)
     assert not [n for n in os.listdir(out) if n.startswith(".staging-")]  # no staging dir left
 
 
-@pytest.mark.cli
+@pytest.mark.unit
 @pytest.mark.parametrize("flag, message", [
     ("--workers=-3", "--workers must be at least 1, got -3"),
     ("--workers=0", "--workers must be at least 1, got 0"),
@@ -328,12 +329,20 @@ def test_fatal_input_keeps_previous_output(tmp_path, good_output, kind, message)
     ("--max_bad_fraction=1.5", "--max_bad_fraction must be from 0 to 1, got 1.5"),
     ("--num_shards=0", "--num_shards must be at least 1, got 0"),
     ("--chunk_mb=0", "--chunk_mb must be at least 0.001 (1 KB), got 0.0"),
+    ("--max_record_bytes=100", "--max_record_bytes must be at least 1024, got 100"),
+    ("--min_eval_bytes=-1", "--min_eval_bytes must be >= 0, got -1"),
+    ("--val_fraction=1", "--val_fraction and --test_fraction must be >= 0 and sum to less than 1"),
 ])
 def test_bad_flags_are_one_line(tmp_path, flag, message):
+    """The command line's flags as parsed by absl, checked before any input is read or output made."""
     src = tmp_path / "r.json"
     src.write_text(review_line("a review"))
-    proc = python(*PREPROCESS[1:], "--input", str(src), f"--output_dir={tmp_path}/out", flag)
-    assert proc.returncode == 1 and proc.stderr.strip() == f"error: {message}"
+    parsed = flags.FlagValues()
+    define_flags(parsed)
+    argv = parsed(["preprocess", "--input", str(src), f"--output_dir={tmp_path}/out", flag])
+    with pytest.raises(PreprocessError) as caught:
+        preprocess(**arguments(parsed, argv), progress=False)
+    assert str(caught.value) == message
     assert not (tmp_path / "out").exists()
 
 
@@ -417,3 +426,6 @@ def test_cli_success_and_one_line_failure(tmp_path):
     assert json.loads((tmp_path / "out" / "manifest.json").read_text())["command"].count("r.json") == 1
     proc = python(*PREPROCESS[1:], "--input", str(tmp_path / "missing.json"), f"--output_dir={tmp_path}/out2")
     assert proc.returncode != 0 and last_line(proc.stderr) == f"error: {tmp_path}/missing.json: no such file"
+    proc = python(*PREPROCESS[1:], "--input", str(src), f"--output_dir={tmp_path}/out3", "--workers=0")
+    assert proc.returncode == 1 and proc.stderr.strip() == "error: --workers must be at least 1, got 0"
+    assert not (tmp_path / "out3").exists()
