@@ -199,9 +199,10 @@ def test_skipped_records_are_counted_with_their_reason(tmp_path):
     p = tmp_path / "mixed.json"
     good = "".join(review_line(f"good review {i}") for i in range(97))
     p.write_bytes(good.encode() + b"{broken json\n" + b'{"summary": "x", "reviewText": "bad \xff byte"}\n'
-                  + b'{"summary": "valid JSON", "text": "but no reviewText"}\n')
+                  + b'{"summary": "valid JSON", "text": "but no reviewText"}\n'
+                  + b'{"reviewText": "a lone surrogate \\ud83d, escaped"}\n')
     manifest = preprocess([str(p)], str(tmp_path / "out"), 1, max_bad_fraction=0.05, **OPTS)
-    assert manifest["skipped"] == {"malformed JSON": 1, "invalid UTF-8": 1, "no 'reviewText' field": 1}
+    assert manifest["skipped"] == {"malformed JSON": 1, "invalid UTF-8": 2, "no 'reviewText' field": 1}
     assert manifest["files"][0]["skipped"] == manifest["skipped"]
     assert len(records(tmp_path / "out")) == 97
 

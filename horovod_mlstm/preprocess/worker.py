@@ -21,9 +21,9 @@ from horovod_mlstm.preprocess.settings import BUCKET, BUCKETS, MB, Options, Prep
 from horovod_mlstm.preprocess.world import ignore_interrupts
 from horovod_mlstm.records import SPLITS, frame, split_at, split_position, write_tfrecords
 
-_BAD_UTF8 = re.compile("[\udc80-\udcff]")  # bytes that were not UTF-8, kept by surrogateescape
-
-
+# Bytes that were not UTF-8 (kept by surrogateescape as U+DC80..U+DCFF), or a lone surrogate escaped in JSON:
+# text that UTF-8 cannot encode.
+_NOT_UTF8 = re.compile("[\ud800-\udfff]")
 CHUNK_FILES = "chunk-*.tfrecord"  # the glob pattern of chunk_name's
 
 
@@ -40,7 +40,7 @@ def process_chunk(chunk: Chunk, opts: Options, staging: str) -> dict:
     low = [0] * BUCKETS
     csv.field_size_limit(opts.max_record_bytes)
     for _, text, reason in chunk_texts(chunk, opts):
-        if text is not None and not text.isascii() and _BAD_UTF8.search(text):
+        if text is not None and not text.isascii() and _NOT_UTF8.search(text):
             text, reason = None, "invalid UTF-8"
         record = frame(text) if text is not None else None
         if text is not None and record is None:
