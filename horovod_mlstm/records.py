@@ -19,7 +19,7 @@ never anything else in DIR.
 A run owns its staging directory by holding an flock on the `.owner` file in it for as long as
 it lives; the kernel drops the lock when the process dies, however it dies. So the next run
 removes exactly the staging directories whose lock is free, whatever the host, container or
-pid namespace of their owner (flock works across hosts on NFS too).
+pid namespace of their owner (on NFS, Linux turns flock into NFS locks, which other hosts see).
 """
 
 from __future__ import annotations
