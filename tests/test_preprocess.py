@@ -182,10 +182,12 @@ def test_formats_gzip_csv_text_and_auto(tmp_path):
         f.write("{'summary': 'Dict', 'reviewText': 'literal line'}\n")
     csv_path = tmp_path / "s.csv"
     csv_path.write_text('label,sentence\n1,"a, quoted sentence"\n0,plain one\n')
+    csv_limit = csv.field_size_limit()
     txt = tmp_path / "t.txt"
     txt.write_text("first line doc\n\nsecond line doc\n")
     manifest = preprocess([str(gz), str(csv_path), str(txt)], str(tmp_path / "out"), 1, **OPTS)
     assert manifest["formats"] == ["amazon_json", "csv", "text"]
+    assert csv.field_size_limit() == csv_limit  # process-wide: a later CSV read in this process keeps its limit
     assert sorted(records(tmp_path / "out")) == sorted([
         b"Nice. from gzip\n", b"Dict. literal line\n", b"a, quoted sentence\n", b"plain one\n",
         b"first line doc\n", b"second line doc\n"])

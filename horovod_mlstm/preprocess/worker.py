@@ -38,22 +38,25 @@ def process_chunk(chunk: Chunk, opts: Options, staging: str) -> dict:
     groups = collections.defaultdict(list)  # (split index, shard) -> records, in input order
     skipped = collections.Counter()
     low = [0] * BUCKETS
-    csv.field_size_limit(opts.max_record_bytes)
-    for _, text, reason in chunk_texts(chunk, opts):
-        if text is not None and not text.isascii() and _NOT_UTF8.search(text):
-            text, reason = None, "invalid UTF-8"
-        record = frame(text) if text is not None else None
-        if text is not None and record is None:
-            reason = "empty text"
-        if record is None:
-            skipped[reason] += 1
-            continue
-        position, n = split_position(record)  # records.assign's (split, shard), and the histogram's position
-        split = SPLITS.index(split_at(position, opts.val_fraction, opts.test_fraction))
-        groups[split, n % opts.num_shards].append(record)
-        bucket = int(position / BUCKET)
-        if bucket < BUCKETS:
-            low[bucket] += len(record)
+    previous_limit = csv.field_size_limit(opts.max_record_bytes)  # process-wide: put it back afterwards
+    try:
+        for _, text, reason in chunk_texts(chunk, opts):
+            if text is not None and not text.isascii() and _NOT_UTF8.search(text):
+                text, reason = None, "invalid UTF-8"
+            record = frame(text) if text is not None else None
+            if text is not None and record is None:
+                reason = "empty text"
+            if record is None:
+                skipped[reason] += 1
+                continue
+            position, n = split_position(record)  # records.assign's (split, shard), and the histogram's position
+            split = SPLITS.index(split_at(position, opts.val_fraction, opts.test_fraction))
+            groups[split, n % opts.num_shards].append(record)
+            bucket = int(position / BUCKET)
+            if bucket < BUCKETS:
+                low[bucket] += len(record)
+    finally:
+        csv.field_size_limit(previous_limit)
     if groups:
         _write_groups(os.path.join(staging, chunk_name((chunk.file, chunk.index))), groups)
     return {"key": (chunk.file, chunk.index), "file": chunk.file, "span": chunk.span, "skipped": dict(skipped),
