@@ -83,3 +83,24 @@ def test_checkpoint_of_another_shape_is_an_error_not_damage(tmp_path):
     other.checkpoint = tf.train.Checkpoint(v=tf.Variable(np.zeros([32], np.float32)))
     with pytest.raises(CheckpointError, match=r"ckpt-2 does not fit the model config.json describes"):
         other.restore()
+
+
+@pytest.mark.parametrize("failure", [
+    MemoryError(),
+    OSError(5, "Input/output error"),
+    tf.errors.UnavailableError(None, None, "the filesystem went away"),
+    tf.errors.ResourceExhaustedError(None, None, "OOM when allocating tensor"),
+])
+def test_a_failure_that_is_not_damage_stops_instead_of_falling_back(tmp_path, monkeypatch, failure):
+    """Falling back past an intact newest checkpoint would later overwrite it: only damage falls back."""
+    v, ckpt = make(tmp_path)
+    for step in (1, 2):
+        ckpt.save(step)
+
+    def failing_restore(path, *args, **kw):
+        raise failure
+
+    monkeypatch.setattr(ckpt.checkpoint, "restore", failing_restore)
+    with pytest.raises(CheckpointError, match=r"cannot restore .*ckpt-2: .*not falling back"):
+        ckpt.restore()
+    assert sorted(os.path.basename(p) for p in ckpt.candidates()) == ["ckpt-1", "ckpt-2"]
