@@ -42,7 +42,8 @@ def settings_from(classifier: Classifier, FLAGS) -> dict:
 
 def label_all(featurizer, classifier: Classifier, inputs, output, progress=None) -> tuple[int, int]:
     """Writes a row per text of INPUTS to the open file OUTPUT, window by window, in input order:
-    index, label, p_<label>...; an empty text's values are left empty. Returns (texts, empty texts)."""
+    index, label, p_<label>...; an empty text's values are left empty. `progress(n)` is called as n
+    more texts are done. Returns (texts, empty texts)."""
     from horovod_mlstm.inference import is_empty, windows
 
     writer = csv.writer(output)
@@ -51,6 +52,8 @@ def label_all(featurizer, classifier: Classifier, inputs, output, progress=None)
     for window in windows(inputs, featurizer.window):
         kept = [not is_empty(t, featurizer.text_prep) for t in window]
         features = featurizer.transform([t for t, keep in zip(window, kept) if keep], progress)
+        if progress:
+            progress(kept.count(False))
         probabilities = iter(classifier.predict_proba(features))
         for keep in kept:
             if keep:
@@ -69,7 +72,7 @@ def main(argv):
     from horovod_mlstm import distributed as dist
     from horovod_mlstm.checkpoint import CheckpointError
     from horovod_mlstm.flags import CommonConfig
-    from horovod_mlstm.inference import Featurizer, is_empty
+    from horovod_mlstm.inference import Featurizer
 
     FLAGS = flags.FLAGS
     if len(argv) > 1:
@@ -87,12 +90,12 @@ def main(argv):
         files.check_writable(FLAGS.output, "--output")
         classifier = Classifier.load(FLAGS.classifier)
         settings = settings_from(classifier, FLAGS)
-        to_label = sum(not is_empty(t, settings["text_prep"]) for t in read())  # every row checked before any work
+        total = sum(1 for _ in read())  # every row checked before any work
         featurizer = Featurizer(config.model_dir, **settings, batch_size=config.batch_size_per_worker,
                                 chunk=config.seq_length)
         classifier.check(featurizer)
         start = time.time()
-        with tqdm(total=to_label, unit="text", desc="classifying", file=sys.stderr) as bar, \
+        with tqdm(total=total, unit="text", desc="classifying", file=sys.stderr) as bar, \
                 files.replace_whole(FLAGS.output, "w", newline="", encoding="utf-8") as output:
             total, empty = label_all(featurizer, classifier, read(), output, bar.update)
     except (CheckpointError, FileNotFoundError, ValueError) as e:  # InputError, NotWritable: ValueErrors

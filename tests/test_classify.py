@@ -98,11 +98,11 @@ def test_gzipped_json_lines_and_plain_text(tmp_path, featurizer_and_classifier, 
     source = tmp_path / f"in.{kind}.gz"
     rows = [json.dumps({"review": t, "stars": 5}) for t in lines if t] if kind == "jsonl" else lines
     source.write_bytes(gzip.compress(("\n".join(rows) + "\n").encode()))
-    output = io.StringIO()
+    output, done = io.StringIO(), []
     total, empty = label_all(featurizer, classifier, texts(str(source), text_field="review" if kind == "jsonl" else ""),
-                             output)
+                             output, done.append)
     written = list(csv.DictReader(io.StringIO(output.getvalue())))
-    assert (total, empty) == ((4, 0) if kind == "jsonl" else (5, 1)) and len(written) == total
+    assert (total, empty) == ((4, 0) if kind == "jsonl" else (5, 1)) and len(written) == total == sum(done)
     labelled = [r for r in written if r["label"]]
     assert all(r["label"] in ("neg", "pos") for r in labelled) and len(labelled) == 4
     assert all(abs(float(r["p_neg"]) + float(r["p_pos"]) - 1) < 1e-5 for r in labelled)
