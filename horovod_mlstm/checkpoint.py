@@ -228,12 +228,3 @@ class Checkpointer:
         for folder in glob.glob(os.path.join(self.directory, "rnn_state-*")):
             if step_of(folder) not in keep:
                 shutil.rmtree(folder, ignore_errors=True)
-
-
-def latest_readable(model_dir: str, **objects) -> str:
-    """Restores `objects` (e.g. just the model) from MODEL_DIR for evaluation and inference."""
-    ckpt = Checkpointer(model_dir, writer=False, **objects)
-    path = ckpt.restore(expect_partial=True)
-    if path is None:
-        raise CheckpointError(f"no checkpoint in {ckpt.directory}")
-    return path

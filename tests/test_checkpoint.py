@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from horovod_mlstm.checkpoint import CheckpointError, Checkpointer, latest_readable
+from horovod_mlstm.checkpoint import CheckpointError, Checkpointer
 
 pytestmark = pytest.mark.unit
 
@@ -68,10 +68,14 @@ def test_every_checkpoint_damaged_is_an_error(tmp_path):
 
 
 def test_no_checkpoint(tmp_path):
+    from horovod_mlstm import modeldir
+    from horovod_mlstm.model import ModelConfig
+
     _, ckpt = make(tmp_path)
     assert ckpt.restore() is None
+    modeldir.write_config(str(tmp_path), ModelConfig(hidden_size=8, embed_size=4))
     with pytest.raises(CheckpointError, match="no checkpoint in"):
-        latest_readable(str(tmp_path), v=tf.Variable(1.0))
+        modeldir.load(str(tmp_path))
 
 
 def test_checkpoint_of_another_shape_is_an_error_not_damage(tmp_path):
