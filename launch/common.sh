@@ -10,6 +10,8 @@ PYTHON="$ROOT/.venv/bin/python"; [ -x "$PYTHON" ] || PYTHON=python
 HOROVODRUN="$ROOT/.venv/bin/horovodrun"; [ -x "$HOROVODRUN" ] || HOROVODRUN=horovodrun
 TRAIN_PY="$ROOT/train.py"
 EX_TEMPFAIL=75  # train.py stopped early on a signal or --max_runtime_minutes, after checkpointing
+# shellcheck source=hosts.sh
+source "$ROOT/launch/hosts.sh"
 
 die() { echo "$(basename "$0"): $*" >&2; exit 2; }
 
@@ -102,7 +104,8 @@ require_command() {
 # no_controller: the launchers other than horovodrun.sh have no Gloo/MPI choice to make.
 no_controller() { [ -z "$CONTROLLER" ] || die "$CONTROLLER applies to launch/horovodrun.sh only"; }
 
-# read_hostfile: Open MPI format, "host slots=N" per line (# comments, blank lines allowed).
+# read_hostfile: Open MPI format, "host slots=N" per line (# comments, blank lines allowed), every host name
+# checked as launch/hosts.sh says.
 read_hostfile() {
   HOSTFILE="$(abs_path "${HOSTFILE:-$ROOT/hostfiles/localhost.txt}")"
   [ -f "$HOSTFILE" ] || die "hostfile $HOSTFILE does not exist"
@@ -110,13 +113,12 @@ read_hostfile() {
   local n=0 line
   while IFS= read -r line || [ -n "$line" ]; do
     n=$((n + 1))
-    line="${line%%#*}"
-    [[ "$line" =~ ^[[:space:]]*$ ]] && continue
-    [[ "$line" =~ ^[[:space:]]*([A-Za-z0-9._-]+)[[:space:]]+slots=([1-9][0-9]*)[[:space:]]*$ ]] \
-      || die "$HOSTFILE:$n: expected 'host slots=N', got '$line'"
-    HOSTS+=("${BASH_REMATCH[1]}")
-    SLOTS=$((SLOTS + BASH_REMATCH[2]))
-    HOSTLIST="${HOSTLIST:+$HOSTLIST,}${BASH_REMATCH[1]}:${BASH_REMATCH[2]}"
+    host_line "$line" hostfile \
+      || die "$HOSTFILE:$n: expected $(host_forms hostfile), got '$line' ($HOST_NAME_RULE; slots a positive number)"
+    [ -n "$HOST" ] || continue
+    HOSTS+=("$HOST")
+    SLOTS=$((SLOTS + HOST_SLOTS))
+    HOSTLIST="${HOSTLIST:+$HOSTLIST,}$HOST:$HOST_SLOTS"
   done < "$HOSTFILE"
   [ "$SLOTS" -gt 0 ] || die "$HOSTFILE lists no hosts"
   NP=${NP:-$SLOTS}
