@@ -31,7 +31,7 @@ from absl import app, logging
 from horovod_mlstm import checkpoint as ckpt_files
 from horovod_mlstm import corpus, data, distributed as dist
 from horovod_mlstm import flags as hflags
-from horovod_mlstm import kernels
+from horovod_mlstm import kernels, stallwatch
 from horovod_mlstm.checkpoint import CheckpointError, CheckpointMismatch, Checkpointer
 from horovod_mlstm.metrics import LN2, bits_per_char, make_eval_step, xent
 from horovod_mlstm.model import ModelConfig, build_model
@@ -249,6 +249,7 @@ def run(cfg: hflags.TrainConfig, stop: StopRequest) -> dict | None:
         raise error  # no collective before the elastic loop: a worker joining later would never meet it
     if not cfg.elastic:
         dist.agree(error)
+    watch = None if cfg.elastic else stallwatch.watch(cfg.model_dir, dist.rank(), dist.size())
 
     def load_state(rank: int, rows: int) -> None:
         """This rank's rows of every stream's state at the current step (zeros at step 0)."""
@@ -341,6 +342,8 @@ def run(cfg: hflags.TrainConfig, stop: StopRequest) -> dict | None:
             chars_seen.assign_add(chars_per_step)
             world_steps[world] = world_steps.get(world, 0) + 1
             s, loss = int(step.numpy()), float(loss)
+            if watch:
+                watch.progress(s)
             # The loss is the global mean: every rank takes the same decision here.
             if cfg.divergence_bpc and not loss / LN2 <= cfg.divergence_bpc:  # also catches NaN
                 raise Diverged(f"training diverged at step {s}: loss {loss / LN2:.4g} bits per character "
@@ -419,6 +422,8 @@ def run(cfg: hflags.TrainConfig, stop: StopRequest) -> dict | None:
     else:
         dist.broadcast_variables(synced)  # rank 0's (restored or initial) state to every rank
         train_loop()
+        if watch:
+            watch.stop()
     steps_this_run = int(step.numpy()) - log["first_step"]
     if not steps_this_run:
         if dist.is_chief():
@@ -484,6 +489,11 @@ def main(argv):
         print("error: interrupted twice: stopped without checkpointing this step; the last checkpoint is intact "
               "and the same command resumes from it", file=sys.stderr)
         sys.exit(130)
+    except tf.errors.UnknownError as e:
+        if "Horovod has been shut down" not in e.message:
+            raise
+        sys.exit("error: Horovod shut the job down (a rank stalled past the stall shutdown time, left or failed; "
+                 "Horovod's lines above say which); the last checkpoint is intact and the same command resumes")
     except (MemoryError, tf.errors.ResourceExhaustedError):
         sys.exit(f"error: out of memory (hidden {cfg.hidden_size}, {cfg.batch_size_per_worker} x {cfg.seq_length} "
                  "per worker); lower --batch_size_per_worker or raise --backward_passes_per_step")
