@@ -57,8 +57,12 @@ max_np=${max_np:-$NP}
 [ -z "$IFACE" ] && [ "$all_local" = 1 ] && IFACE=lo  # NIC probing between local "hosts" would hang
 # A host whose worker failed is blacklisted; without a cooldown it never comes back, even when the
 # discovery script lists it again (a drained host re-added, a spot node replaced). 10-300 s backoff.
+# Gloo's timeout is both how long the ranks wait on a dead peer and how long they wait, when a host is added,
+# for its new worker to start (ssh, Python, TensorFlow) and join; Gloo's 30 s default was too short for the
+# second on a busy machine (the grown job died with "Wait timeout after 30 seconds for key(s)"). 120 s unless
+# HOROVOD_GLOO_TIMEOUT_SECONDS says otherwise; a lost host then costs 2 minutes before the job goes on.
 cmd=("$HOROVODRUN" -np "$NP" --min-np "$min_np" --max-np "$max_np" --host-discovery-script "$discover_hosts"
-     --blacklist-cooldown-range 10 300)
+     --blacklist-cooldown-range 10 300 --gloo-timeout-seconds "${HOROVOD_GLOO_TIMEOUT_SECONDS:-120}")
 [ -n "$IFACE" ] && cmd+=(--network-interface "$IFACE")
 # As horovodrun.sh: a signal goes to the ranks on this host as SIGTERM, not to horovodrun, which would
 # kill them 5 s later. Each rank then exits 75 on its own; the driver counts that as a failure of every
