@@ -13,6 +13,7 @@ HOST_NAME_RULE="a host name is letters, digits, '.', '_' and '-', starting with 
 # Sets HOST and HOST_SLOTS (N >= 1), or HOST="" for a line with nothing on it; returns 1 for anything else.
 host_line() {
   local line="$1" name='([A-Za-z0-9][A-Za-z0-9._-]*)' slots='([1-9][0-9]*)' space='[[:space:]]*'
+  local LC_ALL=C  # ASCII ranges: in other locales [A-Za-z] may match accented letters
   HOST="" HOST_SLOTS=""
   if [ "$2" = discovery ]; then
     [ -n "$line" ] || return 0
