@@ -107,9 +107,11 @@ def test_an_elastic_job_survives_losing_a_host_and_grows_back(tmp_path, cluster,
             at = job.wait_for("[train] step ", after=at, timeout=timeout)
         logins_before = cluster.sshd_logs[n - 1].read_text().count("Accepted publickey")
         cluster.restore(n)
+        back = time.monotonic()
         job.hosts.write_text("".join(listing))
         at = job.wait_for(f"[train] {n} rank(s)", after=at, timeout=timeout)
         at = job.wait_for("[train] step ", after=at, timeout=timeout)
+        regrowth = time.monotonic() - back
         os.kill(job.proc.pid, signal.SIGTERM)
         status = job.proc.wait(timeout)
     finally:
@@ -118,8 +120,8 @@ def test_an_elastic_job_survives_losing_a_host_and_grows_back(tmp_path, cluster,
     assert status == 75, log[-3000:]
     summary = json.loads((job.model_dir / "summary.json").read_text())
     sizes, final = summary["steps_at_world_size"], summary["final_step"]
-    print(f"\n[cluster] elastic, {n} hosts: lost host {n} at step 5+, first step on {n - 1} ranks "
-          f"{recovery:.0f} s later; steps at each world size {sizes}")
+    print(f"\n[cluster] elastic, {n} hosts: lost host {n} after step 5, first step on {n - 1} ranks {recovery:.0f} s "
+          f"later; host back, first step on {n} ranks {regrowth:.0f} s later; steps at each world size {sizes}")
     assert set(sizes) == {str(n), str(n - 1)} and sum(sizes.values()) == final, sizes
     assert summary["world_size"] == n and summary["global_batch"] == n * (n - 1)
     assert summary["replicas_in_sync"] is True and summary["stopped_early"], summary
