@@ -50,12 +50,10 @@ class StallWatch:
         self.step = 0
         self.last_progress = None  # armed by the first step: tracing and compiling it take long on every rank
         self._stopped = threading.Event()
-        self._thread = None
 
     def start(self) -> "StallWatch":
         os.makedirs(self.directory, exist_ok=True)
-        self._thread = threading.Thread(target=self._watch, name="stall-watch", daemon=True)
-        self._thread.start()
+        threading.Thread(target=self._watch, name="stall-watch", daemon=True).start()
         return self
 
     def progress(self, step: int) -> None:
