@@ -12,9 +12,9 @@ TRAIN_PY="$ROOT/train.py"
 EX_TEMPFAIL=75  # train.py stopped early on a signal or --max_runtime_minutes, after checkpointing
 # A job in which one rank stops answering ends after this long without a finished step, naming the rank
 # (Horovod's stall shutdown, and train.py's heartbeat watch for a frozen rank, which Horovod's check cannot see).
-# 10 minutes: twice the slowest single-rank pause the paper's shape has (rank 0 writing its checkpoint, about 1.2 GB
-# of weights and Adam moments plus 1 GiB of RNN state, takes 4 minutes at 10 MB/s), and at most 10 minutes of
-# a 128-GPU allocation lost to a hung node rather than the rest of its time limit.
+# 10 minutes: over twice the slowest single-rank pause the paper's shape has (rank 0 writing its checkpoint,
+# about 1.2 GB of weights and Adam moments plus 1 GiB of RNN state, takes 4 minutes at 10 MB/s), and at most
+# 10 minutes of a 128-GPU allocation lost to a hung node rather than the rest of its time limit.
 STALL_SHUTDOWN_DEFAULT=600
 # shellcheck source=hosts.sh
 source "$ROOT/launch/hosts.sh"
