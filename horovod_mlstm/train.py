@@ -33,7 +33,7 @@ import tensorflow as tf
 from absl import app, logging
 
 from horovod_mlstm import checkpoint as state_files
-from horovod_mlstm import corpus, data, files, kernels, modeldir
+from horovod_mlstm import corpus, data, files, kernels, modeldir, stallwatch
 from horovod_mlstm import distributed as dist
 from horovod_mlstm.checkpoint import CheckpointError, CheckpointMismatch, Checkpointer
 from horovod_mlstm.data import ByteStreams
@@ -108,12 +108,15 @@ def run(cfg: TrainConfig, stop: StopRequest) -> dict | None:
     progress = Progress(first_step=state.current_step, history=history, last_checkpoint=restored,
                         resumed_from=restored)
     synced = model.variables + optimizer.variables + state.counters_list()
-    if cfg.elastic:
+    if cfg.elastic:  # lost workers are Horovod elastic's to handle
         dist.run_elastic(lambda elastic: train_loop(job, progress, elastic), synced, world_steps={},
                          job_token=checkpoints.token)
     else:
         dist.broadcast_variables(synced)  # rank 0's (restored or initial) state to every rank
+        job.watch = stallwatch.watch(cfg.model_dir, dist.rank(), dist.size())  # names a frozen rank
         train_loop(job, progress)
+        if job.watch:
+            job.watch.stop()
 
     # ---------------------------------------------------------------- summary
     steps_this_run = state.current_step - progress.first_step
@@ -374,6 +377,7 @@ class Job:
     eval_step: object
     stop: StopRequest
     writer: object  # TensorBoard
+    watch: stallwatch.StallWatch | None = None
 
 
 @dataclasses.dataclass
@@ -422,6 +426,8 @@ def train_loop(job: Job, progress: Progress, elastic=None) -> None:
         state.chars_seen.assign_add(job.streams.chars_per_step)
         world_steps[world] = world_steps.get(world, 0) + 1
         step = state.current_step
+        if job.watch:
+            job.watch.progress(step)
         guard(cfg, step, float(loss), bool(finite), window, progress)  # the same decision on every rank
         if dist.is_chief():
             with job.writer.as_default(step=step):
@@ -614,6 +620,11 @@ def main(argv):
         print("error: interrupted twice: stopped without checkpointing this step; the last checkpoint is intact "
               "and the same command resumes from it", file=sys.stderr)
         sys.exit(130)
+    except tf.errors.UnknownError as e:
+        if "Horovod has been shut down" not in e.message:
+            raise
+        sys.exit("error: Horovod shut the job down (a rank stalled past the stall shutdown time, left or failed; "
+                 "Horovod's lines above say which); the last checkpoint is intact and the same command resumes")
     except (MemoryError, tf.errors.ResourceExhaustedError):
         sys.exit(f"error: out of memory (hidden {cfg.hidden_size}, {cfg.batch_size_per_worker} x {cfg.seq_length} "
                  "per worker); lower --batch_size_per_worker or raise --backward_passes_per_step")
