@@ -26,7 +26,7 @@ test-fast: setup ## Run the unit tier, in the pytest process (minutes): what to 
 	$(PY) -m pytest -q -m unit tests
 
 N ?= 16
-cluster-test: setup ## N hosts (default 16) in network namespaces with sshd: launchers, MPI and Gloo; wall time and memory
+cluster-test: setup ## N hosts (default 16) in network namespaces with sshd: launchers, MPI, Gloo, elastic losing a host; times and memory
 	CLUSTER_HOSTS=$(N) $(PY) -m pytest -q -s tests/test_cluster.py
 
 train: setup ## Train the CPU demo model on the built-in corpus with 2 Horovod processes

@@ -43,10 +43,10 @@ from absl import app, flags
 from horovod_mlstm import checkpoint as ckpt_files
 from horovod_mlstm import corpus, distributed as dist, jobs, kernels
 from horovod_mlstm.data import ByteStreams
-from horovod_mlstm.metrics import xent
+from horovod_mlstm.metrics import lm_loss, xent
 from horovod_mlstm.model import PRECISIONS, ModelConfig, build_model, flops_per_char, set_precision
 from horovod_mlstm.records import write_corpus
-from horovod_mlstm.train import make_update
+from horovod_mlstm.update import make_update
 
 FLAGS = flags.FLAGS
 
@@ -582,10 +582,10 @@ def paper_measure(hidden: int, streams: int, seq: int, precision: str, micro_bat
     if precision == "mixed_float16":  # as in train.py
         optimizer = tf.keras.mixed_precision.LossScaleOptimizer(optimizer)
     optimizer.build(variables)
-    step = make_update(model, optimizer, micro_batches, clip_norm=1.0)  # train.py's update step
+    step = make_update(lm_loss(model), [(optimizer, variables)], micro_batches, clip_norm=1.0)  # train.py's
 
     def update(inputs, targets, h, c):
-        return step(inputs, targets, h, c, 0.0)[1]
+        return step({"inputs": inputs, "targets": targets, "h": h, "c": c}, 0.0)[1]
 
     rng = np.random.default_rng(0)
     inputs, targets = (tf.constant(rng.integers(0, 256, (streams, seq)), tf.int32) for _ in range(2))

@@ -3,8 +3,10 @@
 tf.train.CheckpointManager writes a checkpoint's files first and then atomically replaces
 the small `checkpoint` index that names the latest one, so a job killed mid-save still
 points at the previous complete checkpoint. If the newest checkpoint is damaged anyway
-(a truncated file on a flaky filesystem), restore says so in one line and falls back to
-the one before it. If the index itself is lost, the checkpoints are found by their files.
+(a truncated or missing file on a flaky filesystem), restore says so in one line and falls
+back to the one before it; any other failure (an I/O error, out of memory) stops with one
+line instead, since a fallback would later overwrite the newer checkpoint. If the index
+itself is lost, the checkpoints are found by their files.
 
 The RNN state of every stream is part of a checkpoint, but no rank holds all of it: each
 rank writes its own rows to MODEL_DIR/checkpoints/rnn_state-<step>/rows-<first>-<end>.npy
@@ -22,6 +24,8 @@ import shutil
 import numpy as np
 import tensorflow as tf
 from absl import logging
+
+from horovod_mlstm import files
 
 
 class CheckpointError(Exception):
@@ -55,10 +59,8 @@ def save_state_rows(directory: str, step: int, first_row: int, h: np.ndarray, c:
     folder = state_dir(directory, step)
     os.makedirs(folder, exist_ok=True)
     path = os.path.join(folder, f"rows-{first_row:09d}-{first_row + len(h):09d}.npy")
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "wb") as f:
+    with files.replace_whole(path, "wb") as f:
         np.save(f, np.stack([h, c]).astype(np.float32))
-    os.replace(tmp, path)
     return path
 
 
@@ -116,15 +118,29 @@ def clear_state(directory: str, step: int) -> None:
 
 # ---------------------------------------------------------------- model and optimizer checkpoints
 
+# What TensorFlow raises for a damaged or missing checkpoint file: a truncated .data file is an
+# IndexError, the rest are OpErrors whose message names the damage.
+_DAMAGE = re.compile(r"Read less bytes|checksum does not match|too short to be an sstable|not an sstable|corrupt|"
+                     r"No such file or directory|Data loss|truncated|bad magic|Unable to open table", re.IGNORECASE)
+
+
+def damaged(e: Exception) -> bool:
+    """The checkpoint's files are damaged or missing (fall back to an older one), as opposed to a failure of
+    the machine (I/O error, out of memory) that a fallback would hide."""
+    if isinstance(e, (tf.errors.DataLossError, tf.errors.NotFoundError, IndexError)):
+        return True
+    return isinstance(e, tf.errors.OpError) and not isinstance(e, tf.errors.ResourceExhaustedError) \
+        and bool(_DAMAGE.search(e.message))
+
+
 class Checkpointer:
-    """A CheckpointManager over `objects` in MODEL_DIR/checkpoints."""
+    """A CheckpointManager over `objects` in MODEL_DIR/checkpoints; `writer`: this process writes them."""
 
     def __init__(self, model_dir: str, keep: int = 3, writer: bool = True, **objects):
         self.directory = os.path.join(model_dir, "checkpoints")
         self.checkpoint = tf.train.Checkpoint(**objects)
         self.keep = keep
-        if writer:
-            self._recover_index()
+        self.writer = writer
 
     def _found_on_disk(self) -> list[str]:
         """Checkpoint prefixes whose files are complete (an .index is written last), oldest first."""
@@ -151,6 +167,8 @@ class Checkpointer:
         `check(path)` may raise CheckpointError to skip a checkpoint (e.g. incomplete RNN state), or
         CheckpointMismatch to stop.
         """
+        if self.writer:
+            self._recover_index()
         tried = []
         for path in self.candidates():
             try:
@@ -165,11 +183,16 @@ class Checkpointer:
             except CheckpointMismatch:
                 self._quiet_failed_restores()
                 raise
-            except Exception as e:  # a damaged file fails in many ways (DataLossError, IndexError, ...)
-                reason = str(e).strip().splitlines()[0][:200]
+            except Exception as e:  # a damaged file fails in many ways (IndexError, OpErrors of several kinds)
+                reason = (str(e).strip().splitlines() or [""])[0][:200]
                 if "incompatible tensor with shape" in reason:  # intact, but another architecture
                     self._quiet_failed_restores()
                     raise CheckpointError(f"checkpoint {path} does not fit the model config.json describes ({reason})") from None
+                if not damaged(e):
+                    self._quiet_failed_restores()
+                    raise CheckpointError(f"cannot restore {path}: {type(e).__name__}: {reason or 'no message'}; not "
+                                          "falling back to an older checkpoint, which would later overwrite it: fix "
+                                          "the cause and run again") from None
                 logging.warning("checkpoint %s is unreadable (%s); trying the previous one", path, reason)
                 tried.append(path)
         if tried:
@@ -199,18 +222,9 @@ class Checkpointer:
                 shutil.rmtree(temp, ignore_errors=True)
             raise CheckpointError(f"cannot write checkpoint {self.directory}/ckpt-{step}: {_reason(e)}") from None
 
-    def prune_states(self, also_keep: int | None = None) -> None:
-        """Removes RNN state folders no kept checkpoint (nor step `also_keep`) refers to."""
-        keep = {step_of(p) for p in self.candidates()} | {also_keep}
+    def prune_states(self, also_keep: tuple = ()) -> None:
+        """Removes RNN state folders no kept checkpoint (nor a step in `also_keep`) refers to."""
+        keep = {step_of(p) for p in self.candidates()} | set(also_keep)
         for folder in glob.glob(os.path.join(self.directory, "rnn_state-*")):
             if step_of(folder) not in keep:
                 shutil.rmtree(folder, ignore_errors=True)
-
-
-def latest_readable(model_dir: str, **objects) -> str:
-    """Restores `objects` (e.g. just the model) from MODEL_DIR for evaluation and inference."""
-    ckpt = Checkpointer(model_dir, writer=False, **objects)
-    path = ckpt.restore(expect_partial=True)
-    if path is None:
-        raise CheckpointError(f"no checkpoint in {ckpt.directory}")
-    return path

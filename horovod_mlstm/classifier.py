@@ -4,21 +4,34 @@
     probabilities = classifier.predict_proba(Featurizer(model_dir, **classifier.featurization).transform(texts))
 
 It lives below both CLIs so that they (and any other code) share one file format and one prediction.
+
+Two files make one classifier: classifier.npz (the arrays, read without pickle) and classifier.json
+(everything else). They are replaced one after the other, so they are tied together: the JSON holds
+the SHA-256 of the .npz, the .npz is written first and the JSON last, and `load` refuses a pair
+whose hash does not match (a fit that stopped between the two renames, or one file copied over).
+Version 1 files (written before that tie) are still read; a version-1 JSON beside a version-2 .npz
+is the half-replaced pair, refused like a mismatch.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import io
 import json
 import os
 
 import numpy as np
+from absl import logging
 
+from horovod_mlstm import files, modeldir
 from horovod_mlstm.textfiles import InputError
 
 FORMAT = "horovod_mlstm.classifier"
-VERSION = 1
+VERSION = 2  # 2: classifier.json holds the SHA-256 of classifier.npz
+READABLE_VERSIONS = (1, 2)
 JSON_NAME, WEIGHTS_NAME = "classifier.json", "classifier.npz"
+ARRAYS = ("coef", "intercept", "mean", "scale")
 
 
 @dataclasses.dataclass
@@ -41,13 +54,14 @@ class Classifier:
         return self.info["featurization"]
 
     def save(self, directory: str) -> str:
-        """Writes both files (each replaced whole, never half-written); returns the JSON's path."""
-        weights = os.path.join(directory, WEIGHTS_NAME)
-        with open(weights + ".tmp", "wb") as f:
-            np.savez(f, coef=self.coef, intercept=self.intercept, mean=self.mean, scale=self.scale)
-        os.replace(weights + ".tmp", weights)
-        return write_json(os.path.join(directory, JSON_NAME),
-                          {"format": FORMAT, "version": VERSION, "labels": self.labels, **self.info})
+        """Writes the weights, then the JSON that names them by hash (each replaced whole); returns the JSON's path."""
+        buffer = io.BytesIO()
+        np.savez(buffer, version=np.array(VERSION), **{k: getattr(self, k) for k in ARRAYS})
+        weights = buffer.getvalue()
+        files.write_bytes(os.path.join(directory, WEIGHTS_NAME), weights)
+        return files.write_json(os.path.join(directory, JSON_NAME),
+                                {"format": FORMAT, "version": VERSION, "labels": self.labels,
+                                 "weights_sha256": hashlib.sha256(weights).hexdigest(), **self.info})
 
     @classmethod
     def load(cls, path: str) -> "Classifier":
@@ -59,32 +73,48 @@ class Classifier:
                 meta = json.load(f)
         except FileNotFoundError:
             raise InputError(f"{path}: no such classifier file") from None
-        except (OSError, ValueError) as e:
+        except (OSError, ValueError, RecursionError) as e:
             raise InputError(f"{path}: not a classifier file ({e})") from None
         if not isinstance(meta, dict) or meta.get("format") != FORMAT:
             raise InputError(f"{path}: not a {FORMAT} file")
-        if meta.get("version") != VERSION:
-            raise InputError(f"{path}: classifier format version {meta.get('version')}, this horovod_mlstm reads "
-                             f"version {VERSION}; refit it with transfer")
-        weights = os.path.join(os.path.dirname(path), WEIGHTS_NAME)
+        version = meta.pop("version", None)
+        if version not in READABLE_VERSIONS:
+            raise InputError(f"{path}: classifier format version {version}, this horovod_mlstm reads versions "
+                             f"{' and '.join(map(str, READABLE_VERSIONS))}; refit it with transfer")
+        weights_path = os.path.join(os.path.dirname(path), WEIGHTS_NAME)
         try:
-            with np.load(weights, allow_pickle=False) as arrays:
-                coef, intercept, mean, scale = (arrays[k] for k in ("coef", "intercept", "mean", "scale"))
+            with open(weights_path, "rb") as f:
+                weights = f.read()
+        except OSError as e:
+            raise InputError(f"{weights_path}: unreadable classifier weights ({e.strerror or e})") from None
+        recorded = meta.pop("weights_sha256", None)
+        if version >= 2 and hashlib.sha256(weights).hexdigest() != recorded:
+            raise InputError(f"{weights_path} is not the weights {path} was saved with (its SHA-256 differs: a fit "
+                             "stopped between writing the two, or one was copied over); refit with transfer")
+        try:
+            with np.load(io.BytesIO(weights), allow_pickle=False) as arrays:
+                weights_version = int(arrays["version"]) if "version" in arrays.files else 1
+                coef, intercept, mean, scale = (arrays[k] for k in ARRAYS)
         except (OSError, KeyError, ValueError) as e:
-            raise InputError(f"{weights}: unreadable classifier weights ({e})") from None
-        labels = meta.pop("labels")
-        for key in ("format", "version"):
-            meta.pop(key)
+            raise InputError(f"{weights_path}: unreadable classifier weights ({e})") from None
+        if weights_version != version:
+            raise InputError(f"{weights_path} (version {weights_version}) is not the weights {path} (version "
+                             f"{version}) was saved with: a fit stopped between writing the two; refit with transfer")
+        if version == 1:
+            logging.warning("%s is classifier format version 1, whose weights file is not tied to it by hash; "
+                            "refit with transfer to have that checked", path)
+        labels = meta.pop("labels", None)
+        if not isinstance(labels, list) or len(labels) < 2:
+            raise InputError(f"{path}: no labels (a classifier file lists its two or more labels)")
+        meta.pop("format")
         return cls(labels, coef, intercept, mean, scale, meta)
 
     def check(self, featurizer) -> None:
         """Features from another checkpoint or featurisation would be silently meaningless: refuse them."""
-        from horovod_mlstm.inference import describe_checkpoint, same_checkpoint
-
         fitted, given = {**self.info["checkpoint"], "model_dir": self.info["model_dir"]}, featurizer.identity()
-        if not same_checkpoint(fitted, given):
-            raise InputError(f"the classifier was fitted on features of {describe_checkpoint(fitted)}, "
-                             f"not of {describe_checkpoint(given)}")
+        if not modeldir.same_weights(fitted, given):
+            raise InputError(f"the classifier was fitted on features of {modeldir.describe(fitted)}, "
+                             f"not of {modeldir.describe(given)}")
         if featurizer.settings != self.featurization:
             raise InputError(f"the classifier was fitted on features made with {self.featurization}, "
                              f"not {featurizer.settings}")
@@ -103,11 +133,3 @@ class Classifier:
 
     def predict(self, features: np.ndarray) -> np.ndarray:
         return np.array(self.labels)[np.argmax(self.predict_proba(features), axis=1)]
-
-
-def write_json(path: str, value) -> str:
-    """Replaces PATH whole with VALUE as JSON, so a crash never leaves half a file."""
-    with open(path + ".tmp", "w") as f:
-        json.dump(value, f, indent=2)
-    os.replace(path + ".tmp", path)
-    return path

@@ -6,6 +6,7 @@ Started with `horovodrun -np N` (or mpirun) there are N ranks; started as a plai
 
 from __future__ import annotations
 
+import hashlib
 import os
 
 import tensorflow as tf
@@ -120,15 +121,23 @@ def agree(error: Exception | None) -> None:
         raise first
 
 
-def replicas_agree(variables) -> bool:
-    """True when every rank holds bit-identical values (compares per-variable fingerprints)."""
-    def fingerprint(v):  # position-weighted mean: catches swapped as well as changed values
-        flat = tf.reshape(tf.cast(v, tf.float64), [-1])
-        return tf.reduce_sum(flat * tf.range(1.0, tf.cast(tf.size(flat) + 1, tf.float64), dtype=tf.float64)) / tf.cast(tf.size(flat), tf.float64)
+def agree_on(settings: dict) -> None:
+    """Raises ValueError on every rank, naming the settings whose values differ between ranks: ranks
+    that disagree on, say, --train_steps would hang in a collective one of them never reaches."""
+    every = hvd.allgather_object(settings) if hvd.size() > 1 else [settings]
+    differ = [k for k in settings if any(other.get(k) != settings[k] for other in every)]
+    if differ:
+        raise ValueError("the ranks were started with different settings: " + "; ".join(
+            f"--{k} is " + ", ".join(f"{other.get(k)!r} on rank {r}" for r, other in enumerate(every)) for k in differ))
 
-    mine = tf.stack([fingerprint(v) for v in variables])
-    every = hvd.allgather(mine[None])
-    return bool(tf.reduce_all(tf.equal(every, every[0])))
+
+def replicas_identical(variables) -> bool:
+    """True when every rank holds exactly the same bytes in every variable (a SHA-256 of them all)."""
+    digest = hashlib.sha256()
+    for v in variables:
+        digest.update(v.numpy().tobytes())
+    every = hvd.allgather_object(digest.hexdigest()) if hvd.size() > 1 else [digest.hexdigest()]
+    return len(set(every)) == 1
 
 
 def broadcast_variables(variables) -> None:

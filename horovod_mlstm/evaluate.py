@@ -9,63 +9,51 @@ same layout whatever the number of ranks, so the result does not depend on it.
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 import time
 
 from absl import app, flags
 
-from horovod_mlstm import data, distributed as dist
+from horovod_mlstm import data, distributed as dist, files
 from horovod_mlstm.checkpoint import CheckpointError
-from horovod_mlstm.flags import BUILTIN_DATA_DIR, define_common
+from horovod_mlstm.flags import CommonConfig, define_common
 from horovod_mlstm.inference import load_trained_model
 from horovod_mlstm.metrics import bpc_and_chars
 from horovod_mlstm.records import SPLITS, DataError
-
-
-def check_writable(path: str) -> None:
-    """Fails before the work, not after it, when the result cannot be written."""
-    directory = os.path.dirname(os.path.abspath(path))
-    if os.path.isdir(path):
-        raise ValueError(f"--output {path} is a directory")
-    if not os.path.isdir(directory):
-        raise ValueError(f"--output {path}: directory {directory} does not exist")
-    if not os.access(path if os.path.exists(path) else directory, os.W_OK):
-        raise ValueError(f"--output {path} is not writable")
 
 
 def main(argv):
     FLAGS = flags.FLAGS
     if len(argv) > 1:
         sys.exit(f"error: unexpected arguments {argv[1:]}")
-    if FLAGS.batch_size_per_worker < 1 or FLAGS.seq_length < 1:
-        sys.exit("error: --batch_size_per_worker and --seq_length must be at least 1")
-    dist.init(FLAGS.intra_op_threads, FLAGS.inter_op_threads)
-    data_dir = FLAGS.data_dir or BUILTIN_DATA_DIR
-    output = FLAGS.output or os.path.join(FLAGS.model_dir, f"eval_{FLAGS.split}.json")
-    rows = FLAGS.batch_size_per_worker
+    try:
+        common = CommonConfig.from_flags()
+    except ValueError as e:
+        sys.exit(f"error: {e}")
+    dist.init(common.intra_op_threads, common.inter_op_threads)
+    data_dir = common.data_path
+    output = FLAGS.output or os.path.join(common.model_dir, f"eval_{FLAGS.split}.json")
+    rows = common.batch_size_per_worker
     try:
         if dist.is_chief():
-            check_writable(output)
-        model = load_trained_model(FLAGS.model_dir)
-        streams = data.split_streams(data_dir, FLAGS.split, rows * dist.size(), FLAGS.seq_length,
+            files.check_writable(output, "--output")
+        model = load_trained_model(common.model_dir)
+        streams = data.split_streams(data_dir, FLAGS.split, rows * dist.size(), common.seq_length,
                                      dist.rank() * rows, rows)
     except (CheckpointError, DataError, FileNotFoundError, ValueError) as e:
         sys.exit(f"error: {e}")
     start = time.time()
     bpc, scored = bpc_and_chars(model, streams)
     total = data.split_bytes(data_dir, FLAGS.split)
-    result = {"model_dir": FLAGS.model_dir, "data_dir": data_dir, "split": FLAGS.split, "bpc": bpc,
+    result = {"model_dir": common.model_dir, "data_dir": data_dir, "split": FLAGS.split, "bpc": bpc,
               "bytes_scored": scored, "bytes_in_split": total, "ranks": dist.size(),
               "seconds": time.time() - start}
     if dist.is_chief():
         print(f"[evaluate] {FLAGS.split}: {bpc:.4f} bits per character over {scored:,} of {total:,} bytes "
               f"({dist.size()} rank(s))", flush=True)
         try:
-            with open(output + ".tmp", "w") as f:
-                json.dump(result, f, indent=2)
-            os.replace(output + ".tmp", output)
+            files.write_json(output, result)
         except OSError as e:
             sys.exit(f"error: cannot write {output}: {e.strerror} (the result is printed above)")
         print(f"[evaluate] written to {output}", flush=True)

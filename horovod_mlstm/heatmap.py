@@ -9,7 +9,6 @@ last byte. Colours are diverging and centred at 0. Both visualize (a text given)
 
 from __future__ import annotations
 
-import os
 import re
 import warnings
 
@@ -17,6 +16,7 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
+from horovod_mlstm import files
 from horovod_mlstm.inference import encode
 from horovod_mlstm.records import DOC_END
 
@@ -127,21 +127,17 @@ def draw(text: str, values: np.ndarray, path: str, label: str, title: str = "", 
         ax.set_title(title, fontsize=11, loc="left")
     bar_ax = fig.add_axes([left / fig_w, bottom / fig_h, bar_w / fig_w, bar_h / fig_h])
     fig.colorbar(image, cax=bar_ax, orientation="horizontal").set_label(label, fontsize=10)
-    partial = f"{path}.partial.png"
     try:
-        with warnings.catch_warnings(record=True) as caught:
+        with warnings.catch_warnings(record=True) as caught, files.replace_whole(path, "wb") as f:
             warnings.simplefilter("always")
-            fig.savefig(partial, dpi=110, format="png", bbox_inches="tight", pad_inches=0.15)  # a long title fits
+            fig.savefig(f, dpi=110, format="png", bbox_inches="tight", pad_inches=0.15)  # a long title fits
         missing = {str(w.message).split("(")[0].strip() for w in caught if "missing from" in str(w.message)}
         if missing:
             logging.warning("%d characters have no glyph in %s and show as boxes", len(missing), FONT)
-        os.replace(partial, path)
     except OSError as e:
         raise HeatmapError(f"cannot write {path}: {e.strerror or e}") from None
     finally:
         plt.close(fig)
-        if os.path.exists(partial):
-            os.remove(partial)
 
 
 def write_heatmap(model, data: bytes, unit: int, path: str, sign: float = 1.0, title: str = "",
@@ -161,16 +157,10 @@ def write_heatmap(model, data: bytes, unit: int, path: str, sign: float = 1.0, t
 
 
 def check_output(path: str, what: str) -> None:
-    """Before any work: a .png path that is not a directory, in a directory that exists and is writable."""
-    directory = os.path.dirname(os.path.abspath(path))
+    """Before any work: a .png path that can be written (files.NotWritable otherwise)."""
     if not path.lower().endswith(".png"):
         raise HeatmapError(f"{what} {path} must end in .png (the heatmap is a PNG)")
-    if os.path.isdir(path):
-        raise HeatmapError(f"{what} {path} is a directory")
-    if not os.path.isdir(directory):
-        raise HeatmapError(f"{what} {path}: directory {directory} does not exist")
-    if not os.access(directory, os.W_OK):
-        raise HeatmapError(f"{what} {path}: directory {directory} is not writable")
+    files.check_writable(path, what)
 
 
 def check_length(characters: int, what: str) -> None:

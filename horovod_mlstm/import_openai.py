@@ -17,15 +17,14 @@ and an existing model is never overwritten.
 from __future__ import annotations
 
 import os
-import shutil
 import sys
-import tempfile
 
 import numpy as np
 from absl import app, flags
 
 from horovod_mlstm import distributed as dist
-from horovod_mlstm.checkpoint import Checkpointer
+from horovod_mlstm import modeldir
+from horovod_mlstm.checkpoint import CheckpointError
 from horovod_mlstm.flags import define_common
 from horovod_mlstm.model import VOCAB_SIZE, ModelConfig, build_model
 
@@ -131,25 +130,15 @@ def assign(model, arrays: list[np.ndarray]) -> None:
 
 
 def import_release(npy_dir: str, model_dir: str) -> ModelConfig:
-    """Writes the release in npy_dir as a new model_dir that inference.load_trained_model restores."""
+    """Writes the release in npy_dir as a new model_dir that modeldir.load restores."""
     check_target(model_dir)
     config, arrays = read_release(npy_dir)
-    parent = os.path.dirname(os.path.abspath(model_dir))
-    try:
-        os.makedirs(parent, exist_ok=True)
-        staging = tempfile.mkdtemp(prefix=f".{os.path.basename(os.path.abspath(model_dir))}.import-", dir=parent)
-    except OSError as e:
-        raise ReleaseError(f"cannot create {model_dir}: {e.strerror or e}") from None
-    try:
-        model = build_model(config)
-        assign(model, arrays)
-        config.save(staging)
-        Checkpointer(staging, model=model).save(0)
-        os.rename(staging, model_dir)  # replaces an empty directory; fails (not overwrites) if one appeared
-    except OSError as e:
-        raise ReleaseError(f"cannot write {model_dir}: {e.strerror or e}") from None
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)  # gone already after a successful rename
+    model = build_model(config)
+    assign(model, arrays)
+    try:  # built beside model_dir and renamed into place: it replaces an empty directory, never a full one
+        modeldir.write_model(model_dir, model, 0, replace=False)
+    except (OSError, CheckpointError) as e:
+        raise ReleaseError(f"cannot write {model_dir}: {getattr(e, 'strerror', None) or e}") from None
     return config
 
 

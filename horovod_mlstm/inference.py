@@ -1,57 +1,33 @@
-"""The one loader and the one featuriser shared by evaluate, generate, transfer and classify."""
+"""The one featuriser shared by transfer, classify and the transfer suite (and the loader evaluate,
+generate and visualize call): texts -> one feature vector each, read by a trained model.
+
+Texts stream through in windows of `window` texts: each window is sorted by length and cut into
+batches, so a batch pads little, and its features come back in input order. Memory is bounded by
+the window (its texts and their features), not by how many texts there are.
+"""
 
 from __future__ import annotations
 
-import hashlib
 import html
-import os
+import itertools
+from collections.abc import Callable, Collection, Iterable, Iterator
 
 import numpy as np
 import tensorflow as tf
 from absl import flags
 
-from horovod_mlstm.checkpoint import latest_readable
-from horovod_mlstm.model import LanguageModel, ModelConfig, build_model
+from horovod_mlstm import modeldir
+from horovod_mlstm.model import LanguageModel
 from horovod_mlstm.records import DOC_END, clean
 
 READOUTS = ("final_cell", "final_hidden", "mean_hidden", "max_hidden")
-CHECKPOINT_KEYS = ("checkpoint", "index_sha256", "config_sha256")  # what names the weights, wherever they are
-
-
-def _restore(model_dir: str) -> tuple[LanguageModel, str]:
-    model = build_model(ModelConfig.load(model_dir))
-    return model, latest_readable(model_dir, model=model)
+AUTO = "auto"  # transfer: every readout, the one best on validation kept
+WINDOW_BATCHES = 16  # texts sorted by length together: this many batches' worth
 
 
 def load_trained_model(model_dir: str) -> LanguageModel:
-    """Rebuilds the model from MODEL_DIR/config.json (with its precision) and restores its weights."""
-    return _restore(model_dir)[0]
-
-
-def file_sha256(path: str) -> str:
-    """The SHA-256 of a file, hex: what names checkpoints, inputs and caches."""
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
-
-
-def checkpoint_identity(model_dir: str, checkpoint: str) -> dict:
-    """What features depend on: the checkpoint's name and hashes of its .index and of config.json.
-
-    The .index file lists every variable's shape and the checksum of its saved bytes, so its
-    hash changes with any weight; hashing it is cheap even for a 4096-unit model.
-    """
-    return {"model_dir": os.path.abspath(model_dir), "checkpoint": os.path.basename(checkpoint),
-            "index_sha256": file_sha256(checkpoint + ".index"),
-            "config_sha256": file_sha256(os.path.join(model_dir, "config.json"))}
-
-
-def same_checkpoint(a: dict, b: dict) -> bool:
-    """Two identities name the same weights (wherever the model dir has been moved to)."""
-    return all(a.get(k) == b.get(k) for k in CHECKPOINT_KEYS)
-
-
-def describe_checkpoint(identity: dict) -> str:
-    return f"{identity.get('model_dir')} ({identity.get('checkpoint')}, index {str(identity.get('index_sha256'))[:12]})"
+    """The model MODEL_DIR holds (config.json, with its precision), restored from its newest readable checkpoint."""
+    return modeldir.load(model_dir)[0]
 
 
 def project_prep(text: str) -> str:
@@ -82,23 +58,32 @@ def is_empty(text: str, text_prep: str = "project") -> bool:
     return not TEXT_PREPS[text_prep][0](text)
 
 
-def define_featurizer_flags(defaults: bool) -> None:
-    """--text_prep and --readout; without defaults (classify) they come from the classifier file."""
-    flags.DEFINE_enum("text_prep", "project" if defaults else None, list(TEXT_PREPS),
+def define_featurizer_flags(fitting: bool) -> None:
+    """--text_prep and --readout. Fitting (transfer) has defaults and --readout auto; classify has neither:
+    its featurisation comes from the classifier file."""
+    flags.DEFINE_enum("text_prep", "project" if fitting else None, list(TEXT_PREPS),
                       "project: cleaned like training documents, after a document end; radford: OpenAI's "
                       "encoder (HTML-unescaped, newlines to spaces, stripped, framed as '\\n ' + text + ' ').")
-    flags.DEFINE_enum("readout", "final_cell" if defaults else None, list(READOUTS),
+    flags.DEFINE_enum("readout", AUTO if fitting else None, [*READOUTS, AUTO] if fitting else list(READOUTS),
                       "Feature of a text: the final cell or hidden state, or the mean or max of the hidden "
-                      "states over its bytes.")
+                      "states over its bytes" + ("; auto: each of them fitted, the one with the best validation "
+                                                 "accuracy kept." if fitting else "."))
+
+
+def windows(items: Iterable, size: int) -> Iterator[list]:
+    """Consecutive lists of SIZE items (the last may be shorter)."""
+    items = iter(items)
+    while window := list(itertools.islice(items, size)):
+        yield window
 
 
 class Featurizer:
     """Texts -> one feature vector each, read by a trained model.
 
-    Texts are sorted by length and batched, so a batch pads little; a mask keeps each row's
-    state fixed after its last byte and keeps padding out of the mean and max. Long batches go
-    through in `chunk`-byte pieces with the state carried, so memory stays bounded whatever the
-    text length.
+    Within a window texts are sorted by length and batched; a mask keeps each row's state fixed
+    after its last byte and keeps padding out of the mean and max. A batch goes through in
+    `chunk`-byte pieces with the state carried, padded one piece at a time, so memory stays
+    bounded whatever the text length.
     """
 
     def __init__(self, model_dir: str, text_prep: str = "project", readout: str = "final_cell",
@@ -111,7 +96,8 @@ class Featurizer:
             raise ValueError(f"batch size and chunk must be at least 1, got {batch_size} and {chunk}")
         self.model_dir, self.text_prep, self.readout = model_dir, text_prep, readout
         self.batch_size, self.chunk = batch_size, chunk
-        self.model, self.checkpoint = _restore(model_dir)
+        self.window = batch_size * WINDOW_BATCHES
+        self.model, self.checkpoint = modeldir.load(model_dir)
         n = self.model.config.hidden_size
         self._step = tf.function(self._read, input_signature=[
             tf.TensorSpec([None, None], tf.int32), tf.TensorSpec([None, n], tf.float32),
@@ -124,7 +110,7 @@ class Featurizer:
         return {"text_prep": self.text_prep, "readout": self.readout}
 
     def identity(self) -> dict:
-        return checkpoint_identity(self.model_dir, self.checkpoint)
+        return modeldir.identity(self.model_dir, self.checkpoint)
 
     def _read(self, x, h, c, mask, total, peak):
         """One chunk: the carried state, and the running sum and max of hidden states over real bytes."""
@@ -135,36 +121,56 @@ class Featurizer:
         peak = tf.maximum(peak, tf.reduce_max(tf.where(real, hs, -np.inf), axis=1))
         return h, c, total, peak
 
-    def transform(self, texts: list[str], progress=None) -> np.ndarray:
-        """[len(texts), hidden] float32 features; `progress(n)` is called after each batch of n texts."""
-        return self.transform_all(texts, progress)[self.readout]
-
-    def transform_all(self, texts: list[str], progress=None) -> dict[str, np.ndarray]:
-        """{readout: [len(texts), hidden] float32} for every readout, from one pass over the texts.
-
-        Comparing readouts (or caching them) then costs one read of the texts, not four.
-        """
-        encoded = [np.frombuffer(encode(t, self.text_prep), np.uint8) for t in texts]
-        order = np.argsort([len(e) for e in encoded], kind="stable")
+    def _batch(self, encoded: list[bytes]) -> dict[str, np.ndarray]:
+        """Every readout of one batch of encoded texts."""
+        lengths = np.array([len(e) for e in encoded])
+        flat = np.frombuffer(b"".join(encoded), np.uint8)
+        starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
         n = self.model.config.hidden_size
-        out = {r: np.zeros([len(texts), n], np.float32) for r in READOUTS}
-        for first in range(0, len(order), self.batch_size):
-            rows = order[first:first + self.batch_size]
-            lengths = np.array([len(encoded[i]) for i in rows])
-            padded = np.zeros([len(rows), lengths.max()], np.int32)
-            mask = np.arange(lengths.max())[None, :] < lengths[:, None]
-            for r, i in enumerate(rows):
-                padded[r, :lengths[r]] = encoded[i]
-            h, c = self.model.zero_state(len(rows))
-            total = tf.zeros([len(rows), n])
-            peak = tf.fill([len(rows), n], -np.inf)
-            for t in range(0, lengths.max(), self.chunk):
-                h, c, total, peak = self._step(padded[:, t:t + self.chunk], h, c, mask[:, t:t + self.chunk],
-                                               total, peak)
-            batch = {"final_cell": c, "final_hidden": h, "mean_hidden": total / lengths[:, None].astype(np.float32),
-                     "max_hidden": peak}
-            for readout, values in batch.items():
-                out[readout][rows] = values.numpy()
-            if progress:
-                progress(len(rows))
+        h, c = self.model.zero_state(len(encoded))
+        total, peak = tf.zeros([len(encoded), n]), tf.fill([len(encoded), n], -np.inf)
+        for t in range(0, lengths.max(), self.chunk):
+            positions = np.arange(t, min(t + self.chunk, lengths.max()))
+            mask = positions[None, :] < lengths[:, None]
+            x = np.where(mask, flat[np.where(mask, starts[:, None] + positions[None, :], 0)], 0).astype(np.int32)
+            h, c, total, peak = self._step(x, h, c, mask, total, peak)
+        return {"final_cell": c.numpy(), "final_hidden": h.numpy(),
+                "mean_hidden": (total / lengths[:, None].astype(np.float32)).numpy(), "max_hidden": peak.numpy()}
+
+    def stream(self, texts: Iterable[str], readouts: Collection[str] = READOUTS,
+               progress: Callable[[int], None] | None = None) -> Iterator[dict[str, np.ndarray]]:
+        """{readout: [texts in the window, hidden] float32} for each window of texts, in input order.
+
+        `progress(n)` is called after each batch of n texts.
+        """
+        for window in windows(texts, self.window):
+            encoded = [encode(t, self.text_prep) for t in window]
+            order = np.argsort([len(e) for e in encoded], kind="stable")
+            out = {r: np.empty([len(window), self.model.config.hidden_size], np.float32) for r in readouts}
+            for first in range(0, len(order), self.batch_size):
+                rows = order[first:first + self.batch_size]
+                batch = self._batch([encoded[i] for i in rows])
+                for readout in readouts:
+                    out[readout][rows] = batch[readout]
+                if progress:
+                    progress(len(rows))
+            yield out
+
+    def transform_all(self, texts: Collection[str], progress: Callable[[int], None] | None = None,
+                      readouts: Collection[str] = READOUTS) -> dict[str, np.ndarray]:
+        """{readout: [len(texts), hidden] float32} for the given readouts (every one by default), from one
+        pass over TEXTS (any collection that can be iterated, e.g. a list or a file's column)."""
+        out = {r: np.empty([len(texts), self.model.config.hidden_size], np.float32) for r in readouts}
+        done = 0
+        for part in self.stream(texts, readouts, progress):
+            size = len(next(iter(part.values())))
+            for readout in readouts:
+                out[readout][done:done + size] = part[readout]
+            done += size
+        if done != len(texts):
+            raise ValueError(f"read {done} texts, expected {len(texts)} (did the input change while it was read?)")
         return out
+
+    def transform(self, texts: Collection[str], progress: Callable[[int], None] | None = None) -> np.ndarray:
+        """[len(texts), hidden] float32 features of this featuriser's readout."""
+        return self.transform_all(texts, progress, (self.readout,))[self.readout]

@@ -52,25 +52,43 @@ def run_dir(out_dir: str, name: str, settings: list[str], np: int = 1) -> str:
     return os.path.join(out_dir, f"{name}_{digest}")
 
 
+def read_summary(model_dir: str) -> dict | None:
+    """MODEL_DIR/summary.json with null BPCs read as NaN (it writes non-finite numbers as null), or None."""
+    try:
+        with open(os.path.join(model_dir, "summary.json")) as f:
+            return json.load(f, object_hook=lambda d: {k: float("nan") if v is None and "bpc" in k else v
+                                                       for k, v in d.items()})
+    except FileNotFoundError:
+        return None
+
+
+def finished(summary: dict | None) -> bool:
+    """The run reached its --train_steps: not stopped early by a signal or --max_runtime_minutes (whose
+    summary.json train.py also writes, with stopped_early set)."""
+    return bool(summary) and summary.get("stopped_early") is None and \
+        summary["final_step"] >= summary.get("train_steps", summary["final_step"])
+
+
 def run_once(out_dir: str, name: str, settings: list[str], run_args: list[str], announce: str, np: int = 1,
              controller: str = "gloo", hostfile: str = "") -> tuple[str, dict, bool]:
     """A job named by what decides its result, trained only if it has not finished before:
     (its model_dir, its summary.json with null BPCs read as NaN, whether it was reused).
 
     The directory is OUT_DIR/NAME_<digest of SETTINGS and np>, so an experiment run again trains
-    nothing it already has. RUN_ARGS (logging, checkpoint cadence, threads) do not change the
-    result and stay out of the digest; --model_dir comes after SETTINGS, so it overrides a
-    flagfile's. ANNOUNCE is printed, in one write (runs may start concurrently), before training.
+    nothing it already has, and a run that stopped early resumes from its checkpoint. RUN_ARGS
+    (logging, checkpoint cadence, threads) do not change the result and stay out of the digest;
+    --model_dir comes after SETTINGS, so it overrides a flagfile's. ANNOUNCE is printed, in one
+    write (runs may start concurrently), before training.
     """
     model_dir = run_dir(out_dir, name, settings, np)
-    summary_path = os.path.join(model_dir, "summary.json")
-    reused = os.path.exists(summary_path)
+    reused = finished(read_summary(model_dir))
     if not reused:
         print(announce + "\n", end="", flush=True)
         run([*settings, f"--model_dir={model_dir}", *run_args], np, controller, hostfile)
-    with open(summary_path) as f:  # summary.json writes a non-finite BPC as null
-        summary = json.load(f, object_hook=lambda d: {k: float("nan") if v is None and "bpc" in k else v
-                                                      for k, v in d.items()})
+    summary = read_summary(model_dir)
+    if not finished(summary):
+        raise JobError(f"train.py --model_dir={model_dir} ended without reaching its steps "
+                       f"(stopped early: {(summary or {}).get('stopped_early')}); run the experiment again to resume it")
     return model_dir, summary, reused
 
 

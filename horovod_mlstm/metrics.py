@@ -18,6 +18,15 @@ def xent(targets, logits):
     return tf.nn.sparse_softmax_cross_entropy_with_logits(labels=targets, logits=logits)
 
 
+def lm_loss(model):
+    """loss(inputs, targets, h, c) -> (mean next-byte loss in nats, (h, c) after the batch): what training minimises."""
+    def loss(inputs, targets, h, c):
+        logits, (h, c) = model(inputs, (h, c))
+        return tf.reduce_mean(xent(targets, logits)), (h, c)
+
+    return loss
+
+
 def make_eval_step(model):
     @tf.function
     def eval_step(inputs, targets, h, c):

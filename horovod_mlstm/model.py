@@ -24,8 +24,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
-import os
 
 import tensorflow as tf
 from tensorflow.python.ops import control_flow_util  # XLA context test (no public API in TF 2.15)
@@ -37,7 +35,7 @@ VOCAB_SIZE = 256  # bytes
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-    """Architecture of a saved model; written to MODEL_DIR/config.json so tools can rebuild it."""
+    """Architecture of a model; a model dir keeps it as config.json (modeldir.py) so tools can rebuild it."""
 
     hidden_size: int = 4096
     embed_size: int = 64
@@ -49,23 +47,6 @@ class ModelConfig:
             raise ValueError(f"hidden_size and embed_size must be positive, got {self}")
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {sorted(PRECISIONS)}, got {self.precision!r}")
-
-    def save(self, model_dir: str) -> None:
-        tmp = os.path.join(model_dir, "config.json.tmp")
-        with open(tmp, "w") as f:
-            json.dump(dataclasses.asdict(self), f, indent=2)
-        os.replace(tmp, os.path.join(model_dir, "config.json"))
-
-    @classmethod
-    def load(cls, model_dir: str) -> "ModelConfig":
-        path = os.path.join(model_dir, "config.json")
-        if not os.path.exists(path):
-            raise FileNotFoundError(f"no trained model in {model_dir!r} (missing config.json)")
-        try:
-            with open(path) as f:
-                return cls(**json.load(f))
-        except (json.JSONDecodeError, TypeError) as e:  # half-written, hand-edited or foreign
-            raise ValueError(f"{path} is not a model config written by train.py ({e})") from None
 
 
 # Keras mixed-precision policy name for each --precision value.

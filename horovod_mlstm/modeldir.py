@@ -34,7 +34,11 @@ IDENTITY_KEYS = ("checkpoint", "index_sha256", "config_sha256")  # what names th
 
 
 class ModelDirBusy(CheckpointError):
-    """Another live job holds the model dir's lock."""
+    """Another live process holds the model dir's lock; `token` names the job it belongs to."""
+
+    def __init__(self, message: str, token: str = ""):
+        super().__init__(message)
+        self.token = token
 
 
 # ---------------------------------------------------------------- config
@@ -85,8 +89,9 @@ class Lock:
         self.path = os.path.join(model_dir, LOCK)
         self.file = None
 
-    def acquire(self) -> "Lock":
-        """Takes the lock or raises ModelDirBusy naming the holder (host, pid, since when, command)."""
+    def acquire(self, token: str = "") -> "Lock":
+        """Takes the lock for the job named TOKEN, or raises ModelDirBusy naming the holder (host, pid,
+        since when, command) and carrying its job's token."""
         f = open(self.path, "a+")
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -95,16 +100,16 @@ class Lock:
             holder = f.read().strip()
             f.close()
             try:
-                who = json.loads(holder)
-                who = (f"pid {who['pid']} on {who['host']} since {who['since']} "
-                       f"({who['command'][:120]})")
+                holder = json.loads(holder)
+                who = f"pid {holder['pid']} on {holder['host']} since {holder['since']} ({holder['command'][:120]})"
             except (ValueError, KeyError, TypeError):
-                who = "another process"
-            raise ModelDirBusy(f"{os.path.dirname(self.path)} is in use by {who}; two jobs must not train one "
-                               "--model_dir (stop that job first, or use another --model_dir)") from None
+                holder, who = {}, "another process"
+            raise ModelDirBusy(f"--model_dir {os.path.dirname(self.path)} is in use by {who}; two jobs must not "
+                               "train one model dir (stop that job first, or use another --model_dir)",
+                               holder.get("job", "")) from None
         f.seek(0)
         f.truncate()
-        f.write(json.dumps({"host": socket.gethostname(), "pid": os.getpid(),
+        f.write(json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "job": token,
                             "since": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
                             "command": " ".join(sys.argv)}))
         f.flush()
@@ -119,10 +124,12 @@ class Lock:
 
 # ---------------------------------------------------------------- writing and reading whole models
 
-def write_model(model_dir: str, model: LanguageModel, step: int, info_file: str = "", info: dict | None = None) -> str:
+def write_model(model_dir: str, model: LanguageModel, step: int, info_file: str = "", info: dict | None = None,
+                replace: bool = True) -> str:
     """Writes MODEL_DIR whole: config.json, one checkpoint of the model alone at STEP, and INFO as
     INFO_FILE (e.g. milestone.json). It is built beside MODEL_DIR and renamed into place, so a reader
-    never finds half of it; a model dir already there is replaced."""
+    never finds half of it. A model dir already there is replaced, or with replace=False the rename
+    fails (OSError) unless MODEL_DIR is missing or empty."""
     parent = os.path.dirname(os.path.abspath(model_dir))
     os.makedirs(parent, exist_ok=True)
     staging = tempfile.mkdtemp(prefix=f".{os.path.basename(os.path.abspath(model_dir))}.", dir=parent)
@@ -131,7 +138,7 @@ def write_model(model_dir: str, model: LanguageModel, step: int, info_file: str 
         Checkpointer(staging, keep=1, model=model).save(step)
         if info_file:
             files.write_json(os.path.join(staging, info_file), info or {})
-        if os.path.exists(model_dir):
+        if replace and os.path.exists(model_dir):
             shutil.rmtree(model_dir)
         os.rename(staging, model_dir)
     finally:

@@ -2,20 +2,24 @@
 
     python -m horovod_mlstm.transfer --model_dir M --train train.csv --val dev.csv --test test.csv \
         [--text_column sentence --label_column label] [--text_prep project|radford] \
-        [--readout final_cell|final_hidden|mean_hidden|max_hidden] [--output_dir O] [--features F.npz]
+        [--readout auto|final_cell|final_hidden|mean_hidden|max_hidden] [--output_dir O] [--features F.npz]
 
-Each text is featurised by inference.Featurizer (by default the final cell state after reading
-it). An L1-regularised logistic regression is fit on the standardised training features for each
-strength C on a grid; the C with the best validation accuracy is kept and scored on the test set.
-Two classes: liblinear, and the unit with the largest |weight| is the candidate "sentiment
-neuron" (a one-feature logistic regression on it alone shows how much it carries). More classes:
-multinomial L1 (saga). Writes O/results.json, O/classifier.{json,npz} (read by classify), and
+Each text is featurised by inference.Featurizer, streamed from its file in windows. An
+L1-regularised logistic regression is fit on the standardised training features for each strength C
+on a grid; the C with the best validation accuracy is kept and scored on the test set. --readout
+auto (the default) does that for each of the four readouts (one featurising pass gives all four)
+and keeps the readout with the best validation accuracy, never looking at test. Two classes:
+liblinear, and the unit with the largest |weight| is the candidate "sentiment neuron" (a
+one-feature logistic regression on it alone shows how much it carries). More classes: multinomial
+L1 (saga). Writes O/results.json, O/classifier.{json,npz} (read by classify), and
 O/top_unit_histogram.png (two classes) or O/confusion_matrix.png (more).
+
+The features of every split stay in memory for scikit-learn: texts x hidden float32 per readout
+kept (four with auto), whatever else is streamed.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 import time
@@ -24,53 +28,19 @@ import warnings
 import numpy as np
 from absl import app, flags, logging
 
-from horovod_mlstm import distributed as dist
+from horovod_mlstm import distributed as dist, features as feature_cache, files
 from horovod_mlstm.checkpoint import CheckpointError
-from horovod_mlstm.classifier import Classifier, write_json
-from horovod_mlstm.flags import define_common
-from horovod_mlstm.inference import CHECKPOINT_KEYS, Featurizer, define_featurizer_flags, file_sha256, is_empty
-from horovod_mlstm.textfiles import InputError, check_writable, read_csv_columns
+from horovod_mlstm.classifier import Classifier
+from horovod_mlstm.flags import CommonConfig, define_common
+from horovod_mlstm.inference import AUTO, READOUTS, TEXT_PREPS, Featurizer, define_featurizer_flags, is_empty
+from horovod_mlstm.modeldir import IDENTITY_KEYS
+from horovod_mlstm.tasks import SPLITS, Task, csv_task
 
-SPLITS = ("train", "val", "test")
 # Tops out at 2^0 like Radford et al.'s train_with_reg_cv (2^-8..2^0). Larger C picked only weak
 # features (untrained, the first milestones) and cost 50-200 s per liblinear fit on SST at 512 units
 # (C=2: 53 s, C=4: 205 s, measured for the transfer suite), against seconds for C <= 1.
 C_GRID = tuple(2.0 ** k for k in range(-6, 1))
-FEATURES_FORMAT = 2  # version of the --features cache's key
-
-
-class TransferError(InputError):
-    """Bad transfer input, explained in one line."""
-
-
-def label_order(found: set[str]) -> list[str]:
-    """Label values in order: numerically when they are all numbers (so "10" comes after "9")."""
-    try:
-        return sorted(found, key=float)
-    except ValueError:
-        return sorted(found)
-
-
-def read_labelled_csv(path: str, text_column: str, label_column: str, classes: list[str] | None = None,
-                      encoding: str = "utf-8-sig") -> tuple[list[str], np.ndarray, list[str]]:
-    """Texts, label indices and the label values, from a CSV with a header.
-
-    Without `classes` (the training file) the file must hold at least two label values, which
-    define the classes in order. With the training file's `classes` (validation and test) every
-    label must be one of them, so an index means the same in every split; fewer are allowed.
-    """
-    rows = [(line, text, label.strip()) for line, (text, label) in
-            read_csv_columns(path, [text_column, label_column], encoding)]
-    if not rows:
-        raise TransferError(f"{path}: no rows")
-    if classes is None:
-        classes = label_order({label for _, _, label in rows})
-        if len(classes) < 2:
-            raise TransferError(f"{path}: labels must be at least two classes, found {len(classes)}: {classes}")
-    for line, _, label in rows:
-        if label not in classes:
-            raise TransferError(f"{path}:{line}: label {label!r} is not one of the training file's classes {classes}")
-    return [t for _, t, _ in rows], np.array([classes.index(label) for _, _, label in rows], np.int64), classes
+TFIDF_C_GRID = tuple(2.0 ** k for k in range(-2, 9))  # L2 on sparse n-grams wants larger C than L1 on units
 
 
 def _logistic_regression(c: float, classes: int):
@@ -95,6 +65,7 @@ def fit(features: dict[str, np.ndarray], labels: dict[str, np.ndarray], classes:
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
+    start = time.time()
     best, unconverged = None, []
     for c in C_GRID:
         # Standardised units: the solvers converge ~10x faster, and weights compare across units.
@@ -133,7 +104,36 @@ def fit(features: dict[str, np.ndarray], labels: dict[str, np.ndarray], classes:
                   .score(features["test"][:, [top]], labels["test"]) if top is not None else None)
         results.update(top_unit=top, top_unit_weight=float(coef[0, top]) if top is not None else None,
                        top_unit_test_accuracy=single)
+    results["fit_seconds"] = time.time() - start
     return results, clf
+
+
+def fit_readouts(features: dict[str, dict[str, np.ndarray]], labels: dict[str, np.ndarray], classes: list[str]):
+    """`fit` on each readout FEATURES holds ({split: {readout: array}}): ({readout: (results, pipeline)}, the
+    readout with the best validation accuracy). Test accuracy never takes part in the choice; on a tie
+    the first readout in READOUTS order wins."""
+    readouts = [r for r in READOUTS if r in features["train"]]
+    fits = {r: fit({s: by_readout[r] for s, by_readout in features.items()}, labels, classes) for r in readouts}
+    return fits, max(readouts, key=lambda r: fits[r][0]["val_accuracy"])  # max keeps the first of equals
+
+
+def tfidf_baseline(texts: dict, labels: dict[str, np.ndarray], text_prep: str) -> dict:
+    """A word uni+bigram TF-IDF logistic regression (L2, C chosen on val) on the same splits and text prep:
+    {C, features (n-grams), <split>_accuracy for every split in TEXTS, fit_seconds}."""
+    from sklearn.feature_extraction.text import TfidfVectorizer
+    from sklearn.linear_model import LogisticRegression
+
+    start = time.time()
+    prep = TEXT_PREPS[text_prep][0]
+    vectorizer = TfidfVectorizer(ngram_range=(1, 2), min_df=2, sublinear_tf=True,
+                                 preprocessor=lambda text: prep(text).lower())
+    x = {"train": vectorizer.fit_transform(texts["train"])}
+    x.update({s: vectorizer.transform(t) for s, t in texts.items() if s != "train"})
+    fits = [(c, LogisticRegression(C=c, solver="liblinear", max_iter=1000).fit(x["train"], labels["train"]))
+            for c in TFIDF_C_GRID]
+    c, best = max(fits, key=lambda f: f[1].score(x["val"], labels["val"]))
+    return {"C": c, "features": len(vectorizer.vocabulary_),
+            **{f"{s}_accuracy": best.score(x[s], labels[s]) for s in x}, "fit_seconds": time.time() - start}
 
 
 def _pyplot():
@@ -145,18 +145,24 @@ def _pyplot():
     return plt
 
 
-def plot_top_unit(values: np.ndarray, labels: np.ndarray, classes: list[str], unit: int, path: str) -> None:
+def _save(fig, path: str) -> None:
+    with files.replace_whole(path, "wb") as f:
+        fig.savefig(f, format="png", dpi=100)
+
+
+def plot_top_unit(values: np.ndarray, labels: np.ndarray, classes: list[str], unit: int, readout: str,
+                  path: str) -> None:
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6, 3.5))
     bins = np.linspace(values.min(), values.max(), 40)
     for index, color in ((0, "tab:red"), (1, "tab:blue")):
         ax.hist(values[labels == index], bins=bins, alpha=0.6, color=color, label=f"label {classes[index]}")
-    ax.set_xlabel(f"unit {unit} after the text")
+    ax.set_xlabel(f"unit {unit} ({readout})")
     ax.set_ylabel("texts")
     ax.set_title("Top unit by L1 weight, test set")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    _save(fig, path)
     plt.close(fig)
 
 
@@ -168,106 +174,87 @@ def plot_confusion(matrix: list[list[int]], classes: list[str], path: str) -> No
     ConfusionMatrixDisplay(np.array(matrix), display_labels=classes).plot(ax=ax, colorbar=False, cmap="Blues")
     ax.set_title("Test set")
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    _save(fig, path)
     plt.close(fig)
 
 
-def file_identity(path: str) -> dict:
-    return {"path": os.path.abspath(path), "size": os.path.getsize(path), "sha256": file_sha256(path)}
-
-
-def features_key(FLAGS, featurizer) -> dict:
-    """Everything the cached features depend on: checkpoint, input files, columns, featurisation."""
-    identity = featurizer.identity()
-    return {"format": FEATURES_FORMAT,
-            "checkpoint": {k: identity[k] for k in CHECKPOINT_KEYS},
-            "files": {s: file_identity(getattr(FLAGS, s)) for s in SPLITS},
-            "columns": [FLAGS.text_column, FLAGS.label_column], "encoding": FLAGS.encoding,
-            **featurizer.settings}
-
-
-def cached_features(path: str, key: dict) -> dict | None:
-    """The features saved in PATH if they were made from exactly KEY, else None (saying why on stderr)."""
-    if not path or not os.path.exists(path):
-        return None
-    try:
-        with np.load(path, allow_pickle=False) as saved:
-            stored = json.loads(str(saved["key"])) if "key" in saved else {}
-            features = {s: saved[f"{s}_features"] for s in SPLITS if f"{s}_features" in saved}
-    except (OSError, ValueError) as e:
-        raise TransferError(f"{path}: not a features file of this tool ({e}); move it or pass another --features")
-    differs = [k for k in key if stored.get(k) != key[k]]
-    if differs or len(features) != len(SPLITS):
-        print(f"[transfer] {path} holds features of other inputs ({', '.join(differs) or 'splits'} differ); "
-              "recomputing", file=sys.stderr, flush=True)
-        return None
-    logging.info("features from %s", path)
-    return features
-
-
-def featurise_splits(FLAGS):
-    """Texts' labels and features of the three splits, the classes, the featurizer and texts/s (None if cached)."""
+def featurise(task: Task, featurizer: Featurizer, readouts: list[str], cache: str):
+    """{split: {readout: features}} of the task's splits, from CACHE when it holds exactly these (else
+    computed, and saved there if CACHE is given), and texts/s (None when cached)."""
     from tqdm import tqdm
 
-    data, classes = {}, None
-    for split in SPLITS:  # train first: its label values define the classes for every split
-        texts, labels, classes = read_labelled_csv(getattr(FLAGS, split), FLAGS.text_column, FLAGS.label_column,
-                                                   classes, FLAGS.encoding)
-        data[split] = (texts, labels)
-    featurizer = Featurizer(FLAGS.model_dir, FLAGS.text_prep, FLAGS.readout, FLAGS.batch_size_per_worker,
-                            FLAGS.seq_length)
-    key = features_key(FLAGS, featurizer) if FLAGS.features else None
-    features, rate = cached_features(FLAGS.features, key) if key else None, None
-    if features is None:
-        total = sum(len(texts) for texts, _ in data.values())
-        start = time.time()
+    total = sum(len(split.texts) for split in task.splits.values())
+
+    def compute():
         with tqdm(total=total, unit="text", desc="featurising", file=sys.stderr) as bar:
-            features = {s: featurizer.transform(texts, progress=bar.update) for s, (texts, _) in data.items()}
-        rate = total / max(time.time() - start, 1e-9)
-        if FLAGS.features:
-            with open(FLAGS.features + ".tmp", "wb") as f:
-                np.savez_compressed(f, key=json.dumps(key, sort_keys=True),
-                                    **{f"{s}_features": features[s] for s in SPLITS})
-            os.replace(FLAGS.features + ".tmp", FLAGS.features)
-    return data, features, classes, featurizer, rate
+            return {s: featurizer.transform_all(split.texts, bar.update, readouts) for s, split in task.splits.items()}
+
+    start = time.time()
+    if not cache:
+        return compute(), total / max(time.time() - start, 1e-9)
+    key = feature_cache.key(featurizer.identity(), featurizer.text_prep, readouts,
+                            {s: split.source for s, split in task.splits.items()})
+    features, from_cache = feature_cache.cached(cache, key, compute)
+    return features, None if from_cache else total / max(time.time() - start, 1e-9)
 
 
 def main(argv):
     FLAGS = flags.FLAGS
     if len(argv) > 1:
         sys.exit(f"error: unexpected arguments {argv[1:]}")
-    dist.init(FLAGS.intra_op_threads, FLAGS.inter_op_threads)
-    out = FLAGS.output_dir or os.path.join(FLAGS.model_dir, "transfer")
+    try:
+        config = CommonConfig.from_flags()
+    except ValueError as e:
+        sys.exit(f"error: {e}")
+    dist.init(config.intra_op_threads, config.inter_op_threads)
+    out = FLAGS.output_dir or os.path.join(config.model_dir, "transfer")
+    readouts = list(READOUTS) if FLAGS.readout == AUTO else [FLAGS.readout]
     try:
         os.makedirs(out, exist_ok=True)
-        check_writable(os.path.join(out, "results.json"))
-        data, features, classes, featurizer, texts_per_s = featurise_splits(FLAGS)
-    except (CheckpointError, OSError, ValueError) as e:
+        files.check_writable(os.path.join(out, "results.json"))
+        if FLAGS.features:
+            files.check_writable(FLAGS.features, "--features")
+        task = csv_task("transfer", {s: getattr(FLAGS, s) for s in SPLITS}, FLAGS.text_column, FLAGS.label_column,
+                        FLAGS.encoding)
+        featurizer = Featurizer(config.model_dir, FLAGS.text_prep, readouts[0], config.batch_size_per_worker,
+                                config.seq_length)
+        features, texts_per_s = featurise(task, featurizer, readouts, FLAGS.features)
+        empty = {s: sum(is_empty(t, FLAGS.text_prep) for t in split.texts) for s, split in task.splits.items()}
+    except (CheckpointError, OSError, ValueError) as e:  # InputError and NotWritable are ValueErrors
         sys.exit(f"error: {e}")
-    labels = {s: y for s, (_, y) in data.items()}
-    results, pipeline = fit(features, labels, classes)
-    empty = {s: sum(is_empty(t, FLAGS.text_prep) for t in texts) for s, (texts, _) in data.items()}
+    labels = {s: split.labels for s, split in task.splits.items()}
+    fits, readout = fit_readouts(features, labels, task.classes)
+    results, (scaler, model) = fits[readout]
+    featurization = {"text_prep": FLAGS.text_prep, "readout": readout}
     identity = featurizer.identity()
-    results.update(model_dir=FLAGS.model_dir, checkpoint=identity["checkpoint"], featurization=featurizer.settings,
-                   texts_per_second=texts_per_s, sizes={s: int(len(labels[s])) for s in SPLITS}, empty_texts=empty)
+    results.update(model_dir=config.model_dir, checkpoint=identity["checkpoint"], featurization=featurization,
+                   readout_asked=FLAGS.readout,
+                   readouts={r: {k: fits[r][0][k] for k in ("C", "val_accuracy", "test_accuracy", "units_used")}
+                             for r in fits},
+                   texts_per_second=texts_per_s, sizes={s: int(y.size) for s, y in labels.items()}, empty_texts=empty)
     info = {k: results[k] for k in ("C", "units_used", "units_total", "top_unit", "top_unit_weight") if k in results}
-    scaler, model = pipeline
-    Classifier(classes, model.coef_, model.intercept_, scaler.mean_, scaler.scale_,
-               {**info, "featurization": featurizer.settings, "model_dir": identity["model_dir"],
-                "checkpoint": {k: identity[k] for k in CHECKPOINT_KEYS}}).save(out)
-    write_json(os.path.join(out, "results.json"), results)
+    Classifier(task.classes, model.coef_, model.intercept_, scaler.mean_, scaler.scale_,
+               {**info, "featurization": featurization, "readout_asked": FLAGS.readout,
+                "readouts_val_accuracy": {r: fits[r][0]["val_accuracy"] for r in fits},
+                "model_dir": identity["model_dir"],
+                "checkpoint": {k: identity[k] for k in IDENTITY_KEYS}}).save(out)
+    files.write_json(os.path.join(out, "results.json"), results)
     for stale in ("top_unit_histogram.png", "confusion_matrix.png"):  # no earlier run's plot passes for this one
         if os.path.exists(os.path.join(out, stale)):
             os.remove(os.path.join(out, stale))
+    if FLAGS.readout == AUTO:
+        print("[transfer] readout " + readout + ", the best validation accuracy of "
+              + ", ".join(f"{r} {fits[r][0]['val_accuracy']:.4f}" for r in fits), flush=True)
     summary = f"[transfer] test accuracy {results['test_accuracy']:.4f}, macro-F1 {results['test_macro_f1']:.4f}, " \
-              f"{len(classes)} classes, {results['units_used']} of {results['units_total']} units (C={results['C']:g})"
-    if len(classes) > 2:
-        plot_confusion(results["test_confusion_matrix"], classes, os.path.join(out, "confusion_matrix.png"))
+              f"{len(task.classes)} classes, {results['units_used']} of {results['units_total']} units " \
+              f"(C={results['C']:g}, {readout})"
+    if len(task.classes) > 2:
+        plot_confusion(results["test_confusion_matrix"], task.classes, os.path.join(out, "confusion_matrix.png"))
     elif results["top_unit"] is None:
         summary += "; L1 selected no unit (every weight is zero), so there is no top unit"
     else:
-        plot_top_unit(features["test"][:, results["top_unit"]], labels["test"], classes, results["top_unit"],
-                      os.path.join(out, "top_unit_histogram.png"))
+        plot_top_unit(features["test"][readout][:, results["top_unit"]], labels["test"], task.classes,
+                      results["top_unit"], readout, os.path.join(out, "top_unit_histogram.png"))
         summary += f"; top unit {results['top_unit']} alone {results['top_unit_test_accuracy']:.4f}"
     print(summary + f"; {sum(empty.values())} empty texts"
           + (f"; featurised {texts_per_s:,.0f} texts/s" if texts_per_s else "; features from " + FLAGS.features)
@@ -276,9 +263,10 @@ def main(argv):
 
 if __name__ == "__main__":
     define_common()
-    define_featurizer_flags(defaults=True)
+    define_featurizer_flags(fitting=True)
     flags.DEFINE_string("train", None, "CSV of training texts and labels.")
-    flags.DEFINE_string("val", None, "CSV of validation texts (chooses the regularisation strength).")
+    flags.DEFINE_string("val", None, "CSV of validation texts (chooses the regularisation strength and, with "
+                        "--readout auto, the readout).")
     flags.DEFINE_string("test", None, "CSV of test texts.")
     flags.DEFINE_string("text_column", "sentence", "CSV column holding the text.")
     flags.DEFINE_string("label_column", "label", "CSV column holding the label (two or more classes).")
@@ -286,6 +274,6 @@ if __name__ == "__main__":
                         "for example latin-1.")
     flags.DEFINE_string("output_dir", "", "Where results, classifier and plots go; default MODEL_DIR/transfer.")
     flags.DEFINE_string("features", "", ".npz to save features to, reused only when made from the same checkpoint, "
-                        "files, columns and featurisation.")
+                        "input files, columns, encoding, text prep and readouts (horovod_mlstm.features).")
     flags.mark_flags_as_required(["train", "val", "test"])
     app.run(main)

@@ -10,6 +10,14 @@ PYTHON="$ROOT/.venv/bin/python"; [ -x "$PYTHON" ] || PYTHON=python
 HOROVODRUN="$ROOT/.venv/bin/horovodrun"; [ -x "$HOROVODRUN" ] || HOROVODRUN=horovodrun
 TRAIN_PY="$ROOT/train.py"
 EX_TEMPFAIL=75  # train.py stopped early on a signal or --max_runtime_minutes, after checkpointing
+# A job in which one rank stops answering ends after this long without a finished step, naming the rank
+# (Horovod's stall shutdown, and train.py's heartbeat watch for a frozen rank, which Horovod's check cannot see).
+# 10 minutes: over twice the slowest single-rank pause the paper's shape has (rank 0 writing its checkpoint,
+# about 1.2 GB of weights and Adam moments plus 1 GiB of RNN state, takes 4 minutes at 10 MB/s), and at most
+# 10 minutes of a 128-GPU allocation lost to a hung node rather than the rest of its time limit.
+STALL_SHUTDOWN_DEFAULT=600
+# shellcheck source=hosts.sh
+source "$ROOT/launch/hosts.sh"
 
 die() { echo "$(basename "$0"): $*" >&2; exit 2; }
 
@@ -53,7 +61,8 @@ parse_args() {
 check_positive() { [[ "$2" =~ ^[1-9][0-9]*$ ]] || die "$1 must be a positive whole number, got '$2'"; }
 
 # check_tools: validates Horovod's tool options and builds them both ways Horovod documents:
-# TOOL_FLAGS for horovodrun, TOOL_ENV (VAR=value) for mpirun -x and srun's environment.
+# TOOL_FLAGS for horovodrun, TOOL_ENV (VAR=value) for mpirun -x and srun's environment. The stall shutdown is
+# always there ($STALL_SHUTDOWN_DEFAULT s unless given), except with --no_stall_check.
 check_tools() {
   TOOL_FLAGS=() TOOL_ENV=()
   local file
@@ -68,8 +77,13 @@ check_tools() {
   if [ "$NO_STALL_CHECK" = 1 ] && [ -n "$STALL_WARN$STALL_SHUTDOWN" ]; then
     die "--no_stall_check contradicts --stall_check_warning_seconds/--stall_check_shutdown_seconds"
   fi
-  if [ -n "$STALL_WARN" ] && [ -n "$STALL_SHUTDOWN" ] && [ "$STALL_SHUTDOWN" -le "$STALL_WARN" ]; then
-    die "--stall_check_shutdown_seconds ($STALL_SHUTDOWN) must exceed --stall_check_warning_seconds ($STALL_WARN)"
+  local shutdown="${STALL_SHUTDOWN:-$STALL_SHUTDOWN_DEFAULT}" default="" warn="$STALL_WARN"
+  [ -n "$STALL_SHUTDOWN" ] || default=", the default"
+  [ "$NO_STALL_CHECK" = 0 ] || shutdown=""
+  # Horovod warns after 60 s unless told otherwise, and its shutdown time must exceed its warning time
+  [ -n "$warn" ] || [ -z "$shutdown" ] || [ "$shutdown" -gt 60 ] || warn=$(((shutdown + 1) / 2))
+  if [ -n "$warn" ] && [ -n "$shutdown" ] && [ "$shutdown" -le "$warn" ]; then
+    die "--stall_check_shutdown_seconds ($shutdown$default) must exceed --stall_check_warning_seconds ($warn)"
   fi
   if [ -n "$TIMELINE" ]; then
     TOOL_FLAGS+=(--timeline-filename "$TIMELINE"); TOOL_ENV+=("HOROVOD_TIMELINE=$TIMELINE"); fi
@@ -77,10 +91,10 @@ check_tools() {
   if [ -n "$AUTOTUNE_LOG" ]; then
     TOOL_FLAGS+=(--autotune-log-file "$AUTOTUNE_LOG"); TOOL_ENV+=("HOROVOD_AUTOTUNE_LOG=$AUTOTUNE_LOG"); fi
   if [ "$NO_STALL_CHECK" = 1 ]; then TOOL_FLAGS+=(--no-stall-check); TOOL_ENV+=(HOROVOD_STALL_CHECK_DISABLE=1); fi
-  if [ -n "$STALL_WARN" ]; then TOOL_FLAGS+=(--stall-check-warning-time-seconds "$STALL_WARN")
-    TOOL_ENV+=("HOROVOD_STALL_CHECK_TIME_SECONDS=$STALL_WARN"); fi
-  if [ -n "$STALL_SHUTDOWN" ]; then TOOL_FLAGS+=(--stall-check-shutdown-time-seconds "$STALL_SHUTDOWN")
-    TOOL_ENV+=("HOROVOD_STALL_SHUTDOWN_TIME_SECONDS=$STALL_SHUTDOWN"); fi
+  if [ -n "$warn" ]; then TOOL_FLAGS+=(--stall-check-warning-time-seconds "$warn")
+    TOOL_ENV+=("HOROVOD_STALL_CHECK_TIME_SECONDS=$warn"); fi
+  if [ -n "$shutdown" ]; then TOOL_FLAGS+=(--stall-check-shutdown-time-seconds "$shutdown")
+    TOOL_ENV+=("HOROVOD_STALL_SHUTDOWN_TIME_SECONDS=$shutdown"); fi
   return 0
 }
 
@@ -102,7 +116,8 @@ require_command() {
 # no_controller: the launchers other than horovodrun.sh have no Gloo/MPI choice to make.
 no_controller() { [ -z "$CONTROLLER" ] || die "$CONTROLLER applies to launch/horovodrun.sh only"; }
 
-# read_hostfile: Open MPI format, "host slots=N" per line (# comments, blank lines allowed).
+# read_hostfile: Open MPI format, "host slots=N" per line (# comments, blank lines allowed), every host name
+# checked as launch/hosts.sh says.
 read_hostfile() {
   HOSTFILE="$(abs_path "${HOSTFILE:-$ROOT/hostfiles/localhost.txt}")"
   [ -f "$HOSTFILE" ] || die "hostfile $HOSTFILE does not exist"
@@ -110,13 +125,12 @@ read_hostfile() {
   local n=0 line
   while IFS= read -r line || [ -n "$line" ]; do
     n=$((n + 1))
-    line="${line%%#*}"
-    [[ "$line" =~ ^[[:space:]]*$ ]] && continue
-    [[ "$line" =~ ^[[:space:]]*([A-Za-z0-9._-]+)[[:space:]]+slots=([1-9][0-9]*)[[:space:]]*$ ]] \
-      || die "$HOSTFILE:$n: expected 'host slots=N', got '$line'"
-    HOSTS+=("${BASH_REMATCH[1]}")
-    SLOTS=$((SLOTS + BASH_REMATCH[2]))
-    HOSTLIST="${HOSTLIST:+$HOSTLIST,}${BASH_REMATCH[1]}:${BASH_REMATCH[2]}"
+    host_line "$line" hostfile \
+      || die "$HOSTFILE:$n: expected $(host_forms hostfile), got '$line' ($HOST_NAME_RULE; slots a positive number)"
+    [ -n "$HOST" ] || continue
+    HOSTS+=("$HOST")
+    SLOTS=$((SLOTS + HOST_SLOTS))
+    HOSTLIST="${HOSTLIST:+$HOSTLIST,}$HOST:$HOST_SLOTS"
   done < "$HOSTFILE"
   [ "$SLOTS" -gt 0 ] || die "$HOSTFILE lists no hosts"
   NP=${NP:-$SLOTS}
@@ -157,10 +171,12 @@ run_job() {
   trap 'forward_signal INT' INT
   "$@" 2> "$stderr_log.fifo" &
   JOB_PID=$!
-  while :; do
-    status=0; wait "$JOB_PID" || status=$?
-    kill -0 "$JOB_PID" 2>/dev/null || break  # a trapped signal interrupted wait: the job still runs
+  while kill -0 "$JOB_PID" 2>/dev/null; do
+    wait "$JOB_PID" || true  # returns early when a trapped signal interrupts it: the job may still run
   done
+  # The job has ended. The last wait may have been cut short by a signal (status 128+n) after the job ended,
+  # so ask again: bash keeps an ended job's status for a later wait.
+  status=0; wait "$JOB_PID" || status=$?
   wait "$tee_pid" || true
   trap - TERM USR1 INT
   status=$(job_status "$status" "$stderr_log")
@@ -171,7 +187,7 @@ run_job() {
   elif [ "$status" = "$EX_TEMPFAIL" ]; then
     echo "$(basename "$0"): training stopped at a checkpoint (status 75); ${RESUME_HINT:-the same command resumes it}" >&2
   elif [ "$status" != 0 ]; then
-    rank0_error "$stderr_log" >&2
+    job_error "$stderr_log" >&2
   fi
   rm -f "$stderr_log" "$stderr_log.fifo"
   return "$status"
@@ -222,10 +238,25 @@ job_status() {
   if [ "$1" = 1 ] && [ -n "$rank_status" ]; then echo "$rank_status"; else echo "$1"; fi
 }
 
-# rank0_error STDERR_LOG: rank 0's first `error:` line, whichever launcher prefixed it:
-# horovodrun+Gloo "[0]<stderr>:", mpirun --tag-output "[1,0]<stderr>:" (which also tags the newline that
-# sys.exit writes separately, at the end of the line), srun --label "0: ".
-rank0_error() {
-  sed -nE -e 's/\[[0-9]+,[0-9]+\]<std(err|out)>:$//' \
-    -e 's/^(\[0\]<stderr>:|\[[0-9]+,0\]<stderr>:|[[:space:]]*0: )?(error: .*)$/\2/p' "$1" | head -n 1
+# job_error STDERR_LOG: the one line that says why the job failed:
+# - the ranks Horovod's stall check shut the job down for: it marks them "R!: [tensors...]" under "Missing ranks:";
+# - else rank 0's first `error:` line (train.py's, or its heartbeat watch's naming a frozen rank);
+# - else the first `error:` line of any rank (rank 0 itself may be the one that froze).
+# Ranks' lines come prefixed by whichever launcher ran them: horovodrun+Gloo "[0]<stderr>:", mpirun --tag-output
+# "[1,0]<stderr>:" (which also tags the newline that sys.exit writes separately, at the end of the line), srun
+# --label "0: ".
+job_error() {
+  local prefix='(\[[0-9]+\]<stderr>:|\[[0-9]+,[0-9]+\]<stderr>:|[[:space:]]*[0-9]+: )' stalled
+  stalled="$(sed -nE "s/^$prefix?([0-9]+)!: \[.*/\2/p" "$1" | sort -nu | paste -sd, | sed 's/,/, /g')"
+  if [[ "$stalled" == *,* ]]; then
+    echo "error: ranks $stalled stalled: Horovod's stall check found them missing from a collective past the stall" \
+      "shutdown time and shut the job down"
+  elif [ -n "$stalled" ]; then
+    echo "error: rank $stalled stalled: Horovod's stall check found it missing from a collective past the stall" \
+      "shutdown time and shut the job down"
+  else
+    sed -nE -e 's/\[[0-9]+,[0-9]+\]<std(err|out)>:$//' \
+      -e 's/^(\[0\]<stderr>:|\[[0-9]+,0\]<stderr>:|[[:space:]]*0: )?(error: .*)$/\2/p' "$1" | head -n 1 | grep . \
+      || sed -nE -e 's/\[[0-9]+,[0-9]+\]<std(err|out)>:$//' -e "s/^$prefix(error: .*)\$/\\2/p" "$1" | head -n 1
+  fi
 }

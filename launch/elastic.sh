@@ -4,9 +4,10 @@
 #                     [--dry-run] [--timeline FILE] [--autotune [--autotune_log FILE]]
 #                     [--stall_check_warning_seconds S] [--stall_check_shutdown_seconds S | --no_stall_check]
 #                     [train.py flags...]
-# Defaults: discovery hostfiles/discover_hosts.sh over $HOROVOD_MLSTM_ELASTIC_HOSTS or
-# hostfiles/elastic_hosts.txt (--hostfile F reads F instead: edit it while the job runs), --np = slots it
-# lists now, --min-np 1, --max-np = --np, --iface lo when every listed host is this machine.
+# Hosts: hostfiles/discover_hosts.sh over $HOROVOD_MLSTM_ELASTIC_HOSTS or hostfiles/elastic_hosts.txt
+# (--hostfile F reads F instead: edit it while the job runs), or over the output of your own --discovery
+# SCRIPT; either way every line is checked before horovodrun gets it. Defaults: --np = slots listed now,
+# --min-np 1, --max-np = --np, --iface lo when every listed host is this machine.
 set -euo pipefail
 # shellcheck source=common.sh
 source "$(dirname "$0")/common.sh"
@@ -25,23 +26,29 @@ no_controller
 require_command "$HOROVODRUN" "run make setup (it installs Horovod into .venv)"
 check_positive --min-np "$min_np"
 [ -z "$max_np" ] || check_positive --max-np "$max_np"
-env_cmd=()
+# horovodrun always runs hostfiles/discover_hosts.sh, which reads the hosts file or runs --discovery SCRIPT and
+# checks every line before horovodrun sees it (host names go into shell commands: launch/hosts.sh).
+env_cmd=()  # shown by --dry-run; horovodrun runs the discovery with it
 if [ -n "$HOSTFILE" ]; then
   [ -z "$discovery" ] || die "--hostfile and --discovery exclude each other (the default discovery script reads the hostfile)"
   HOSTFILE="$(abs_path "$HOSTFILE")"
   [ -f "$HOSTFILE" ] || die "hostfile $HOSTFILE does not exist"
   export HOROVOD_MLSTM_ELASTIC_HOSTS="$HOSTFILE"
-  env_cmd=(env "HOROVOD_MLSTM_ELASTIC_HOSTS=$HOSTFILE")  # shown by --dry-run; horovodrun runs discovery with it
+  unset HOROVOD_MLSTM_DISCOVERY
+  env_cmd=(env "HOROVOD_MLSTM_ELASTIC_HOSTS=$HOSTFILE")
+elif [ -n "$discovery" ]; then
+  [ -f "$discovery" ] && [ -x "$discovery" ] || die "discovery script $discovery is missing or not executable"
+  export HOROVOD_MLSTM_DISCOVERY="$discovery"
+  env_cmd=(env "HOROVOD_MLSTM_DISCOVERY=$discovery")
 fi
-discovery="${discovery:-$ROOT/hostfiles/discover_hosts.sh}"
-[ -x "$discovery" ] || die "discovery script $discovery is missing or not executable"
-hosts="$("$discovery")" || die "discovery script $discovery failed"
-[ -n "$hosts" ] || die "discovery script $discovery lists no hosts"
+discover_hosts="$ROOT/hostfiles/discover_hosts.sh"
+# What horovodrun will be given, checked now: a bad line is discover_hosts.sh's one line, before anything starts.
+hosts="$("$discover_hosts")" || exit 2
+[ -n "$hosts" ] || die "the discovery lists no hosts"
 slots=0 all_local=1
-while IFS= read -r line; do
-  [[ "$line" =~ ^([^:[:space:]]+):([0-9]+)$ ]] || die "discovery line '$line' is not host:slots"
-  slots=$((slots + BASH_REMATCH[2]))
-  case "${BASH_REMATCH[1]}" in localhost|127.0.0.1|"$(hostname)") ;; *) all_local=0 ;; esac
+while IFS=: read -r host host_slots; do
+  slots=$((slots + host_slots))
+  case "$host" in localhost|127.0.0.1|"$(hostname)") ;; *) all_local=0 ;; esac
 done <<< "$hosts"
 NP=${NP:-$slots}
 max_np=${max_np:-$NP}
@@ -50,8 +57,12 @@ max_np=${max_np:-$NP}
 [ -z "$IFACE" ] && [ "$all_local" = 1 ] && IFACE=lo  # NIC probing between local "hosts" would hang
 # A host whose worker failed is blacklisted; without a cooldown it never comes back, even when the
 # discovery script lists it again (a drained host re-added, a spot node replaced). 10-300 s backoff.
-cmd=("$HOROVODRUN" -np "$NP" --min-np "$min_np" --max-np "$max_np" --host-discovery-script "$discovery"
-     --blacklist-cooldown-range 10 300)
+# Gloo's timeout is both how long the ranks wait on a dead peer and how long they wait, when a host is added,
+# for its new worker to start (ssh, Python, TensorFlow) and join; Gloo's 30 s default was too short for the
+# second on a busy machine (the grown job died with "Wait timeout after 30 seconds for key(s)"). 120 s unless
+# HOROVOD_GLOO_TIMEOUT_SECONDS says otherwise; a lost host then costs 2 minutes before the job goes on.
+cmd=("$HOROVODRUN" -np "$NP" --min-np "$min_np" --max-np "$max_np" --host-discovery-script "$discover_hosts"
+     --blacklist-cooldown-range 10 300 --gloo-timeout-seconds "${HOROVOD_GLOO_TIMEOUT_SECONDS:-120}")
 [ -n "$IFACE" ] && cmd+=(--network-interface "$IFACE")
 # As horovodrun.sh: a signal goes to the ranks on this host as SIGTERM, not to horovodrun, which would
 # kill them 5 s later. Each rank then exits 75 on its own; the driver counts that as a failure of every

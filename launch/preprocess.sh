@@ -12,7 +12,8 @@ set -euo pipefail
 source "$(dirname "$0")/common.sh"
 parse_args "$@"
 no_controller
-[ "${#TOOL_ENV[@]}" = 0 ] || die "Horovod's tool options (--timeline, --autotune, stall checks) do not apply to preprocess"
+[ -z "$TIMELINE$AUTOTUNE_LOG$STALL_WARN$STALL_SHUTDOWN" ] && [ "$AUTOTUNE$NO_STALL_CHECK" = 00 ] \
+  || die "Horovod's tool options (--timeline, --autotune, stall checks) do not apply to preprocess"
 require_command mpirun "install Open MPI (make setup does)"
 read_hostfile
 # -map-by node: ranks go round the hosts, so `--np <hosts>` is one rank per host (give it --workers <cores>)

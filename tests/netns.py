@@ -7,15 +7,16 @@ hostname. `hosts(n, workdir)` builds exactly that:
 - a hub namespace holding a Linux bridge, and n host namespaces each joined to it by a veth pair
   whose host end is `hm0` with address 10.201.0.k/24 (k = 1..n);
 - per host a UTS and mount namespace: hostname `<prefix>-k`, an /etc/hosts naming every host, and
-  an /etc/ssh/ssh_config that uses the cluster's key, trusts the throwaway host key and writes no
-  known_hosts; both are bind mounts visible only inside that host, so root's ~/.ssh and the real
-  /etc are never touched;
+  an /etc/ssh/ssh_config that uses the cluster's key, trusts the throwaway host key, writes no
+  known_hosts and gives up on a server silent for 10 s; both are bind mounts visible only inside
+  that host, so root's ~/.ssh and the real /etc are never touched;
 - per host an sshd started inside those namespaces, so whatever arrives over ssh (orted, a
   horovodrun worker) runs under that host's name, address and files;
 - an Open MPI hostfile, `<hostname> slots=1` per host.
 
 Everything (every process in the namespaces, the namespaces, and with the hub the bridge) is
-removed on exit, also when the test failed. Run commands on host k with `cluster.command(k, cwd, ...)`.
+removed on exit, also when the test failed. Run commands on host k with `cluster.command(k, cwd, ...)`;
+`cluster.lose(k)` takes host k down as a crashed node and `cluster.restore(k)` brings it back.
 """
 
 from __future__ import annotations
@@ -71,18 +72,39 @@ class Cluster:
     sshd: list[subprocess.Popen]
     hostfile: Path
     sshd_logs: list[Path]
+    workdir: Path
 
     def command(self, host: int, cwd: Path, *cmd: str) -> list[str]:
         """`cmd` run in `cwd` on host `host` (1-based): in its network, UTS and mount namespaces."""
         return ["nsenter", "--target", str(self.sshd[host - 1].pid), "--net", "--uts", "--mount", f"--wd={cwd}",
                 *cmd]
 
-    def pids(self) -> list[int]:
-        """Every process in any of the cluster's namespaces (sshd, ssh sessions, ranks)."""
+    def pids(self, namespaces: list[str] | None = None) -> list[int]:
+        """Every process in the given namespaces (default: all of the cluster's): sshd, ssh sessions, ranks."""
         pids = []
-        for ns in self.namespaces:
+        for ns in self.namespaces if namespaces is None else namespaces:
             pids += [int(p) for p in _sh("ip", "netns", "pids", ns, check=False).stdout.split()]
         return pids
+
+    def lose(self, host: int) -> None:
+        """Host `host` dies as a crashed node looks to the others: its link goes down and its address goes
+        (nothing it sent after that arrives, not even a connection reset), then every process on it is killed."""
+        name = self.names[host - 1]
+        _sh("ip", "-n", name, "link", "set", IFACE, "down")
+        _sh("ip", "-n", name, "addr", "flush", "dev", IFACE)
+        for pid in self.pids([name]):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        self.sshd[host - 1].wait(timeout=10)
+
+    def restore(self, host: int) -> None:
+        """Host `host` comes back after lose(): its address, its link and a new sshd (under the same name)."""
+        name, address, log = self.names[host - 1], self.addresses[host - 1], self.sshd_logs[host - 1]
+        _sh("ip", "-n", name, "addr", "add", f"{address}/24", "dev", IFACE)
+        _sh("ip", "-n", name, "link", "set", IFACE, "up")
+        started = log.read_text().count("Server listening")
+        self.sshd[host - 1] = _start_sshd(self.workdir, name, address, log)
+        _wait_listening(log, self.sshd[host - 1], times=started + 1)
 
 
 def _write_host_files(etc: Path, names: list[str], addresses: list[str], key: Path) -> None:
@@ -91,7 +113,10 @@ def _write_host_files(etc: Path, names: list[str], addresses: list[str], key: Pa
         f"{address} {name}\n" for address, name in zip(addresses, names)))
     (etc / "ssh_config").write_text(
         f"Host *\n  IdentityFile {key}\n  IdentitiesOnly yes\n  StrictHostKeyChecking no\n"
-        "  UserKnownHostsFile /dev/null\n  LogLevel ERROR\n  BatchMode yes\n")
+        "  UserKnownHostsFile /dev/null\n  LogLevel ERROR\n  BatchMode yes\n"
+        # Without it, horovodrun's ssh session to a host that crashed waits for TCP's keepalive (2 hours), and an
+        # elastic job with it: Horovod's driver counts that worker as running until its ssh ends (docs/CLUSTER.md).
+        "  ServerAliveInterval 5\n  ServerAliveCountMax 2\n")
 
 
 def _sshd_config(workdir: Path, address: str, name: str) -> Path:
@@ -103,10 +128,19 @@ def _sshd_config(workdir: Path, address: str, name: str) -> Path:
     return path
 
 
-def _wait_listening(log: Path, proc: subprocess.Popen, timeout: float = 20) -> None:
+def _start_sshd(workdir: Path, name: str, address: str, log: Path) -> subprocess.Popen:
+    """sshd for host `name`, in its network namespace and in fresh UTS and mount namespaces of its own."""
+    return subprocess.Popen(
+        ["ip", "netns", "exec", name, "unshare", "--uts", "--mount", "sh", "-c", _ENTER_HOST, "sh",
+         str(workdir / "etc"), name, "/usr/sbin/sshd", "-D", "-f", str(_sshd_config(workdir, address, name)),
+         "-E", str(log)], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def _wait_listening(log: Path, proc: subprocess.Popen, timeout: float = 20, times: int = 1) -> None:
+    """Until sshd's log says it listens (for the `times`-th time: sshd appends to its log when restarted)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if log.exists() and "Server listening" in log.read_text():
+        if log.exists() and log.read_text().count("Server listening") >= times:
             return
         if proc.poll() is not None:
             break
@@ -138,7 +172,7 @@ def hosts(n: int, workdir: Path):
     addresses = [f"{SUBNET}.{k}" for k in range(1, n + 1)]
     workdir.mkdir(parents=True, exist_ok=True)
     cluster = Cluster(names, addresses, namespaces=[], sshd=[], hostfile=workdir / "hostfile",
-                      sshd_logs=[workdir / f"sshd_{name}.log" for name in names])
+                      sshd_logs=[workdir / f"sshd_{name}.log" for name in names], workdir=workdir)
     try:
         _sh("ip", "netns", "add", hub)
         cluster.namespaces.append(hub)
@@ -157,10 +191,7 @@ def hosts(n: int, workdir: Path):
         os.makedirs("/run/sshd", exist_ok=True)  # sshd's privilege separation directory
         _write_host_files(workdir / "etc", names, addresses, workdir / "id")
         for name, address, log in zip(names, addresses, cluster.sshd_logs):
-            cluster.sshd.append(subprocess.Popen(
-                ["ip", "netns", "exec", name, "unshare", "--uts", "--mount", "sh", "-c", _ENTER_HOST, "sh",
-                 str(workdir / "etc"), name, "/usr/sbin/sshd", "-D", "-f", str(_sshd_config(workdir, address, name)),
-                 "-E", str(log)], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+            cluster.sshd.append(_start_sshd(workdir, name, address, log))
         for proc, log in zip(cluster.sshd, cluster.sshd_logs):
             _wait_listening(log, proc)
         cluster.hostfile.write_text("".join(f"{name} slots=1\n" for name in names))

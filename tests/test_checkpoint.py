@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from horovod_mlstm.checkpoint import CheckpointError, Checkpointer, latest_readable
+from horovod_mlstm.checkpoint import CheckpointError, Checkpointer
 
 pytestmark = pytest.mark.unit
 
@@ -68,10 +68,14 @@ def test_every_checkpoint_damaged_is_an_error(tmp_path):
 
 
 def test_no_checkpoint(tmp_path):
+    from horovod_mlstm import modeldir
+    from horovod_mlstm.model import ModelConfig
+
     _, ckpt = make(tmp_path)
     assert ckpt.restore() is None
+    modeldir.write_config(str(tmp_path), ModelConfig(hidden_size=8, embed_size=4))
     with pytest.raises(CheckpointError, match="no checkpoint in"):
-        latest_readable(str(tmp_path), v=tf.Variable(1.0))
+        modeldir.load(str(tmp_path))
 
 
 def test_checkpoint_of_another_shape_is_an_error_not_damage(tmp_path):
@@ -83,3 +87,24 @@ def test_checkpoint_of_another_shape_is_an_error_not_damage(tmp_path):
     other.checkpoint = tf.train.Checkpoint(v=tf.Variable(np.zeros([32], np.float32)))
     with pytest.raises(CheckpointError, match=r"ckpt-2 does not fit the model config.json describes"):
         other.restore()
+
+
+@pytest.mark.parametrize("failure", [
+    MemoryError(),
+    OSError(5, "Input/output error"),
+    tf.errors.UnavailableError(None, None, "the filesystem went away"),
+    tf.errors.ResourceExhaustedError(None, None, "OOM when allocating tensor"),
+])
+def test_a_failure_that_is_not_damage_stops_instead_of_falling_back(tmp_path, monkeypatch, failure):
+    """Falling back past an intact newest checkpoint would later overwrite it: only damage falls back."""
+    v, ckpt = make(tmp_path)
+    for step in (1, 2):
+        ckpt.save(step)
+
+    def failing_restore(path, *args, **kw):
+        raise failure
+
+    monkeypatch.setattr(ckpt.checkpoint, "restore", failing_restore)
+    with pytest.raises(CheckpointError, match=r"cannot restore .*ckpt-2: .*not falling back"):
+        ckpt.restore()
+    assert sorted(os.path.basename(p) for p in ckpt.candidates()) == ["ckpt-1", "ckpt-2"]

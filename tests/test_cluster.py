@@ -3,7 +3,9 @@
 Each host is a network namespace with its own address, hostname and sshd (tests/netns.py); the
 job starts on host 1 and reaches the others over ssh, and the ranks allreduce across the bridge.
 With N shards of one equal record each, N ranks x 1 stream see the bytes one process with N
-streams sees, so the final weights must match such a run.
+streams sees, so the final weights must match such a run. An elastic job over all N hosts loses
+one (a crash: link, address and processes gone), goes on with N-1 ranks, and grows back when the
+host returns.
 
 The suite runs N=4; `make cluster-test N=16` (CLUSTER_HOSTS=16) runs the same tests with 16 hosts.
 """
@@ -13,12 +15,16 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import subprocess
+import time
 
 import pytest
 
 import netns
 from conftest import ENV, REPO, TINY_MODEL_FLAGS, assert_same_weights, python
+from test_elastic import FLAGS as ELASTIC_FLAGS
+from test_elastic import ElasticJob
 
 pytestmark = pytest.mark.cluster
 
@@ -75,6 +81,56 @@ def test_n_hosts_train_like_one_process_with_n_streams(tmp_path, cluster, equal_
     reference = json.loads((one_process / "summary.json").read_text())
     assert summary["val_bpc"] == pytest.approx(reference["val_bpc"], rel=1e-5)
     assert_same_weights(one_process, model_dir)
+
+
+def test_an_elastic_job_survives_losing_a_host_and_grows_back(tmp_path, cluster, tiny_data):
+    """launch/elastic.sh on host 1 over a hosts file listing every host. Host N crashes mid-run and is unlisted
+    (as a health check would); the job goes on with N-1 ranks; the host comes back (address, link, sshd) and is
+    listed again; the job grows back to N. The global batch, N x (N-1) streams, divides over both worlds
+    (240 = 16 x 15 = 15 x 16). SIGTERM then stops every rank at one step with equal weights, and a rerun with
+    more steps continues from the checkpoint."""
+    n = HOSTS
+    listing = [f"{name}:1\n" for name in cluster.names]
+    job = ElasticJob(tmp_path, tiny_data, steps=100_000, hosts="".join(listing), prefix=cluster.command(1, REPO),
+                     args=["--iface", netns.IFACE, "--min-np", str(n - 1), f"--batch_size_per_worker={n - 1}",
+                           "--log_every=1", "--commit_every=2", "--checkpoint_every=10"])
+    timeout = 300 + 30 * n
+    try:
+        at = job.wait_for("[train] step 5/", timeout=timeout)
+        cluster.lose(n)
+        lost = time.monotonic()
+        job.hosts.write_text("".join(listing[:-1]))
+        at = job.wait_for(f"[train] {n - 1} rank(s)", after=at, timeout=timeout)
+        at = job.wait_for("[train] step ", after=at, timeout=timeout)
+        recovery = time.monotonic() - lost
+        for _ in range(2):  # and goes on there
+            at = job.wait_for("[train] step ", after=at, timeout=timeout)
+        logins_before = cluster.sshd_logs[n - 1].read_text().count("Accepted publickey")
+        cluster.restore(n)
+        back = time.monotonic()
+        job.hosts.write_text("".join(listing))
+        at = job.wait_for(f"[train] {n} rank(s)", after=at, timeout=timeout)
+        at = job.wait_for("[train] step ", after=at, timeout=timeout)
+        regrowth = time.monotonic() - back
+        os.kill(job.proc.pid, signal.SIGTERM)
+        status = job.proc.wait(timeout)
+    finally:
+        job.kill()
+    log = job.log.read_text(errors="replace")
+    assert status == 75, log[-3000:]
+    summary = json.loads((job.model_dir / "summary.json").read_text())
+    sizes, final = summary["steps_at_world_size"], summary["final_step"]
+    print(f"\n[cluster] elastic, {n} hosts: lost host {n} after step 5, first step on {n - 1} ranks {recovery:.0f} s "
+          f"later; host back, first step on {n} ranks {regrowth:.0f} s later; steps at each world size {sizes}")
+    assert set(sizes) == {str(n), str(n - 1)} and sum(sizes.values()) == final, sizes
+    assert summary["world_size"] == n and summary["global_batch"] == n * (n - 1)
+    assert summary["replicas_in_sync"] is True and summary["stopped_early"], summary
+    # The new worker on host n came in over ssh after the host was back.
+    assert cluster.sshd_logs[n - 1].read_text().count("Accepted publickey") > logins_before
+    rerun = python("train.py", *ELASTIC_FLAGS, f"--batch_size_per_worker={n * (n - 1)}", f"--train_steps={final + 2}",
+                   f"--data_dir={tiny_data}", f"--model_dir={job.model_dir}", check=True, timeout=600)
+    assert f"ckpt-{final} at step {final}" in rerun.stdout, rerun.stdout
+    assert json.loads((job.model_dir / "summary.json").read_text())["final_step"] == final + 2
 
 
 def test_hosts_have_their_own_names_and_are_removed_even_when_the_test_fails(tmp_path):

@@ -13,6 +13,7 @@ import re
 
 import numpy as np
 import pytest
+import tensorflow as tf
 
 from conftest import (HOROVODRUN, PYTHON, TINY_MODEL_FLAGS, assert_same_weights, horovodrun, python, run,
                       write_shards)
@@ -159,3 +160,49 @@ def test_adasum_under_gloo_is_one_line_from_every_rank(tmp_path, two_record_data
     assert len(errors) == 2 and all("horovodrun --mpi" in line for line in errors), output[-3000:]
     assert "]<stderr>:Traceback" not in output and "No Adasum operation enabled" not in output
     assert not (tmp_path / "gloo" / "checkpoints").exists()
+
+
+@pytest.mark.multiproc
+def test_ranks_started_with_different_flags_stop_with_one_line_before_training(tmp_path, two_record_data):
+    """Different --train_steps would hang the longer rank in a collective; a different --learning_rate would
+    drift silently. The ranks compare their settings first."""
+    flags = " ".join([*FLAGS, f"--model_dir={tmp_path}/run", f"--data_dir={two_record_data}", "--batch_size_per_worker=2"])
+    per_rank = '$([ "$HOROVOD_RANK" = 1 ] && echo "--learning_rate=2e-3 --train_steps=3" || echo --train_steps=4)'
+    proc = run([HOROVODRUN, "--gloo", "-np", "2", "-H", "localhost:2", "bash", "-c",
+                f"exec {PYTHON} train.py {flags} {per_rank}"], timeout=300)
+    assert proc.returncode != 0
+    errors = {line.split(">:", 1)[-1] for line in (proc.stdout + proc.stderr).splitlines() if "error:" in line}
+    assert errors == {"error: the ranks were started with different settings: --learning_rate is 0.003 on rank 0, "
+                      "0.002 on rank 1; --train_steps is 4 on rank 0, 3 on rank 1"}, proc.stderr[-3000:]
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+@pytest.mark.unit
+def test_ranks_with_different_settings_are_one_line_naming_them(monkeypatch):
+    ranks = [{"train_steps": 100, "learning_rate": 1e-3, "seed": 0},
+             {"train_steps": 50, "learning_rate": 2e-3, "seed": 0}]
+    monkeypatch.setattr(dist.hvd, "size", lambda: 2)
+    monkeypatch.setattr(dist.hvd, "allgather_object", lambda value: ranks)
+    with pytest.raises(ValueError) as error:
+        dist.agree_on(ranks[0])
+    assert str(error.value) == ("the ranks were started with different settings: --train_steps is 100 on rank 0, 50 "
+                                "on rank 1; --learning_rate is 0.001 on rank 0, 0.002 on rank 1")
+    monkeypatch.setattr(dist.hvd, "allgather_object", lambda value: [ranks[0], ranks[0]])
+    dist.agree_on(ranks[0])
+
+
+@pytest.mark.unit
+def test_replicas_are_identical_only_byte_for_byte(monkeypatch):
+    import hashlib
+
+    variables = [tf.Variable(np.linspace(0, 1, 50, dtype=np.float32)), tf.Variable(np.ones([3, 4], np.float32))]
+    mine = hashlib.sha256(b"".join(v.numpy().tobytes() for v in variables)).hexdigest()
+    one_ulp = variables[0].numpy().copy()
+    one_ulp[7] = np.nextafter(one_ulp[7], np.float32(2))
+    other = hashlib.sha256(one_ulp.tobytes() + variables[1].numpy().tobytes()).hexdigest()
+    monkeypatch.setattr(dist.hvd, "size", lambda: 2)
+    monkeypatch.setattr(dist.hvd, "allgather_object", lambda digest: [digest, mine])
+    assert dist.replicas_identical(variables)
+    monkeypatch.setattr(dist.hvd, "allgather_object", lambda digest: [digest, other])
+    assert not dist.replicas_identical(variables)
+

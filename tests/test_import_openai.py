@@ -172,11 +172,11 @@ def test_non_empty_target_is_refused(tmp_path):
 
 @pytest.mark.unit
 def test_a_failed_write_leaves_nothing(tmp_path, monkeypatch):
-    from horovod_mlstm import import_openai
+    from horovod_mlstm.checkpoint import Checkpointer
 
     def disk_full(self, step):
         raise OSError(28, "No space left on device")
 
     write_release(tmp_path / "npy")
-    monkeypatch.setattr(import_openai.Checkpointer, "save", disk_full)
+    monkeypatch.setattr(Checkpointer, "save", disk_full)
     assert "No space left on device" in release_error(tmp_path / "npy", tmp_path / "model")

@@ -1,4 +1,5 @@
-"""The shared featuriser: batched, sorted, masked and chunked equals reading each text alone, for every readout."""
+"""The shared featuriser: batched, sorted, masked, chunked and windowed equals reading each text alone, for every
+readout, in input order; a stream of texts is read a window at a time."""
 
 import numpy as np
 import pytest
@@ -24,6 +25,8 @@ def read_alone(model, data: bytes) -> dict:
 @pytest.mark.parametrize("text_prep", ["project", "radford"])
 def test_batched_masked_features_equal_one_text_at_a_time(tiny_model_dir, text_prep):
     featurizers = {r: Featurizer(str(tiny_model_dir), text_prep, r, batch_size=3, chunk=7) for r in READOUTS}
+    for featurizer in featurizers.values():
+        featurizer.window = 4  # two windows of texts, each sorted on its own and put back in input order
     model = featurizers["final_cell"].model
     expected = [read_alone(model, encode(t, text_prep)) for t in TEXTS]
     for readout, featurizer in featurizers.items():
@@ -55,5 +58,38 @@ def test_identity_names_the_checkpoint_and_settings(tiny_model_dir):
 def test_unusable_config_json_is_one_clear_error(tmp_path):
     for text in ('{"hidden_', '{"hidden_size": 8, "layers": 2}'):
         (tmp_path / "config.json").write_text(text)
-        with pytest.raises(ValueError, match=r"config.json is not a model config written by train.py"):
+        with pytest.raises(ValueError, match=r"config.json is not a model config written by this project"):
             load_trained_model(str(tmp_path))
+
+
+def test_a_stream_is_read_one_window_at_a_time(tiny_model_dir):
+    """Memory follows the window, not the input: the first window's features come out before the texts
+    after it are even read, and every window's features are those of its texts in their order."""
+    featurizer = Featurizer(str(tiny_model_dir), batch_size=2, chunk=16)
+    featurizer.window = 3
+    pulled = []
+
+    def texts():
+        for i in range(8):
+            pulled.append(i)
+            yield TEXTS[i % len(TEXTS)]
+
+    stream = featurizer.stream(texts(), readouts=["mean_hidden"])
+    first = next(stream)["mean_hidden"]
+    assert first.shape == (3, 32) and len(pulled) == 3
+    rest = [window["mean_hidden"] for window in stream]
+    assert [len(w) for w in rest] == [3, 2] and len(pulled) == 8
+    expected = featurizer.transform_all([TEXTS[i % len(TEXTS)] for i in range(8)], readouts=["mean_hidden"])
+    np.testing.assert_array_equal(np.concatenate([first, *rest]), expected["mean_hidden"])
+
+
+def test_batches_hold_texts_of_similar_length(tiny_model_dir):
+    """Within a window texts are sorted by length before batching, so padding does not dominate."""
+    featurizer = Featurizer(str(tiny_model_dir), batch_size=4, chunk=64)
+    texts = [("x" * 200 if i % 2 else "y") for i in range(16)]  # long and short interleaved
+    batches = []
+    read = featurizer._batch
+    featurizer._batch = lambda encoded: batches.append([len(e) for e in encoded]) or read(encoded)
+    features = featurizer.transform(texts)
+    assert sorted(map(max, batches)) == [2, 2, 201, 201] and all(max(b) == min(b) for b in batches)
+    np.testing.assert_array_equal(features[0::2], np.repeat(features[:1], 8, axis=0))  # input order kept

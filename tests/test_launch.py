@@ -3,6 +3,7 @@ clear errors (one line, rank 0's error last), paths from the caller's directory,
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import pathlib
@@ -30,8 +31,8 @@ def launch(script, *args, cwd=REPO, **kw):
 def test_horovodrun_dry_run_for_16_dgx1_nodes():
     out = launch("horovodrun.sh", "--hostfile", DGX, "--dry-run", "--flagfile=configs/paper_32k.cfg",
                  check=True).stdout
-    assert re.search(r"horovodrun -np 128 -H dgx01:8,dgx02:8,.*,dgx16:8 \S+python \S+/train.py "
-                     r"--flagfile=configs/paper_32k.cfg$", out.strip()), out
+    assert re.search(r"horovodrun -np 128 -H dgx01:8,dgx02:8,.*,dgx16:8 --stall-check-shutdown-time-seconds 600 "
+                     r"\S+python \S+/train.py --flagfile=configs/paper_32k.cfg$", out.strip()), out
 
 
 @pytest.mark.cli
@@ -47,7 +48,9 @@ def test_mpirun_dry_run_has_horovods_multinode_settings():
 @pytest.mark.cli
 def test_slurm_dry_run_is_128_tasks():
     out = launch("slurm.sbatch", "--dry-run", "--flagfile=configs/paper_32k.cfg", check=True).stdout
-    assert "srun --ntasks=128 --ntasks-per-node=8 --gpus-per-task=1" in out and "paper_32k.cfg" in out
+    assert out.startswith("env HOROVOD_STALL_SHUTDOWN_TIME_SECONDS=600 srun --ntasks=128 --ntasks-per-node=8 "
+                          "--gpus-per-task=1") and "paper_32k.cfg" in out
+    assert " --kill-on-bad-exit=1 " in out  # a rank that ends the job on a stall ends every task
     header = (REPO / "launch" / "slurm.sbatch").read_text()
     assert "#SBATCH --nodes=16" in header and "#SBATCH --ntasks-per-node=8" in header
 
@@ -65,6 +68,62 @@ def test_bad_hostfiles_and_too_many_processes(tmp_path, script, hostfile, args, 
     proc = launch(script, "--hostfile", str(tmp_path / hostfile), *args, "--dry-run")
     assert proc.returncode != 0
     assert proc.stderr.strip().count("\n") == 0 and message in proc.stderr
+
+
+PAYLOAD = "x;touch${IFS}%s;true"  # a "host name" that a shell would run: ssh x, then touch MARKER
+
+
+@pytest.mark.cli
+@pytest.mark.parametrize("script, hostfile_line", [("horovodrun.sh", "{} slots=1"), ("mpirun.sh", "{} slots=1"),
+                                                   ("elastic.sh", "{}:1"), ("elastic.sh", "{} slots=1")])
+def test_a_host_name_that_is_shell_code_never_runs(tmp_path, script, hostfile_line):
+    """Not a dry run: were the line let through, horovodrun would put it into an ssh command line (it did, before
+    host lists were checked). Every launcher stops at the line instead, with one line naming file:line."""
+    marker = tmp_path / "pwned"
+    hostfile = tmp_path / "hosts.txt"
+    hostfile.write_text("# the cluster\n" + hostfile_line.format("localhost") + "\n"
+                        + hostfile_line.format(PAYLOAD % marker) + "\n")
+    proc = launch(script, "--hostfile", str(hostfile), "--iface", "lo", "--np", "1", "--train_steps=1",
+                  cwd=tmp_path, timeout=120)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
+    assert f"{hostfile}:3: expected " in proc.stderr and "a host name is letters, digits" in proc.stderr
+    assert not marker.exists()
+
+
+@pytest.mark.cli
+def test_a_discovery_scripts_output_is_checked_at_start_and_every_time_horovodrun_asks(tmp_path):
+    """elastic.sh --discovery S: horovodrun runs hostfiles/discover_hosts.sh, which runs S and passes its lines on
+    only when every one is a plain "host:N"; a bad one prints nothing and one line (horovodrun then keeps the hosts
+    it has), and elastic.sh refuses to start on it."""
+    marker = tmp_path / "pwned"
+    script = tmp_path / "discover.sh"
+    script.write_text(f"#!/bin/sh\necho localhost:1\necho '{PAYLOAD % marker}:1'\n")
+    script.chmod(0o755)
+    proc = launch("elastic.sh", "--discovery", str(script), "--iface", "lo", "--train_steps=1", cwd=tmp_path,
+                  timeout=120)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
+    assert f"discovery script {script}, line 2 of its output: expected 'host:N', got" in proc.stderr
+    discovered = run([f"{REPO}/hostfiles/discover_hosts.sh"], env={"HOROVOD_MLSTM_DISCOVERY": str(script)})
+    assert discovered.returncode == 1 and discovered.stdout == "" and discovered.stderr.count("\n") == 1
+    assert not marker.exists()
+    script.write_text("#!/bin/sh\necho localhost:1\necho node-2.example_b:4\n")
+    discovered = run([f"{REPO}/hostfiles/discover_hosts.sh"], env={"HOROVOD_MLSTM_DISCOVERY": str(script)})
+    assert discovered.returncode == 0 and discovered.stdout == "localhost:1\nnode-2.example_b:4\n"
+    dry = launch("elastic.sh", "--discovery", str(script), "--dry-run", check=True).stdout
+    assert dry.startswith(f"env HOROVOD_MLSTM_DISCOVERY={script} ") and "hostfiles/discover_hosts.sh" in dry
+    script.write_text("#!/bin/sh\necho 'no scheduler here' >&2\nexit 3\n")
+    failed = launch("elastic.sh", "--discovery", str(script), "--dry-run")
+    assert failed.returncode == 2 and failed.stderr == (f"discover_hosts.sh: discovery script {script} failed "
+                                                        "(status 3): no scheduler here\n")
+
+
+@pytest.mark.cli
+@pytest.mark.parametrize("line", ["-oProxyCommand slots=1", ".hidden slots=1", "node1 slots=0", "node1:1",
+                                  "node1 slots=2 extra", "nöde slots=1", "node$(id) slots=1"])
+def test_static_hostfile_lines_that_are_not_plain_host_names(tmp_path, line):
+    (tmp_path / "hosts.txt").write_text(f"{line}\n")
+    proc = launch("horovodrun.sh", "--hostfile", str(tmp_path / "hosts.txt"), "--dry-run")
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and ":1: expected 'host slots=N'" in proc.stderr
 
 
 @pytest.mark.multiproc
@@ -112,14 +171,19 @@ def elastic_hosts(tmp_path):
     return {"HOROVOD_MLSTM_ELASTIC_HOSTS": str(tmp_path / "hosts.txt")}
 
 
-# launcher options -> horovodrun's flags, and the variables Horovod reads under mpirun/srun ({d}: the caller's dir)
+# launcher options -> horovodrun's flags, and the variables Horovod reads under mpirun/srun ({d}: the caller's dir);
+# the stall shutdown is there by default (600 s), and a shutdown time of 60 s or less brings the warning time down
+DEFAULT_STALL = ("--stall-check-shutdown-time-seconds 600", "HOROVOD_STALL_SHUTDOWN_TIME_SECONDS=600")
 TOOLS = [
-    (["--timeline", "tl.json"], "--timeline-filename {d}/tl.json", ["HOROVOD_TIMELINE={d}/tl.json"]),
-    (["--autotune", "--autotune_log=tune.csv"], "--autotune --autotune-log-file {d}/tune.csv",
-     ["HOROVOD_AUTOTUNE=1", "HOROVOD_AUTOTUNE_LOG={d}/tune.csv"]),
+    (["--timeline", "tl.json"], "--timeline-filename {d}/tl.json " + DEFAULT_STALL[0],
+     ["HOROVOD_TIMELINE={d}/tl.json", DEFAULT_STALL[1]]),
+    (["--autotune", "--autotune_log=tune.csv"], "--autotune --autotune-log-file {d}/tune.csv " + DEFAULT_STALL[0],
+     ["HOROVOD_AUTOTUNE=1", "HOROVOD_AUTOTUNE_LOG={d}/tune.csv", DEFAULT_STALL[1]]),
     (["--stall_check_warning_seconds", "30", "--stall_check_shutdown_seconds=90"],
      "--stall-check-warning-time-seconds 30 --stall-check-shutdown-time-seconds 90",
      ["HOROVOD_STALL_CHECK_TIME_SECONDS=30", "HOROVOD_STALL_SHUTDOWN_TIME_SECONDS=90"]),
+    (["--stall_check_shutdown_seconds=20"], "--stall-check-warning-time-seconds 10 --stall-check-shutdown-time-seconds 20",
+     ["HOROVOD_STALL_CHECK_TIME_SECONDS=10", "HOROVOD_STALL_SHUTDOWN_TIME_SECONDS=20"]),
     (["--no_stall_check"], "--no-stall-check", ["HOROVOD_STALL_CHECK_DISABLE=1"]),
 ]
 
@@ -160,6 +224,8 @@ def test_tool_names_are_horovods_own():
     (["--stall_check_warning_seconds", "abc"], "--stall_check_warning_seconds must be a positive whole number"),
     (["--stall_check_warning_seconds=60", "--stall_check_shutdown_seconds=30"],
      "--stall_check_shutdown_seconds (30) must exceed --stall_check_warning_seconds (60)"),
+    (["--stall_check_warning_seconds=700"],
+     "--stall_check_shutdown_seconds (600, the default) must exceed --stall_check_warning_seconds (700)"),
     (["--autotune_log", "tune.csv"], "--autotune_log needs --autotune"),
     (["--no_stall_check", "--stall_check_warning_seconds=5"], "--no_stall_check contradicts"),
     (["--timeline", "missing/tl.json"], "/missing/tl.json: directory "),
@@ -455,3 +521,111 @@ def test_docker_daemon_not_running_without_root_is_one_line():
     finally:
         shutil.rmtree(public)
     assert proc.returncode == 1 and proc.stderr == "[docker] error: dockerd is not running and starting it needs root\n"
+
+
+def rank_pids(rank: int, marker: str) -> list[int]:
+    """The train.py processes of `rank` (horovodrun's HOROVOD_RANK or Open MPI's rank) whose command line has `marker`."""
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            cmdline = pathlib.Path(f"/proc/{pid}/cmdline").read_bytes()
+            environ = pathlib.Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"train.py" in cmdline and marker.encode() in cmdline and (
+                f"HOROVOD_RANK={rank}".encode() in environ or f"OMPI_COMM_WORLD_RANK={rank}".encode() in environ):
+            found.append(int(pid))
+    return found
+
+
+@pytest.mark.multiproc
+@pytest.mark.parametrize("controller", ["--mpi", "--gloo"])
+def test_a_frozen_rank_ends_the_job_with_one_line_naming_it(tmp_path, tiny_data, controller):
+    """kill -STOP rank 1 of a 2-rank job: Horovod's stall check alone never ends it (MPI waits forever, silently),
+    the ranks' heartbeat watch does, after the stall shutdown time; the last line names rank 1, and the last
+    checkpoint resumes."""
+    model_dir = tmp_path / "run"
+    flags = [*TINY_MODEL_FLAGS, "--lr_decay=constant", "--train_steps=100000", "--checkpoint_every=10",
+             f"--data_dir={tiny_data}", f"--model_dir={model_dir}"]
+    out, err = (tmp_path / "out.txt").open("w+"), (tmp_path / "err.txt").open("w+")
+    proc = subprocess.Popen(["bash", f"{REPO}/launch/horovodrun.sh", controller, "--np", "2",
+                             "--stall_check_shutdown_seconds=10", *flags], env=ENV, stdout=out, stderr=err)
+    frozen = []
+    try:
+        deadline = time.time() + 300
+        while "[train] step 25/" not in (tmp_path / "out.txt").read_text():
+            assert proc.poll() is None and time.time() < deadline, (tmp_path / "err.txt").read_text()[-3000:]
+            time.sleep(0.2)
+        frozen = rank_pids(1, str(model_dir))
+        assert len(frozen) == 1, frozen
+        os.kill(frozen[0], signal.SIGSTOP)
+        stopped = time.time()
+        status = proc.wait(timeout=120)
+        ended_after = time.time() - stopped
+    finally:
+        for pid in frozen:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        if proc.poll() is None:
+            proc.kill()
+    stderr = (tmp_path / "err.txt").read_text()
+    assert status not in (0, 75), stderr[-3000:]
+    assert re.fullmatch(r"error: rank 1 stalled: its heartbeat stopped and no step has finished for \d+ s "
+                        r"\(last step \d+\); ending the job \(stall shutdown after 10 s\)", last_line(stderr)), stderr[-3000:]
+    print(f"\n[stall] {controller}: SIGSTOP of rank 1 to the launcher's exit {ended_after:.1f} s, status {status}")
+    assert ended_after < 60
+    last = int(re.findall(r"checkpoint \S+/ckpt-(\d+)", stderr)[-1])
+    rerun = python("train.py", *flags, "--batch_size_per_worker=8", f"--train_steps={last + 2}", check=True)
+    assert f"ckpt-{last} at step {last}" in rerun.stdout, rerun.stdout
+
+
+# What Horovod 0.28.1 prints when its stall check shuts a job down (here under mpirun's --tag-output), and the
+# heartbeat watch's line from rank 1 when rank 0 is the frozen one (horovodrun+Gloo's tag).
+HOROVOD_STALL_SHUTDOWN = """[1,0]<stderr>:Missing ranks:
+[1,0]<stderr>:1: [HorovodAllreduce][1,0]<stderr>:
+[1,0]<stderr>:Missing ranks:
+[1,0]<stderr>:1!: [HorovodAllreduce]
+[1,0]<stderr>:3!: [HorovodAllreduce_grads_0]
+[1,0]<stderr>:One or more rank (marked by "!") is stalled for longer than 15 seconds. Will shutdown.[1,0]<stderr>:
+[1,0]<stderr>:error: Horovod shut the job down (a rank stalled past the stall shutdown time, left or failed)
+"""
+
+
+@pytest.mark.cli
+@pytest.mark.parametrize("log, line", [
+    (HOROVOD_STALL_SHUTDOWN, "error: ranks 1, 3 stalled: Horovod's stall check found them missing from a collective "
+                             "past the stall shutdown time and shut the job down"),
+    ("0: error: rank 2 stalled: its heartbeat stopped\n1: error: later\n", "error: rank 2 stalled: its heartbeat stopped"),
+    ("[1]<stderr>:error: rank 0 stalled: its heartbeat stopped\n", "error: rank 0 stalled: its heartbeat stopped"),
+    ("[1,1]<stderr>:error: one\n[1,0]<stderr>:error: zero[1,0]<stderr>:\n", "error: zero"),
+])
+def test_the_last_line_of_a_failed_job(tmp_path, log, line):
+    (tmp_path / "stderr.txt").write_text(log)
+    proc = run(["bash", "-c", f'source "{REPO}/launch/common.sh" && job_error "$1"', "bash", str(tmp_path / "stderr.txt")],
+               check=True)
+    assert proc.stdout == line + "\n"
+
+
+@pytest.mark.unit
+def test_the_stall_watch_names_the_peer_whose_heartbeat_stopped(tmp_path):
+    from horovod_mlstm import stallwatch
+
+    assert stallwatch.shutdown_seconds({"HOROVOD_STALL_SHUTDOWN_TIME_SECONDS": "30"}) == 30
+    assert stallwatch.shutdown_seconds({"HOROVOD_STALL_SHUTDOWN_TIME_SECONDS": "30",
+                                        "HOROVOD_STALL_CHECK_DISABLE": "1"}) == 0
+    assert stallwatch.shutdown_seconds({}) == 0
+    ended = []
+    watch = stallwatch.StallWatch(str(tmp_path), rank=0, world=3, seconds=1)
+    watch._end = ended.append  # the real one ends the process
+    watch.start()
+    watch.progress(7)
+    deadline = time.time() + 30
+    try:
+        while not ended and time.time() < deadline:  # rank 1 beats, rank 2 never does
+            (tmp_path / "heartbeats" / "rank-1").write_text(str(time.time()))
+            time.sleep(0.2)
+    finally:
+        watch.stop()
+    assert ended and re.fullmatch(r"rank 2 stalled: its heartbeat stopped and no step has finished for \d+ s "
+                                  r"\(last step 7\); ending the job \(stall shutdown after 1 s\)", ended[0]), ended
+    assert (tmp_path / "heartbeats" / "rank-0").read_text().split()[2] == "7"

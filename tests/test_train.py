@@ -1,4 +1,5 @@
-"""train.py end to end in one process: bad flags, a real run, and resume after kill -9."""
+"""train.py: its error path, a real run, resume after kill -9, one job per model dir, and the order of an
+elastic commit. Flag validation case by case is in test_flags.py (in process)."""
 
 from __future__ import annotations
 
@@ -16,16 +17,9 @@ from conftest import ENV, PYTHON, REPO, TINY_MODEL_FLAGS, assert_same_weights, l
 
 @pytest.mark.cli
 @pytest.mark.parametrize("args, message", [
-    (["--no_such_flag=1"], "no_such_flag"),
-    (["--warmup_steps=50", "--train_steps=10"], "--warmup_steps (50) must be below the decay horizon"),
-    (["--batch_size_per_worker=0"], "--batch_size_per_worker must be at least 1"),
-    (["--precision=fp8"], "precision"),
-    (["--cycle_time_ms=-1"], "--cycle_time_ms must be a finite number >= 0"),
-    (["--cycle_time_ms=nan"], "--cycle_time_ms must be a finite number >= 0"),
-    (["--clip_norm=inf"], "--clip_norm must be a finite number >= 0"),
-    (["--gradient_reduction=sum"], "gradient_reduction"),
-    (["--gradient_reduction=adasum", "--elastic"], "--gradient_reduction=adasum does not work with --elastic"),
-    (["--data_dir=/nonexistent/data"], "data directory '/nonexistent/data' does not exist"),
+    (["--no_such_flag=1"], "no_such_flag"),  # absl's own refusal
+    (["--batch_size_per_worker=0"], "--batch_size_per_worker must be at least 1"),  # the config's
+    (["--data_dir=/nonexistent/data"], "data directory '/nonexistent/data' does not exist"),  # the job's
 ])
 def test_bad_flags_fail_fast_with_one_clear_line(tmp_path, args, message):
     proc = python("train.py", f"--model_dir={tmp_path}/m", *args, timeout=120)
@@ -126,3 +120,63 @@ def test_milestones_are_model_dirs_kept_at_character_counts(tmp_path, tiny_data)
     python("-m", "horovod_mlstm.evaluate", f"--model_dir={found[0]}", f"--data_dir={tiny_data}", "--split=val",
            "--batch_size_per_worker=4", "--seq_length=32", f"--output={out}", check=True)
     assert json.loads(out.read_text())["bpc"] > json.loads((model_dir / "summary.json").read_text())["val_bpc"]
+
+
+@pytest.mark.multiproc
+def test_a_second_job_on_a_model_dir_is_refused_and_a_killed_one_blocks_nothing(tmp_path, tiny_data):
+    """Two jobs on one --model_dir would delete each other's checkpoints: the second is refused in one line
+    naming the first, which trains on; once the first is killed with -9, the same command resumes."""
+    model_dir = tmp_path / "run"
+    flags = [f"--model_dir={model_dir}", f"--data_dir={tiny_data}", "--checkpoint_every=5", *TINY_MODEL_FLAGS]
+    first = subprocess.Popen([PYTHON, "train.py", *flags, "--train_steps=100000"], cwd=REPO, env=ENV,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 300
+        while not tf.train.latest_checkpoint(str(model_dir / "checkpoints")):
+            assert first.poll() is None and time.time() < deadline, "the first job did not reach a checkpoint"
+            time.sleep(0.1)
+        second = python("train.py", *flags, "--train_steps=20", "--checkpoint_every=1", timeout=300)
+        assert second.returncode != 0
+        assert last_line(second.stderr).startswith(f"error: --model_dir {model_dir} is in use by pid {first.pid} on ")
+        assert first.poll() is None
+    finally:
+        first.kill()
+        first.wait()
+    resumed = python("train.py", *flags, "--train_steps=100000", "--max_runtime_minutes=0.001", timeout=300)
+    assert resumed.returncode == 75 and "resumed from" in resumed.stdout, resumed.stderr[-2000:]
+
+
+@pytest.mark.unit
+def test_an_elastic_commit_keeps_the_previous_commits_state_until_it_is_done(tmp_path):
+    """A worker lost during the checkpoint before a commit rolls every rank back to the previous commit,
+    whose RNN state must therefore still be on disk when commit() runs; it goes only afterwards."""
+    from horovod_mlstm import distributed as dist
+    from horovod_mlstm import train
+    from horovod_mlstm.flags import TrainConfig
+    from horovod_mlstm.model import build_model
+
+    dist.init()
+    cfg = TrainConfig(model_dir=str(tmp_path), hidden_size=8, embed_size=4, batch_size_per_worker=2,
+                      checkpoint_every=20, commit_every=10, train_steps=100, warmup_steps=1, elastic=True)
+    model = build_model(cfg.model_config())
+    schedule, optimizer = train.build_optimizer(cfg, 1e-3, model.trainable_variables)
+    state = train.TrainState(2, 8)
+    streams = train.Streams(cfg.data_path, 2, 2, cfg.seq_length)
+    checkpoints = train.Checkpoints(cfg, model, optimizer, state, streams)
+    checkpoints.load_state(0, 2)
+    job = train.Job(cfg, streams, model, optimizer, schedule, 1e-3, state, checkpoints, None, None, None, None)
+    progress = train.Progress(first_step=0, history=[], last_checkpoint=None, resumed_from=None, last_commit=0)
+    on_disk_at_commit = []
+
+    class Elastic:
+        world_steps = {}
+
+        def commit(self):
+            on_disk_at_commit.append(sorted(p.name for p in (tmp_path / "checkpoints").glob("rnn_state-*")))
+
+    for step in (10, 20):
+        state.step.assign(step)
+        train.save_checkpoint(job, progress, 0, 2, False, Elastic(), {1: step})
+    assert on_disk_at_commit == [["rnn_state-10"], ["rnn_state-10", "rnn_state-20"]]
+    assert sorted(p.name for p in (tmp_path / "checkpoints").glob("rnn_state-*")) == ["rnn_state-20"]
+    assert progress.last_commit == 20

@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 
 from conftest import TINY_MODEL_FLAGS, last_line, python
-from horovod_mlstm.experiments.transfer_suite import (Split, Task, load_tasks, score_readouts, stratified_order,
-                                                      tfidf_rows)
+from horovod_mlstm.experiments.transfer_suite import load_tasks, score_readouts, tfidf_rows
 from horovod_mlstm.inference import READOUTS, Featurizer
+from horovod_mlstm.tasks import Split, Task, stratified_order
 from horovod_mlstm.textfiles import InputError
 
 POSITIVE, NEGATIVE = ["great", "lovely", "superb", "fun"], ["awful", "boring", "broken", "dull"]
@@ -82,35 +82,24 @@ def test_stratified_order_prefixes_keep_proportions_and_slices_are_disjoint():
     assert not np.array_equal(order, stratified_order(labels, seed=8))
 
 
-def flipped_test(task: Task) -> Task:
-    """The same task with every test label flipped: anything chosen on test would change."""
-    splits = dict(task.splits)
-    splits["test"] = Split(task.splits["test"].texts, 1 - task.splits["test"].labels, task.splits["test"].source)
-    return Task(task.name, task.classes, splits)
-
-
 @pytest.mark.unit
-def test_readout_and_c_are_chosen_on_val_never_on_test():
+def test_each_readout_is_a_row_and_the_one_chosen_on_val_is_marked():
     rng = np.random.default_rng(0)
-    labels = {s: rng.integers(0, 2, n) for s, n in (("train", 60), ("val", 40), ("test", 40))}
-    # Each readout carries the label with a different amount of noise, so they score differently.
+    labels = {s: rng.integers(0, 2, n) for s, n in (("train", 60), ("val", 40), ("test", 40), ("final_test", 80))}
     features = {s: {r: y[:, None] * (k + 1) * 0.3 + rng.normal(size=(len(y), 6)) for k, r in enumerate(READOUTS)}
                 for s, y in labels.items()}
-    task = Task("toy", ["0", "1"], {s: Split([""] * len(y), y, {}) for s, y in labels.items()})
-    rows, flipped = score_readouts(task, features), score_readouts(flipped_test(task), features)
+    task = Task("toy", ["0", "1"], {s: Split("toy.csv", [""] * len(y), y, {}) for s, y in labels.items()})
+    rows = score_readouts(task, features)
+    assert [r["readout"] for r in rows] == list(READOUTS) and all(0 <= r["final_test_accuracy"] <= 1 for r in rows)
     chosen = [r for r in rows if r["chosen_on_val"]]
     assert len(chosen) == 1 and chosen[0]["val_accuracy"] == max(r["val_accuracy"] for r in rows)
-    for a, b in zip(rows, flipped):
-        assert (a["C"], a["val_accuracy"], a["chosen_on_val"]) == (b["C"], b["val_accuracy"], b["chosen_on_val"])
-        assert b["test_accuracy"] == pytest.approx(1 - a["test_accuracy"])
 
-    rows = reviews(60, 1)
-    texts = {"train": rows[:30], "val": rows[30:45], "test": rows[45:]}
-    task = Task("toy", ["0", "1"], {s: Split([t for _, t in v], np.array([y for y, _ in v]), {})
-                                    for s, v in texts.items()})
-    (a,), (b,) = tfidf_rows(task, "project"), tfidf_rows(flipped_test(task), "project")
-    assert (a["C"], a["val_accuracy"]) == (b["C"], b["val_accuracy"])
-    assert b["test_accuracy"] == pytest.approx(1 - a["test_accuracy"]) and a["test_accuracy"] > 0.8
+    reviewed = reviews(60, 1)
+    splits = {"train": reviewed[:30], "val": reviewed[30:45], "test": reviewed[45:]}
+    task = Task("toy", ["0", "1"], {s: Split("toy.csv", [t for _, t in v], np.array([y for y, _ in v]), {})
+                                    for s, v in splits.items()})
+    (row,) = tfidf_rows(task, "project")
+    assert row["system"] == "tfidf" and row["chosen_on_val"] and row["test_accuracy"] > 0.8
 
 
 def suite_flags(sst, imdb, **overrides):
@@ -145,7 +134,7 @@ def test_bad_inputs_are_one_clear_line(task_dirs, tmp_path):
 
 
 @pytest.mark.cli
-def test_suite_end_to_end_then_a_rerun_featurises_nothing(pretrained, task_dirs, tiny_data, tmp_path):
+def test_suite_end_to_end_then_a_rerun_reads_every_model_back(pretrained, task_dirs, tiny_data, tmp_path):
     sst, imdb = task_dirs
     out = tmp_path / "suite"
     args = ["-m", "horovod_mlstm.experiments.transfer_suite", f"--model_dir={pretrained}", f"--out_dir={out}",
@@ -181,16 +170,21 @@ def test_suite_end_to_end_then_a_rerun_featurises_nothing(pretrained, task_dirs,
     # Every model reads 3 + 3 splits; the final model's IMDB test set is the first reviews of its full
     # one (read once, sliced).
     assert first.stdout.count("featurised") == 4 * (3 + 3) and "fits from the cache" not in first.stdout
+    cached = sorted(p.name for p in (out / "features" / "final").iterdir())
+    assert cached == ["bpc.json", "fits-imdb.json", "fits-sst.json", "imdb-final_test.npz", "imdb-train.npz",
+                      "imdb-val.npz", "sst-test.npz", "sst-train.npz", "sst-val.npz"]
 
-    # Rerun with a demo model that is the final model under another name: every feature, BPC and the
-    # untrained weights are read back. Only the demo's IMDB test rows are read (a baseline is not
-    # scored on the full test set, so they are not a slice of one) and its IMDB classifier fitted.
+    # Rerun, now with a demo model: every other model's features, fits and BPC and the untrained weights are
+    # read back from the cache; only the demo (the final model under another name) is featurised and fitted.
     again = python(*args, f"--demo_model_dir={pretrained}", check=True, timeout=600)
     featurised = [line for line in again.stdout.splitlines() if "featurised" in line]
-    assert len(featurised) == 1 and "demo imdb/test: featurised 20 texts" in featurised[0], again.stdout
-    assert again.stdout.count("fits from the cache") == 9  # 5 models x 2 tasks but the demo's IMDB
+    assert len(featurised) == 6 and all(line.startswith("[transfer_suite] demo ") for line in featurised), again.stdout
+    assert again.stdout.count("fits from the cache") == 8 and "recomputing" not in again.stderr
     rerun = json.loads((out / "results.json").read_text())
     assert rerun["skipped"] == [] and {r["system"] for r in rerun["rows"]} == set(models) | {"demo", "tfidf"}
     same = [r for r in rerun["rows"] if r["system"] != "demo"]
     assert [(r["system"], r["test_accuracy"]) for r in same] == [(r["system"], r["test_accuracy"])
                                                                  for r in results["rows"]]
+    demo = {(r["task"], r["readout"]): r["test_accuracy"] for r in rerun["rows"] if r["system"] == "demo"}
+    final = {(r["task"], r["readout"]): r["test_accuracy"] for r in rerun["rows"] if r["system"] == "final"}
+    assert demo["sst", "mean_hidden"] == final["sst", "mean_hidden"]  # the same weights: the same classifier

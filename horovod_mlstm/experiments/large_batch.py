@@ -53,6 +53,7 @@ import sys
 from absl import app, flags, logging
 
 from horovod_mlstm import jobs
+from horovod_mlstm.experiments import report
 from horovod_mlstm.schedule import peak_learning_rate
 
 POLICIES = ("linear", "sqrt", "schedule", "none", "adasum")
@@ -189,50 +190,43 @@ def policy_name(policy: str, cap: float | None) -> str:
 
 
 def write_report(base_lr: float, tuning: list[dict], results: list[dict], out_dir: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     def shown(r):
         return f"**{r['outcome']}**" if r["outcome"] != "stable" else "stable"
 
-    lines = [f"Base LR tuned at the reference batch: **{base_lr:.4g}**", "",
-             "| tuning: LR at the reference batch | mean val BPC over the run | final val BPC | outcome |",
-             "|---:|---:|---:|---|"]
-    lines += [f"| {r['peak_lr']:.4g} | {r['mean_bpc']:.3f} | {r['final_bpc']:.3f} | {shown(r)} |" for r in tuning]
-    lines += ["", "| global batch | policy | peak LR | steps | final val BPC | outcome |", "|---:|---|---:|---:|---:|---|"]
-    lines += [f"| {r['batch']} | {r['name']} | {r['peak_lr']:.4g} | {r['steps']} | {r['final_bpc']:.3f} | {shown(r)} |"
-              for r in results]
-    with open(os.path.join(out_dir, "results.md"), "w") as f:
-        f.write("\n".join(lines) + "\n")
-    with open(os.path.join(out_dir, "results.json"), "w") as f:
-        json.dump({"base_lr": base_lr, "tuning": tuning, "runs": results}, f, indent=2)
+    lines = [f"Base LR tuned at the reference batch: **{base_lr:.4g}**", ""]
+    lines += report.table(["tuning: LR at the reference batch", "mean val BPC over the run", "final val BPC",
+                           "outcome"],
+                          [[f"{r['peak_lr']:.4g}", f"{r['mean_bpc']:.3f}", f"{r['final_bpc']:.3f}", shown(r)]
+                           for r in tuning], "rrrl")
+    lines.append("")
+    lines += report.table(["global batch", "policy", "peak LR", "steps", "final val BPC", "outcome"],
+                          [[r["batch"], r["name"], f"{r['peak_lr']:.4g}", r["steps"], f"{r['final_bpc']:.3f}", shown(r)]
+                           for r in results], "rlrrrl")
+    report.write_markdown(os.path.join(out_dir, "results.md"), lines)
+    report.write_results(os.path.join(out_dir, "results.json"), {"base_lr": base_lr, "tuning": tuning, "runs": results})
 
     batches = sorted({r["batch"] for r in results})
-    fig, axes = plt.subplots(1, len(batches), figsize=(4.2 * len(batches), 4.5), sharey=True, squeeze=False)
     colors = {"linear": "tab:red", "sqrt": "tab:orange", "schedule": "tab:blue", "none": "tab:gray",
               "adasum": "tab:green"}
-    for ax, batch in zip(axes[0], batches):
-        for i, r in enumerate(r for r in results if r["batch"] == batch):
-            xs = [0] + [c for c, _ in r["curve"]]
-            ys = [UNTRAINED_BPC] + [b if math.isfinite(b) else float("nan") for _, b in r["curve"]]
-            note = "" if r["outcome"] == "stable" else f" ({r['outcome']}"
-            if r["outcome"] == "diverged":
-                finite = [y for y in ys if math.isfinite(y)]
-                note += f", up to {max(finite):.0f} bits" if max(finite) > UNTRAINED_BPC else ", NaN"
-            ax.plot(xs, ys, color=colors[r["policy"]], marker="osv^D"[i % 5], markersize=3,
-                    label=f"{r['name']}: {r['peak_lr']:.3g}" + note + (")" if note else ""))
-        steps = next(r["steps"] for r in results if r["batch"] == batch)
-        ax.set_title(f"global batch {batch} ({steps} steps)")
-        ax.set_xlabel("characters seen")
-        ax.set_ylim(0, 9)
-        ax.legend(fontsize=8)
-    axes[0][0].set_ylabel("validation bits per character")
-    fig.suptitle(f"Same characters at every batch; peak LRs from the base {base_lr:.3g} tuned at the smallest")
-    fig.tight_layout()
-    fig.savefig(os.path.join(out_dir, "curves.png"), dpi=110)
-    plt.close(fig)
+    with report.figure(os.path.join(out_dir, "curves.png"), len(batches), (4.2 * len(batches), 4.5),
+                       sharey=True) as (fig, axes):
+        for ax, batch in zip(axes, batches):
+            for i, r in enumerate(r for r in results if r["batch"] == batch):
+                xs = [0] + [c for c, _ in r["curve"]]
+                ys = [UNTRAINED_BPC] + [b if math.isfinite(b) else float("nan") for _, b in r["curve"]]
+                note = "" if r["outcome"] == "stable" else f" ({r['outcome']}"
+                if r["outcome"] == "diverged":
+                    finite = [y for y in ys if math.isfinite(y)]
+                    note += f", up to {max(finite):.0f} bits" if max(finite) > UNTRAINED_BPC else ", NaN"
+                ax.plot(xs, ys, color=colors[r["policy"]], marker="osv^D"[i % 5], markersize=3,
+                        label=f"{r['name']}: {r['peak_lr']:.3g}" + note + (")" if note else ""))
+            steps = next(r["steps"] for r in results if r["batch"] == batch)
+            ax.set_title(f"global batch {batch} ({steps} steps)")
+            ax.set_xlabel("characters seen")
+            ax.set_ylim(0, 9)
+            ax.legend(fontsize=8)
+        axes[0].set_ylabel("validation bits per character")
+        fig.suptitle(f"Same characters at every batch; peak LRs from the base {base_lr:.3g} tuned at the smallest")
 
 
 def main(argv):

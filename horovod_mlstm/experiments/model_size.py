@@ -20,7 +20,6 @@ the ordering and the gaps, not the values.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import sys
@@ -28,6 +27,7 @@ import sys
 from absl import app, flags
 
 from horovod_mlstm import jobs
+from horovod_mlstm.experiments import report
 
 NVIDIA_AMAZON_BPC = {256: 1.64, 1024: 1.33, 4096: 1.12}  # sentiment-discovery's README, full Amazon corpus
 
@@ -68,45 +68,38 @@ def train(hidden: int, F) -> dict:
 
 
 def write_report(runs: list[dict], F) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    lines = [f"Validation BPC (whole split) after {runs[0]['chars']:,} characters, {runs[0]['world_size']} rank(s), "
-             f"{runs[0]['precision']}; settings from `{F.flagfile_train or 'train.py defaults'}`.", "",
-             "| hidden | val BPC | gap to next smaller | chars/s | training minutes | NVIDIA, full Amazon (about) |",
-             "|---:|---:|---:|---:|---:|---:|"]
+    rows = []
     for i, r in enumerate(runs):
         gap = f"{runs[i - 1]['val_bpc'] - r['val_bpc']:+.3f}" if i else ""
         ref = NVIDIA_AMAZON_BPC.get(r["hidden"])
-        lines.append(f"| {r['hidden']} | {r['val_bpc']:.3f} | {gap} | {r['chars_per_second']:,.0f} | "
-                     f"{r['train_minutes']:.1f} | {f'{ref:.2f}' if ref else ''} |")
-    with open(os.path.join(F.out_dir, "results.md"), "w") as f:
-        f.write("\n".join(lines) + "\n")
-    with open(os.path.join(F.out_dir, "results.json"), "w") as f:
-        json.dump({"settings": {k: getattr(F, k) for k in ("flagfile_train", "hidden_sizes", "chars", "np",
-                                                          "batch_size_per_worker", "seq_length", "evals",
-                                                          "train_args")},
-                   "nvidia_amazon_bpc": NVIDIA_AMAZON_BPC, "runs": runs}, f, indent=2)
+        rows.append([r["hidden"], f"{r['val_bpc']:.3f}", gap, f"{r['chars_per_second']:,.0f}",
+                     f"{r['train_minutes']:.1f}", f"{ref:.2f}" if ref else ""])
+    lines = [f"Validation BPC (whole split) after {runs[0]['chars']:,} characters, {runs[0]['world_size']} rank(s), "
+             f"{runs[0]['precision']}; settings from `{F.flagfile_train or 'train.py defaults'}`.", ""]
+    lines += report.table(["hidden", "val BPC", "gap to next smaller", "chars/s", "training minutes",
+                           "NVIDIA, full Amazon (about)"], rows, "rrrrrr")
+    report.write_markdown(os.path.join(F.out_dir, "results.md"), lines)
+    report.write_results(os.path.join(F.out_dir, "results.json"),
+                         {"settings": {k: getattr(F, k) for k in ("flagfile_train", "hidden_sizes", "chars", "np",
+                                                                 "batch_size_per_worker", "seq_length", "evals",
+                                                                 "train_args")},
+                          "nvidia_amazon_bpc": NVIDIA_AMAZON_BPC, "runs": runs})
 
-    fig, (by_chars, by_time) = plt.subplots(1, 2, figsize=(10, 4.2), sharey=True)
-    for r in runs:
-        chars = [c for c, _ in r["curve"]]
-        bpc = [b for _, b in r["curve"]]
-        by_chars.plot(chars, bpc, marker="o", markersize=3, label=f"{r['hidden']} units")
-        by_time.plot([c / r["chars_per_second"] / 60 for c in chars], bpc, marker="o", markersize=3,
-                     label=f"{r['hidden']} units")
-    by_chars.set_xlabel("characters trained")
-    by_chars.set_ylabel("validation bits per character")
-    by_time.set_xlabel("training minutes (characters / chars per second)")
-    for ax in (by_chars, by_time):
-        ax.grid(alpha=0.3)
-        ax.legend()
-    fig.suptitle("Model size at equal characters")
-    fig.tight_layout()
-    fig.savefig(os.path.join(F.out_dir, "bpc.png"), dpi=120)
-    plt.close(fig)
+    with report.figure(os.path.join(F.out_dir, "bpc.png"), 2, (10, 4.2), dpi=120, sharey=True) as (fig, axes):
+        by_chars, by_time = axes
+        for r in runs:
+            chars = [c for c, _ in r["curve"]]
+            bpc = [b for _, b in r["curve"]]
+            by_chars.plot(chars, bpc, marker="o", markersize=3, label=f"{r['hidden']} units")
+            by_time.plot([c / r["chars_per_second"] / 60 for c in chars], bpc, marker="o", markersize=3,
+                         label=f"{r['hidden']} units")
+        by_chars.set_xlabel("characters trained")
+        by_chars.set_ylabel("validation bits per character")
+        by_time.set_xlabel("training minutes (characters / chars per second)")
+        for ax in axes:
+            ax.grid(alpha=0.3)
+            ax.legend()
+        fig.suptitle("Model size at equal characters")
 
 
 def main(argv):
