@@ -37,8 +37,10 @@ def needs(tool):
 
 # ---------------------------------------------------------------- preprocess publishing
 
+# A run with --num_shards=3 renames 12 times: 9 shards into place within staging, the staged manifest,
+# staging -> shards-<run>, and the switch of manifest.json. Killed at one of each kind.
 @pytest.mark.multiproc
-@pytest.mark.parametrize("rename", [1, 2])
+@pytest.mark.parametrize("rename", [1, 10, 11, 12], ids=["a_shard", "staged_manifest", "shards_dir", "switch"])
 def test_preprocess_killed_at_each_rename_leaves_the_old_output_whole(tmp_path, rename):
     needs("strace")
     out = tmp_path / "out"

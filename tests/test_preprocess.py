@@ -11,13 +11,16 @@ import os
 import signal
 import subprocess
 import time
+import tracemalloc
 
 import pytest
-
 import tensorflow as tf
+from absl import flags
 
 from conftest import ENV, PYTHON, REPO, TINY_MODEL_FLAGS, last_line, python
-from horovod_mlstm.preprocess import PreprocessError, _csv_boundaries, parse_review, preprocess
+from horovod_mlstm.preprocess import PreprocessError, parse_review, preprocess
+from horovod_mlstm.preprocess.__main__ import arguments, define_flags
+from horovod_mlstm.preprocess.chunks import csv_boundaries
 from horovod_mlstm.records import assign, clean, split_shards
 
 OPTS = dict(text_field="reviewText", csv_column="sentence", text_whole_file=False, val_fraction=0.2,
@@ -81,6 +84,26 @@ def test_clean_and_parse():
     assert parse_review('{"summary": "no text"}', "reviewText") == (None, "no 'reviewText' field")
     assert parse_review("[1, 2]", "reviewText") == (None, "not a JSON object")
     assert parse_review("{not json", "reviewText") == (None, "malformed JSON")
+    old_dump = "{'reviewerID': 'A2SUAM1J3GNN3B', 'helpful': [0, 0], 'reviewText': 'Fine.', 'summary': 'ok'}"
+    assert parse_review(old_dump, "reviewText") == ("ok. Fine.", None)
+
+
+@pytest.mark.unit
+def test_pathological_lines_are_malformed_and_cost_little_memory():
+    """Nesting deeper than the interpreter's limit, and a Python literal of many values (ast.literal_eval's
+    syntax tree took ~340 bytes per byte of it): both are malformed lines, parsed in a few times their size."""
+    deep = '{"reviewText": "x", "a": ' + "[" * 100_000 + "]" * 100_000 + "}"
+    many_values = "{'reviewText': 'x', 'a': [" + "1, " * 350_000 + "]}"  # 1 MB
+    long_text = "{'summary': 'Old', 'reviewText': '" + "word " * 200_000 + "', 'helpful': [2, 3]}"
+    tracemalloc.start()
+    try:
+        for line in (deep, many_values):
+            assert parse_review(line, "reviewText") == (None, "malformed JSON")
+        assert parse_review(long_text, "reviewText")[0].startswith("Old. word word")
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 10 * len(many_values), f"{peak / 1e6:.0f} MB to parse 1 MB lines"
 
 
 @pytest.mark.unit
@@ -138,7 +161,7 @@ def test_csv_is_cut_only_between_records(tmp_path):
     path.write_text(rows.getvalue())
     data = path.read_bytes()
     start = data.index(b"\n") + 1
-    cuts = _csv_boundaries(str(path), start, len(data), 1024)
+    cuts = csv_boundaries(str(path), start, len(data), 1024)
     assert len(cuts) > 10 and cuts[-1] == len(data)
     for cut in cuts[1:-1]:  # each cut is a line end with the quotes before it paired up
         assert data[cut - 1:cut] == b"\n" and data[:cut].count(b'"') % 2 == 0
@@ -148,7 +171,7 @@ def test_csv_is_cut_only_between_records(tmp_path):
     stray = tmp_path / "stray.csv"
     stray.write_text('label,sentence\n1,he said "hi\n' + "".join(f"0,line {i}\n" for i in range(200)))
     data = stray.read_bytes()
-    assert _csv_boundaries(str(stray), data.index(b"\n") + 1, len(data), 1024) is None
+    assert csv_boundaries(str(stray), data.index(b"\n") + 1, len(data), 1024) is None
 
 
 @pytest.mark.unit
@@ -159,10 +182,12 @@ def test_formats_gzip_csv_text_and_auto(tmp_path):
         f.write("{'summary': 'Dict', 'reviewText': 'literal line'}\n")
     csv_path = tmp_path / "s.csv"
     csv_path.write_text('label,sentence\n1,"a, quoted sentence"\n0,plain one\n')
+    csv_limit = csv.field_size_limit()
     txt = tmp_path / "t.txt"
     txt.write_text("first line doc\n\nsecond line doc\n")
     manifest = preprocess([str(gz), str(csv_path), str(txt)], str(tmp_path / "out"), 1, **OPTS)
     assert manifest["formats"] == ["amazon_json", "csv", "text"]
+    assert csv.field_size_limit() == csv_limit  # process-wide: a later CSV read in this process keeps its limit
     assert sorted(records(tmp_path / "out")) == sorted([
         b"Nice. from gzip\n", b"Dict. literal line\n", b"a, quoted sentence\n", b"plain one\n",
         b"first line doc\n", b"second line doc\n"])
@@ -176,9 +201,10 @@ def test_skipped_records_are_counted_with_their_reason(tmp_path):
     p = tmp_path / "mixed.json"
     good = "".join(review_line(f"good review {i}") for i in range(97))
     p.write_bytes(good.encode() + b"{broken json\n" + b'{"summary": "x", "reviewText": "bad \xff byte"}\n'
-                  + b'{"summary": "valid JSON", "text": "but no reviewText"}\n')
+                  + b'{"summary": "valid JSON", "text": "but no reviewText"}\n'
+                  + b'{"reviewText": "a lone surrogate \\ud83d, escaped"}\n')
     manifest = preprocess([str(p)], str(tmp_path / "out"), 1, max_bad_fraction=0.05, **OPTS)
-    assert manifest["skipped"] == {"malformed JSON": 1, "invalid UTF-8": 1, "no 'reviewText' field": 1}
+    assert manifest["skipped"] == {"malformed JSON": 1, "invalid UTF-8": 2, "no 'reviewText' field": 1}
     assert manifest["files"][0]["skipped"] == manifest["skipped"]
     assert len(records(tmp_path / "out")) == 97
 
@@ -298,7 +324,7 @@ def test_fatal_input_keeps_previous_output(tmp_path, good_output, kind, message)
     assert not [n for n in os.listdir(out) if n.startswith(".staging-")]  # no staging dir left
 
 
-@pytest.mark.cli
+@pytest.mark.unit
 @pytest.mark.parametrize("flag, message", [
     ("--workers=-3", "--workers must be at least 1, got -3"),
     ("--workers=0", "--workers must be at least 1, got 0"),
@@ -306,12 +332,20 @@ def test_fatal_input_keeps_previous_output(tmp_path, good_output, kind, message)
     ("--max_bad_fraction=1.5", "--max_bad_fraction must be from 0 to 1, got 1.5"),
     ("--num_shards=0", "--num_shards must be at least 1, got 0"),
     ("--chunk_mb=0", "--chunk_mb must be at least 0.001 (1 KB), got 0.0"),
+    ("--max_record_bytes=100", "--max_record_bytes must be at least 1024, got 100"),
+    ("--min_eval_bytes=-1", "--min_eval_bytes must be >= 0, got -1"),
+    ("--val_fraction=1", "--val_fraction and --test_fraction must be >= 0 and sum to less than 1"),
 ])
 def test_bad_flags_are_one_line(tmp_path, flag, message):
+    """The command line's flags as parsed by absl, checked before any input is read or output made."""
     src = tmp_path / "r.json"
     src.write_text(review_line("a review"))
-    proc = python(*PREPROCESS[1:], "--input", str(src), f"--output_dir={tmp_path}/out", flag)
-    assert proc.returncode == 1 and proc.stderr.strip() == f"error: {message}"
+    parsed = flags.FlagValues()
+    define_flags(parsed)
+    argv = parsed(["preprocess", "--input", str(src), f"--output_dir={tmp_path}/out", flag])
+    with pytest.raises(PreprocessError) as caught:
+        preprocess(**arguments(parsed, argv), progress=False)
+    assert str(caught.value) == message
     assert not (tmp_path / "out").exists()
 
 
@@ -395,3 +429,6 @@ def test_cli_success_and_one_line_failure(tmp_path):
     assert json.loads((tmp_path / "out" / "manifest.json").read_text())["command"].count("r.json") == 1
     proc = python(*PREPROCESS[1:], "--input", str(tmp_path / "missing.json"), f"--output_dir={tmp_path}/out2")
     assert proc.returncode != 0 and last_line(proc.stderr) == f"error: {tmp_path}/missing.json: no such file"
+    proc = python(*PREPROCESS[1:], "--input", str(src), f"--output_dir={tmp_path}/out3", "--workers=0")
+    assert proc.returncode == 1 and proc.stderr.strip() == "error: --workers must be at least 1, got 0"
+    assert not (tmp_path / "out3").exists()
