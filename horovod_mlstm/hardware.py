@@ -35,10 +35,9 @@ ONEDNN_ISA_MASKS = {
     "AVX512_CORE_AMX": 0xFEF, "AVX10_1_512_AMX": 0xFEF,
     "AVX512_CORE_AMX_FP16": 0x1FEF, "AVX10_1_512_AMX_FP16": 0x1FEF,
 }
-UNCAPPED = ("", "ALL", "DEFAULT")
 # The CPU's native bf16 paths, best first: (cpuinfo flag, its name in reasons, the oneDNN ISA it needs).
 BF16_PATHS = (("amx_bf16", "AMX", "AVX512_CORE_AMX"), ("avx512_bf16", "AVX512_BF16", "AVX512_CORE_BF16"))
-EMULATED_BF16 = "this CPU emulates bf16 (no AVX512_BF16/AMX), where it runs at half fp32's speed"
+EMULATED_BF16 = "this CPU emulates bf16 (no AVX512_BF16/AMX), slower than fp32"
 
 
 def cpu_info(path: str = "/proc/cpuinfo") -> dict:
@@ -100,7 +99,7 @@ def native_bf16(machine: dict) -> tuple[str, str]:
         blocked.append(name)
     if blocked:
         return "", (f"ONEDNN_MAX_CPU_ISA={cap} keeps oneDNN below the CPU's {'/'.join(blocked)}, "
-                    "so bf16 is emulated, at half fp32's speed")
+                    "so bf16 is emulated, slower than fp32")
     return "", EMULATED_BF16
 
 

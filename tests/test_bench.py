@@ -241,7 +241,7 @@ def test_paper_refuses_a_shape_over_the_memory_limit_in_one_line(tmp_path):
     assert "Traceback" not in proc.stderr
     assert last_line(proc.stderr).startswith("error: hidden 4096 with 256 streams x 256 bytes")
     need = float(last_line(proc.stderr).split("needs about ")[1].split(" GiB")[0])
-    assert 8 < need < 24  # the estimate for an update whose peak RSS measured 14.6 GiB
+    assert 8 < need < 24  # about 14 GiB: 11 of activations, 2.6 of weights, Adam and the working set
 
 
 # ---------------------------------------------------------------- --paper: real updates, each in a fresh process
@@ -249,9 +249,10 @@ def test_paper_refuses_a_shape_over_the_memory_limit_in_one_line(tmp_path):
 # Large enough that the activations decide the update's peak (not the parameter-sized phase), small
 # enough for seconds per update.
 ESTIMATE_SHAPE = ["--paper", "--paper_hidden=512", "--paper_streams=16", "--paper_seq=128", "--paper_fit_streams=48"]
-# The measured growth per stream lay within 0.95-1.10x of the estimate at hidden 256-1024 in both
-# precisions; keeping one more [T, B, 4n] float32 tensor would add 16 bytes per cell to ~45-60.
-TOLERANCE = 0.15
+# The measured growth per stream lay within 1.00-1.10x of the estimate at hidden 256-1024 in both
+# precisions (docs/CAPACITY.md); keeping one more [T, B, 4n] float32 tensor would add 16 bytes per
+# cell to the estimate's 46 (bf16) or 64 (fp32), and fail.
+TOLERANCE = 0.2
 
 
 @pytest.fixture(scope="module", params=["mixed_bfloat16", "fp32"])
