@@ -165,13 +165,29 @@ def test_generated_page_names_the_machine_of_each_figure(tmp_path):
         report.document([str(tmp_path / "old.json")])
 
 
+@pytest.mark.unit
+def test_generated_step_section_projects_from_a_large_bf16_step():
+    step = {"hidden": 1024, "batch": 64, "seq_length": 256, "chars_per_s": 7000.0, "flops_per_s": 245e9,
+            "fraction_of_matmul_limit": 0.9}
+    result = {"command": "python -m horovod_mlstm.bench", "machine": machine(("avx2", "fma")),
+              "limits": [{"hidden": 1024, "dtype": d, "flops_per_s": 270e9} for d in ("float32", "bfloat16")],
+              "project": [{**step, "precision": "mixed_bfloat16"}, {**step, "precision": "fp32"}],
+              "baseline": [{**step, "precision": "mixed_bfloat16", "variant": "no_weight_norm", "chars_per_s": 5000.0}]}
+    lines = "\n".join(report.section("bench.json", result)).splitlines()
+    assert "| 1024 | 64 x 256 | mixed_bfloat16 | 270 GFLOP/s | 7,000 chars/s = 245 GFLOP/s | 90% | not run | | " \
+           "5,000 chars/s | 1.40x |" in lines
+    v100 = projection.gpu_projection(4096, 0.9)["v100_chars_per_s"]
+    assert any(line.startswith(f"| V100 (125 TFLOP/s fp16) | {v100:,.0f} | projection |") for line in lines)
+    assert any("bf16 figures: **emulated here**" in line for line in lines)  # an AVX2 CPU
+
+
 # ---------------------------------------------------------------- end to end, one process each
 
 
 @pytest.mark.cli
 def test_quick_bench_writes_every_section_and_the_page(tmp_path):
     out = tmp_path / "bench.json"
-    proc = python("-m", "horovod_mlstm.bench", "--quick", f"--output={out}", check=True, timeout=600)
+    proc = python("-m", "horovod_mlstm.bench", "--quick", f"--output={out}", check=True, timeout=1500)
     result = json.loads(out.read_text())
     assert {"limits", "project", "baseline", "scaling", "input", "ratios", "machine", "command"} <= set(result)
     assert {r["dtype"] for r in result["limits"]} == {"float32", "bfloat16"}
@@ -201,7 +217,8 @@ def test_quick_bench_writes_every_section_and_the_page(tmp_path):
     page = report.document([str(out)])
     assert f"- CPU: {machine_['cpu']}" in page and machine_["precision_choice"]["reason"] in page
     assert sum(line.startswith("| 32 | 4 x ") for line in page.splitlines()) == 4
-    assert "**PROJECTION (not measured)**" in page and "| 1 process |" in page
+    assert "No GPU projection: this run measured no bf16 step at hidden 1024" in page and "| 1 process |" in page
+    assert result["command"] == f"python -m horovod_mlstm.bench --quick --output={out}"
 
 
 @pytest.mark.cli

@@ -133,6 +133,11 @@ def paper_settings(fv: flags.FlagValues = FLAGS) -> PaperSettings:
                          fv.paper_memory_limit_gib * GIB, fv.paper_force)
 
 
+def command() -> str:
+    """This run's command line, as a user would type it."""
+    return " ".join(["python -m horovod_mlstm.bench", *sys.argv[1:]])
+
+
 def machine() -> dict:
     """This machine's description, the precision it would choose, and how this run computes."""
     description = hardware.describe()
@@ -143,7 +148,7 @@ def machine() -> dict:
 
 def run_steps(settings: StepSettings) -> dict:
     """The default job: the step against the limit and the baselines, scaling, the input side."""
-    result = {"command": " ".join(sys.argv), "machine": machine(), "limits": [], "project": [], "baseline": []}
+    result = {"command": command(), "machine": machine(), "limits": [], "project": [], "baseline": []}
     for hidden in settings.hiddens:
         limits, steps = step.measure_hidden(hidden, settings.precisions, settings.seq_lengths, settings.repeats,
                                             settings.quick)
@@ -169,9 +174,10 @@ def run_profile(settings: StepSettings) -> dict:
         batch, seqs = step.step_shapes(hidden, settings.seq_lengths, settings.quick)
         for seq in seqs:
             for precision in settings.precisions:
-                profiles.append(profile_step(hidden, precision, batch, seq, settings.repeats))
+                # --quick: 3 updates, so that one slow moment cannot put the forward pass over the update
+                profiles.append(profile_step(hidden, precision, batch, seq, 3 if settings.quick else settings.repeats))
                 print(report.profile_table(profiles[-1]) + "\n", flush=True)
-    return {"command": " ".join(sys.argv), "machine": machine(), "profiles": profiles}
+    return {"command": command(), "machine": machine(), "profiles": profiles}
 
 
 def run_paper(settings: PaperSettings) -> dict:
@@ -183,7 +189,7 @@ def run_paper(settings: PaperSettings) -> dict:
                                              threads=FLAGS.threads)
         print(report.paper_progress(runs[count]), flush=True)
     result = capacity.summarize(runs, settings.streams)
-    result["command"], result["machine"] = " ".join(sys.argv), machine()
+    result["command"], result["machine"] = command(), machine()
     print(report.paper_tables(result))
     return result
 

@@ -36,7 +36,9 @@ def machine_lines(machine: dict, command: str) -> list[str]:
     """Which machine and settings a JSON's figures came from, and which of them hold only on some CPUs."""
     onednn = ", ".join(f"{k}={v or '(unset)'}" for k, v in machine["onednn"].items())
     gpus = ", ".join(g["name"] for g in machine["gpus"]) or "none"
-    lines = [f"- CPU: {machine['cpu']}, {machine['cores']} cores usable; ISA: {', '.join(machine['isa'] or ['unknown'])}",
+    cpu_id = f" ({machine['cpu_id']})" if machine.get("cpu_id") else ""
+    lines = [f"- CPU: {machine['cpu']}{cpu_id}, {machine['cores']} cores usable; "
+             f"ISA: {', '.join(machine['isa'] or ['unknown'])}",
              f"- GPUs: {gpus}; TensorFlow {machine['tensorflow']}; oneDNN: {onednn}; "
              f"{machine['threads']} intra-op threads; gate math: {machine['gate_math']}",
              f"- precision this machine chooses: {machine['precision_choice']['reason']}",
@@ -83,12 +85,15 @@ def scaling_table(scaling: dict) -> str:
     return "\n".join(lines)
 
 
+PROJECTED_FROM_HIDDEN = 1024  # smaller steps are dominated by per-step overhead, not by matmuls as a GPU's would be
+
+
 def gpu_projection_lines(result: dict) -> list[str]:
     """The paper's 4096-unit model on a V100 and an H100 at the share of the matmul limit the project's
-    bf16 step reached here (at the largest hidden size measured)."""
-    bf16 = [p for p in result["project"] if p["precision"] != "fp32"]
+    bf16 step reached here (at the largest hidden size measured, if at least PROJECTED_FROM_HIDDEN)."""
+    bf16 = [p for p in result["project"] if p["precision"] != "fp32" and p["hidden"] >= PROJECTED_FROM_HIDDEN]
     if not bf16:
-        return []
+        return [f"No GPU projection: this run measured no bf16 step at hidden {PROJECTED_FROM_HIDDEN} or more."]
     measured = max(bf16, key=lambda p: (p["hidden"], p["fraction_of_matmul_limit"]))
     g = projection.gpu_projection(4096, measured["fraction_of_matmul_limit"])
     return ["**PROJECTION (not measured)** for the paper's 4096-unit model: a GPU whose kernels reach the share of "
