@@ -244,8 +244,11 @@ def test_profile_breaks_the_step_down_by_kind_of_op(tmp_path):
         assert kinds["matmul"] > 0 and kinds["casts"] > 0 and kinds["TensorArray reads and writes"] > 0, kinds
         assert abs(sum(kinds.values()) - p["op_seconds_per_step"]) < 1e-9 and p["wall_seconds_per_step"] > 0
         assert sum(s for _, s in p["top_op_types"]) <= p["op_seconds_per_step"] + 1e-9
-        # The unprofiled forward/backward split: the forward pass alone is part of the update.
-        assert 0 < p["forward_seconds"] < p["update_seconds"] and p["backward_flops_per_s"] > 0
+        # The unprofiled forward/backward split, from two medians; at this tiny shape noise can exceed the
+        # backward pass, which the report then says rather than print a negative rate.
+        assert p["forward_seconds"] > 0 and p["update_seconds"] > 0
+        backward = p["update_seconds"] - p["forward_seconds"]
+        assert p["backward_flops_per_s"] is None if backward <= 0 else p["backward_flops_per_s"] > 0
     assert proc.stdout.count("| kind of op | ms per step | share of op time |") == 2
     assert proc.stdout.count("unprofiled: update ") == 2
 

@@ -105,6 +105,8 @@ def profile_step(hidden: int, precision: str, batch: int, seq: int, steps: int) 
             "wall_seconds_per_step": wall, "op_seconds_per_step": sum(kinds.values()),
             "update_seconds": update_seconds, "forward_seconds": forward_seconds,
             "forward_flops_per_s": forward_flops / forward_seconds,
-            "backward_flops_per_s": 2 * forward_flops / (update_seconds - forward_seconds),
+            # None where timing noise exceeds the backward pass (tiny shapes): a difference of medians
+            "backward_flops_per_s": (2 * forward_flops / (update_seconds - forward_seconds)
+                                     if update_seconds > forward_seconds else None),
             "kinds": dict(sorted(kinds.items(), key=lambda kv: -kv[1])),
             "top_op_types": sorted(by_type.items(), key=lambda kv: -kv[1])[:12]}

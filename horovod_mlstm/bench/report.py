@@ -127,12 +127,14 @@ def step_section(result: dict) -> list[str]:
 
 def profile_table(p: dict) -> str:
     """One profile: op time per update by kind, and the unprofiled forward/backward split."""
+    backward = (f"{p['backward_flops_per_s'] / 1e9:.0f} GFLOP/s" if p["backward_flops_per_s"]
+                else "(not measurable: the forward median is not below the update's)")
     lines = [f"hidden {p['hidden']}, {p['batch']} x {p['seq_length']}, {p['precision']}: "
              f"{p['wall_seconds_per_step'] * 1e3:,.0f} ms per step, {p['op_seconds_per_step'] * 1e3:,.0f} ms in ops "
              f"(summed over threads)",
              f"unprofiled: update {p['update_seconds'] * 1e3:,.0f} ms, of which forward {p['forward_seconds'] * 1e3:,.0f} ms "
-             f"at {p['forward_flops_per_s'] / 1e9:.0f} GFLOP/s; backward and Adam at "
-             f"{p['backward_flops_per_s'] / 1e9:.0f} GFLOP/s", "", "| kind of op | ms per step | share of op time |",
+             f"at {p['forward_flops_per_s'] / 1e9:.0f} GFLOP/s; backward and Adam at {backward}", "",
+             "| kind of op | ms per step | share of op time |",
              "|---|---:|---:|"]
     lines += [f"| {kind} | {s * 1e3:,.1f} | {s / p['op_seconds_per_step']:.1%} |" for kind, s in p["kinds"].items()]
     outside = p["wall_seconds_per_step"] - p["op_seconds_per_step"]
