@@ -6,7 +6,7 @@ SETUP_STAMP := $(VENV)/.setup-done
 NP ?= 2
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 
-.PHONY: help setup test test-fast train lint bench capacity large-batch docker-build docker-run docker-base docker-test wheelhouse \
+.PHONY: help setup test test-fast train lint bench capacity bench-docs large-batch docker-build docker-run docker-base docker-test wheelhouse \
 	clean cluster-test pretrain-imdb imdb-model-size
 
 help: ## List the targets
@@ -37,11 +37,15 @@ lint: setup ## Shellcheck the scripts, hadolint the Dockerfile, byte-compile the
 	$(VENV)/bin/hadolint Dockerfile
 	$(PY) -m compileall -q horovod_mlstm tests train.py
 
-bench: setup ## Throughput benchmark: machine limit, this project vs plain Keras, scaling, input
-	$(PY) -m horovod_mlstm.bench --output bench_out/bench.json $(ARGS)
+BENCH_OUT ?= bench_out
+bench: setup ## Throughput benchmark: machine limit, this project vs plain Keras, scaling, input (docs/PERFORMANCE.md)
+	$(PY) -m horovod_mlstm.bench --output $(BENCH_OUT)/bench.json $(ARGS)
 
 capacity: setup ## The paper's per-rank shape: memory, allreduce bytes, checkpoint size (docs/CAPACITY.md)
-	$(PY) -m horovod_mlstm.bench --paper --paper_micro_batches=4 --paper_fit_streams= --output bench_out/paper.json $(ARGS)
+	$(PY) -m horovod_mlstm.bench --paper --paper_micro_batches=4 --paper_fit_streams= --output $(BENCH_OUT)/paper.json $(ARGS)
+
+bench-docs: setup ## docs/benchmarks.md from docs/benchmarks/*.json (publish a run: make bench BENCH_OUT=docs/benchmarks)
+	$(PY) -m horovod_mlstm.bench.report $(sort $(wildcard docs/benchmarks/*.json)) --output docs/benchmarks.md
 
 SST := ../shared/data/sst
 large-batch: setup ## The large-batch experiment of docs/LARGE_BATCH.md: SST from ../shared if present, else the built-in corpus

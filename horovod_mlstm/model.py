@@ -271,6 +271,29 @@ def _backward(proj, h0, hs, wh, wmh, saved, d_hs, d_c, fused=False):
     return d_proj, tf.cast(d_h, tf.float32), d_c, d_wh, d_wmh
 
 
+def activation_bytes(hidden_size: int, streams: int, seq_length: int, precision: str, embed_size: int = 64) -> dict:
+    """Estimated peak bytes of the per-timestep tensors of one training update: the larger of two moments.
+
+    d is the compute dtype's size (2 or 4); a [T, B, k*n] tensor holds k*n values per stream and byte.
+    Both moments hold what recurrence() keeps from _forward(save=True) for _backward: x_m, hm and hs
+    [T, B, n] (d) and the gate values [B, 6n] of every step (float32); and the embedded bytes with
+    the ones column [T, B, embed + 1] (d), kept for the input projection's weight gradient.
+    - forward_end, as the loss is computed: also the projections proj [T, B, 5n] (d; after this only
+      their shape is read), the layer's output [B, T, n] (d) that the softmax layer keeps for its
+      weight gradient, and the logits [B, T, 256] in float32 with the loss's gradient of them (float32).
+    - reverse_loop_end, as _backward's loop ends: also d_hs [T, B, n] (float32), which the loop reads
+      step by step, and the arrays it fills, d_z [T, B, 4n] and d_m [T, B, n] (d).
+    Weights, Adam and the parameter-sized working set are counted elsewhere (bench.capacity).
+    tests/test_bench.py holds this against the allocator's measured peak in a fresh process.
+    """
+    d = tf.as_dtype(tf.keras.mixed_precision.Policy(PRECISIONS[precision]).compute_dtype).size
+    cells, positions = streams * seq_length * hidden_size, streams * seq_length
+    kept = cells * (3 * d + 6 * 4) + positions * (embed_size + 1) * d
+    moments = {"forward_end": kept + cells * 6 * d + positions * VOCAB_SIZE * 2 * 4,
+               "reverse_loop_end": kept + cells * (4 + 5 * d)}
+    return {**moments, "total": max(moments.values())}
+
+
 class LanguageModel(tf.keras.Model):
     """Byte embedding -> mLSTM -> softmax over the next byte.
 
