@@ -29,6 +29,7 @@ import uuid
 
 from absl import app, flags
 
+from horovod_mlstm.classifier import JSON_NAME, Classifier
 from horovod_mlstm.files import NotWritable
 
 EXTRA = "assets.extra"  # the SavedModel's place for files TensorFlow does not load
@@ -68,11 +69,25 @@ def save(module, path: str, classifier_json: str) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
+def load(classifier_path: str, model_dir: str = ""):
+    """(the classifier, a Featurizer of the model it was fitted on): MODEL_DIR, or the model dir the classifier
+    names, checked to hold those weights. InputError, FileNotFoundError or CheckpointError in one line otherwise."""
+    from horovod_mlstm.inference import Featurizer
+
+    classifier = Classifier.load(classifier_path)
+    if not model_dir:
+        model_dir = classifier.info["model_dir"]
+        if not os.path.isdir(model_dir):
+            raise FileNotFoundError(f"the classifier names the model dir {model_dir}, which does not exist "
+                                    "(moved?): pass --model_dir")
+    featurizer = Featurizer(model_dir, **classifier.featurization)
+    classifier.check(featurizer)
+    return classifier, featurizer
+
+
 def main(argv):
     from horovod_mlstm import distributed as dist
     from horovod_mlstm.checkpoint import CheckpointError
-    from horovod_mlstm.classifier import JSON_NAME, Classifier
-    from horovod_mlstm.inference import Featurizer
     from horovod_mlstm.serving import ServingModel
 
     FLAGS = flags.FLAGS
@@ -81,23 +96,20 @@ def main(argv):
     dist.init(FLAGS.intra_op_threads, FLAGS.inter_op_threads)
     try:
         check_output(FLAGS.output, FLAGS.overwrite)
-        classifier = Classifier.load(FLAGS.classifier)
-        model_dir = FLAGS.model_dir or classifier.info["model_dir"]
-        if not FLAGS.model_dir and not os.path.isdir(model_dir):
-            raise FileNotFoundError(f"the classifier names the model dir {model_dir}, which does not exist "
-                                    "(moved?): pass --model_dir")
-        featurizer = Featurizer(model_dir, **classifier.featurization)
-        classifier.check(featurizer)
+        classifier, featurizer = load(FLAGS.classifier, FLAGS.model_dir)
         module = ServingModel(featurizer.model, classifier, FLAGS.batch_size_per_worker, FLAGS.seq_length)
     except (CheckpointError, FileNotFoundError, ValueError) as e:
         sys.exit(f"error: {e}")
     classifier_json = FLAGS.classifier
     if os.path.isdir(classifier_json):
         classifier_json = os.path.join(classifier_json, JSON_NAME)
-    save(module, FLAGS.output, classifier_json)
+    try:
+        save(module, FLAGS.output, classifier_json)
+    except OSError as e:
+        sys.exit(f"error: cannot write --output {FLAGS.output}: {e.strerror or e}")
     settings = classifier.featurization
     print(f"[export] {len(classifier.labels)} classes ({', '.join(classifier.labels)}), {settings['text_prep']} prep, "
-          f"{settings['readout']} of {model_dir}: SavedModel in {FLAGS.output}\n"
+          f"{settings['readout']} of {featurizer.model_dir}: SavedModel in {FLAGS.output}\n"
           f"[export] call it with TensorFlow alone: m = tf.saved_model.load({FLAGS.output!r}); "
           f"m.signatures['serving_default'](texts=tf.constant([...]))['probabilities'] (columns: m.labels)",
           flush=True)

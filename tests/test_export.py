@@ -5,6 +5,7 @@ batch; the output is written whole and a non-empty one is replaced only when ask
 import csv
 import json
 import os
+import shutil
 import textwrap
 
 import numpy as np
@@ -13,9 +14,12 @@ import tensorflow as tf
 
 from conftest import PYTHON, last_line, python, run
 from horovod_mlstm import corpus, modeldir
-from horovod_mlstm.export import EXTRA, check_output, save
+from horovod_mlstm.classifier import Classifier
+from horovod_mlstm.export import EXTRA, check_output, load, save
 from horovod_mlstm.files import NotWritable
+from horovod_mlstm.inference import CHECKPOINT_KEYS, Featurizer
 from horovod_mlstm.model import ModelConfig, build_model
+from horovod_mlstm.textfiles import InputError
 
 TEXTS = [
     "Five stars &amp; a <b>great</b> sound &mdash; my son loves it!",
@@ -133,14 +137,44 @@ def test_the_saved_model_gives_classifys_probabilities_without_this_package(tmp_
 
 
 @pytest.mark.cli
-def test_a_classifier_of_other_weights_or_none_is_one_line(tmp_path, classifiers):
-    classifier_dir = classifiers["2 classes, project prep"]
+def test_a_model_dir_of_other_weights_is_one_line_and_writes_nothing(tmp_path, classifiers):
     other = modeldir.write_model(str(tmp_path / "other"), build_model(ModelConfig(hidden_size=32, embed_size=8)), 1)
-    proc = export(classifier_dir, tmp_path / "out", f"--model_dir={other}")
+    proc = export(classifiers["2 classes, project prep"], tmp_path / "out", f"--model_dir={other}")
     assert proc.returncode != 0 and last_line(proc.stderr).startswith("error: the classifier was fitted on features of")
-    assert not (tmp_path / "out").exists() and os.listdir(tmp_path) == ["other"]  # nothing half-written
-    proc = export(tmp_path / "missing", tmp_path / "out")
-    assert proc.returncode != 0 and last_line(proc.stderr) == f"error: {tmp_path / 'missing'}: no such classifier file"
+    assert os.listdir(tmp_path) == ["other"]  # no output, no staging directory
+
+
+@pytest.fixture(scope="module")
+def fitted(tmp_path_factory):
+    """(model dir, classifier dir): a classifier saved with the identity of an untrained model's weights."""
+    work = tmp_path_factory.mktemp("fitted")
+    model_dir = modeldir.write_model(str(work / "model"), build_model(ModelConfig(hidden_size=8, embed_size=4)), 1)
+    identity = Featurizer(model_dir).identity()
+    Classifier(["neg", "pos"], np.ones((1, 8)), np.zeros(1), np.zeros(8), np.ones(8),
+               {"featurization": {"text_prep": "project", "readout": "final_cell"}, "model_dir": identity["model_dir"],
+                "checkpoint": {k: identity[k] for k in CHECKPOINT_KEYS}}).save(str(work))
+    return model_dir, work
+
+
+@pytest.mark.unit
+def test_the_model_dir_is_the_classifiers_and_must_hold_its_weights(tmp_path, fitted):
+    model_dir, classifier_dir = fitted
+    classifier, featurizer = load(str(classifier_dir))
+    assert featurizer.model_dir == model_dir and classifier.labels == ["neg", "pos"]
+    moved = tmp_path / "moved"
+    shutil.copytree(model_dir, moved)
+    assert load(str(classifier_dir), str(moved))[1].model_dir == str(moved)  # same weights elsewhere: accepted
+    other = modeldir.write_model(str(tmp_path / "other"), build_model(ModelConfig(hidden_size=8, embed_size=4)), 1)
+    with pytest.raises(InputError, match="the classifier was fitted on features of"):
+        load(str(classifier_dir), other)
+    with pytest.raises(InputError, match="no such classifier file"):
+        load(str(tmp_path / "missing"))
+    info = json.loads((classifier_dir / "classifier.json").read_text())
+    (tmp_path / "c").mkdir()
+    shutil.copy(classifier_dir / "classifier.npz", tmp_path / "c")
+    (tmp_path / "c" / "classifier.json").write_text(json.dumps({**info, "model_dir": str(tmp_path / "gone")}))
+    with pytest.raises(FileNotFoundError, match=r"names the model dir .*gone, which does not exist \(moved\?\): pass"):
+        load(str(tmp_path / "c"))
 
 
 @pytest.mark.unit
