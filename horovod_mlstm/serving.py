@@ -152,7 +152,7 @@ class TextPrep(tf.Module):
         prefix, prefix_length = tf.fill(tf.shape(name), tf.constant(-1, tf.int64)), tf.zeros_like(characters)
         for length in self.prefix_lengths:  # ascending: the longest hit is kept
             found = self.entity_names.lookup(tf.strings.substr(name, 0, length, unit="UTF8_CHAR"))
-            hit = (found >= 0) & (length < characters)
+            hit = (found >= 0) & (length < characters)  # a shorter name's substr is the whole name, no prefix
             prefix, prefix_length = tf.where(hit, found, prefix), tf.where(hit, length, prefix_length)
         rest = tf.strings.substr(name, prefix_length, characters - prefix_length, unit="UTF8_CHAR")
         by_prefix = tf.strings.join([tf.gather(self.entity_values, tf.maximum(prefix, 0)), rest])
