@@ -156,8 +156,13 @@ def test_invalid_utf8_reads_as_pythons_replacement(prep):
 
 
 def read_csv_column(path, column, limit=None, opener=open):
-    with opener(path, "rt", newline="", encoding="utf-8") as f:
-        return [row[column] for row in itertools.islice(csv.DictReader(f), limit)]
+    # csv's field limit is process-wide, and preprocess lowers it (--max_record_bytes) in the tests before.
+    previous = csv.field_size_limit(1 << 24)
+    try:
+        with opener(path, "rt", newline="", encoding="utf-8") as f:
+            return [row[column] for row in itertools.islice(csv.DictReader(f), limit)]
+    finally:
+        csv.field_size_limit(previous)
 
 
 def test_real_reviews(prep, shared_dir):
