@@ -17,7 +17,7 @@ from horovod_mlstm import corpus, modeldir
 from horovod_mlstm.classifier import Classifier
 from horovod_mlstm.export import EXTRA, check_output, load, save
 from horovod_mlstm.files import NotWritable
-from horovod_mlstm.inference import CHECKPOINT_KEYS, Featurizer
+from horovod_mlstm.inference import Featurizer
 from horovod_mlstm.model import ModelConfig, build_model
 from horovod_mlstm.textfiles import InputError
 
@@ -152,7 +152,7 @@ def fitted(tmp_path_factory):
     identity = Featurizer(model_dir).identity()
     Classifier(["neg", "pos"], np.ones((1, 8)), np.zeros(1), np.zeros(8), np.ones(8),
                {"featurization": {"text_prep": "project", "readout": "final_cell"}, "model_dir": identity["model_dir"],
-                "checkpoint": {k: identity[k] for k in CHECKPOINT_KEYS}}).save(str(work))
+                "checkpoint": {k: identity[k] for k in modeldir.IDENTITY_KEYS}}).save(str(work))
     return model_dir, work
 
 
