@@ -148,7 +148,7 @@ def _gates(xz, mz, c, fused):
     """
     if fused:
         return kernels.gates(xz, mz, c)
-    z = tf.cast(xz[:, :mz.shape[1]] + mz, tf.float32)
+    z = tf.cast(xz[:, :mz.shape[1]], tf.float32) + tf.cast(mz, tf.float32)  # added in float32, as the kernel does
     i, f, o, u = tf.split(z, 4, axis=1)
     i, f, o, u = tf.sigmoid(i), tf.sigmoid(f), tf.sigmoid(o), tf.tanh(u)
     c_new = f * c + i * u
