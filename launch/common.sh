@@ -171,10 +171,12 @@ run_job() {
   trap 'forward_signal INT' INT
   "$@" 2> "$stderr_log.fifo" &
   JOB_PID=$!
-  while :; do
-    status=0; wait "$JOB_PID" || status=$?
-    kill -0 "$JOB_PID" 2>/dev/null || break  # a trapped signal interrupted wait: the job still runs
+  while kill -0 "$JOB_PID" 2>/dev/null; do
+    wait "$JOB_PID" || true  # returns early when a trapped signal interrupts it: the job may still run
   done
+  # The job has ended. The last wait may have been cut short by a signal (status 128+n) after the job ended,
+  # so ask again: bash keeps an ended job's status for a later wait.
+  status=0; wait "$JOB_PID" || status=$?
   wait "$tee_pid" || true
   trap - TERM USR1 INT
   status=$(job_status "$status" "$stderr_log")
