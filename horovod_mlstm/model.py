@@ -66,9 +66,11 @@ def _normalized(v: tf.Tensor, g: tf.Tensor) -> tf.Tensor:
 class MLSTM(tf.keras.layers.Layer):
     """The mLSTM recurrence over a whole [batch, time, embed] sequence.
 
-    call(inputs, (h, c), mask=None) -> (outputs [batch, time, hidden], (h, c)).
+    call(inputs, (h, c), mask=None, fused=None) -> (outputs [batch, time, hidden], (h, c)).
     Where `mask[b, t]` is False the state of row b is left unchanged at step t, so the
     returned state is the state after each row's last real timestep (used by transfer).
+    fused: the gate math as the fused CPU kernels; None uses them wherever they are built and
+    usable. A graph to be saved passes False, so that it loads without the kernels' library.
     """
 
     def __init__(self, hidden_size: int, weight_norm: bool = True, **kwargs):
@@ -110,7 +112,7 @@ class MLSTM(tf.keras.layers.Layer):
             return tuple(tf.convert_to_tensor(w) for w in ws)
         return tuple(_normalized(w, g) for w, g in zip(ws, (self.gx, self.gh, self.gmx, self.gmh)))
 
-    def call(self, inputs, state, mask=None):
+    def call(self, inputs, state, mask=None, fused=None):
         dtype = self.compute_dtype
         n = self.hidden_size
         wx, wh, wmx, wmh = self.effective_weights()
@@ -125,8 +127,10 @@ class MLSTM(tf.keras.layers.Layer):
         proj = tf.reshape(proj, [steps, batch, 5 * n])
         wh, wmh = tf.cast(wh, dtype), tf.cast(wmh, dtype)
         h, c = (tf.cast(s, tf.float32) for s in state)
-        # The fused kernels are CPU ops without an XLA kernel: under --xla the gate math is TensorFlow's.
-        fused = kernels.available() and not control_flow_util.GraphOrParentsInXlaContext(tf.compat.v1.get_default_graph())
+        if fused is None:
+            # The fused kernels are CPU ops without an XLA kernel: under --xla the gate math is TensorFlow's.
+            fused = kernels.available() and not control_flow_util.GraphOrParentsInXlaContext(
+                tf.compat.v1.get_default_graph())
         if mask is None:  # training and evaluation: the hand-written backward pass
             hs, h, c = recurrence(fused)(proj, h, c, wh, wmh)
         else:  # featurising (no gradients needed): rows keep their state after their last byte
@@ -144,7 +148,7 @@ def _gates(xz, mz, c, fused):
     """
     if fused:
         return kernels.gates(xz, mz, c)
-    z = tf.cast(xz[:, :mz.shape[1]] + mz, tf.float32)
+    z = tf.cast(xz[:, :mz.shape[1]], tf.float32) + tf.cast(mz, tf.float32)  # added in float32, as the kernel does
     i, f, o, u = tf.split(z, 4, axis=1)
     i, f, o, u = tf.sigmoid(i), tf.sigmoid(f), tf.sigmoid(o), tf.tanh(u)
     c_new = f * c + i * u
