@@ -16,6 +16,7 @@ import math
 
 from absl import flags
 
+from horovod_mlstm.hardware import AUTO
 from horovod_mlstm.model import PRECISIONS, ModelConfig
 from horovod_mlstm.schedule import DECAYS, SCALING_RULES, peak_learning_rate
 
@@ -70,7 +71,10 @@ class TrainConfig(CommonConfig):
     hidden_size: int = setting(4096, "mLSTM units.", AT_LEAST_1)
     embed_size: int = setting(64, "Byte embedding size.", AT_LEAST_1)
     weight_norm: bool = setting(True, "Weight-normalise the four mLSTM matrices.")
-    precision: str = setting("fp32", "Keras mixed-precision policy.", choices=tuple(PRECISIONS))
+    precision: str = setting(
+        AUTO, "Keras mixed-precision policy; auto chooses from the hardware at start-up: mixed_float16 on a GPU, "
+        "mixed_bfloat16 on a CPU that computes bf16 natively (AVX512_BF16 or AMX, as oneDNN may use them), fp32 "
+        "elsewhere (emulated bf16 is slower than fp32).", choices=(AUTO, *PRECISIONS))
     xla: bool = setting(False, "Compile the forward/backward pass with XLA (jit_compile).")
     # Optimizer and learning-rate schedule.
     learning_rate: float = setting(5e-4, "Adam learning rate at --reference_batch (before scaling).", POSITIVE)

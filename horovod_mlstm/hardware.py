@@ -9,6 +9,7 @@ description of the machine:
     describe()                 -> the CPU, its ISA flags, cores, GPUs, TensorFlow and its oneDNN settings
     choose_precision(machine)  -> (precision, reason): a pure function of that description
     precision_for_this_process -> the same for the running process
+    resolve(--precision)       -> auto made concrete, with the line a command logs about it
     emulated(precision, machine) -> why that precision is emulated here, or "" where it is native
 
     python -m horovod_mlstm.hardware    # prints the description and the choice
@@ -37,6 +38,7 @@ ONEDNN_ISA_MASKS = {
 }
 # The CPU's native bf16 paths, best first: (cpuinfo flag, its name in reasons, the oneDNN ISA it needs).
 BF16_PATHS = (("amx_bf16", "AMX", "AVX512_CORE_AMX"), ("avx512_bf16", "AVX512_BF16", "AVX512_CORE_BF16"))
+AUTO = "auto"  # --precision's default: choose_precision for this process
 EMULATED_BF16 = "this CPU emulates bf16 (no AVX512_BF16/AMX), slower than fp32"
 
 
@@ -117,6 +119,27 @@ def choose_precision(machine: dict) -> tuple[str, str]:
 def precision_for_this_process() -> tuple[str, str]:
     """choose_precision for the machine this process runs on."""
     return choose_precision(describe())
+
+
+def resolve(requested: str) -> tuple[str, str]:
+    """(the precision to run, one line about it): auto's choice here and why, or an explicit precision as
+    asked, with a warning where this machine emulates it; ValueError for a choice that would crash."""
+    if requested == AUTO:
+        precision, reason = precision_for_this_process()
+        return precision, f"precision {precision} (--precision=auto: {reason.split(': ', 1)[1]})"
+    machine = describe()
+    cap, mask = onednn_cap(machine)
+    avx512 = ONEDNN_ISA_MASKS["AVX512_CORE"]
+    if requested == "mixed_bfloat16" and "avx512f" in (machine["isa"] or ()) and mask is not None \
+            and mask & avx512 != avx512:  # measured: TensorFlow 2.15's bf16 matmul then segfaults
+        raise ValueError(f"--precision=mixed_bfloat16 under ONEDNN_MAX_CPU_ISA={cap} crashes TensorFlow's bf16 "
+                         "matmul on this AVX-512 CPU (oneDNN capped below AVX512_CORE); use --precision=auto or "
+                         "fp32, or raise the cap")
+    slow = emulated(requested, machine)
+    if slow:
+        return requested, (f"warning: --precision={requested} is emulated here ({slow}); --precision=auto "
+                           f"would choose {precision_for_this_process()[0]}")
+    return requested, f"precision {requested} (as asked)"
 
 
 def emulated(precision: str, machine: dict) -> str:

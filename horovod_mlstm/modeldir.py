@@ -61,13 +61,26 @@ def read_config(model_dir: str) -> ModelConfig:
 
 # ---------------------------------------------------------------- creating and locking
 
+def loss_scaled(precision: str) -> bool:
+    """Whether training in PRECISION wraps the optimizer in a loss scale (and its checkpoints hold one)."""
+    return precision == "mixed_float16"
+
+
 def create(model_dir: str, config: ModelConfig) -> None:
-    """Makes MODEL_DIR for a model of CONFIG, or checks that the one there is that model; ValueError otherwise."""
+    """Makes MODEL_DIR for a model of CONFIG, or checks that the one there is that model; ValueError otherwise.
+
+    A model may continue in another precision (its weights are float32 in every precision), so one
+    trained where bf16 is native continues in fp32 elsewhere, except across float16's loss scale,
+    which changes what a checkpoint holds."""
     if os.path.exists(os.path.join(model_dir, CONFIG)):
         saved = read_config(model_dir)
-        if saved != config:
+        if dataclasses.replace(saved, precision=config.precision) != config:
             raise ValueError(f"--model_dir {model_dir} holds a different model ({saved}); the flags ask for "
                              f"{config}. Use another --model_dir.")
+        if loss_scaled(saved.precision) != loss_scaled(config.precision):
+            raise ValueError(f"--model_dir {model_dir} was trained with --precision={saved.precision}, whose "
+                             f"checkpoints {'hold' if loss_scaled(saved.precision) else 'lack'} float16's loss scale; "
+                             f"continue it with --precision={saved.precision}")
     try:
         os.makedirs(model_dir, exist_ok=True)
     except OSError as e:

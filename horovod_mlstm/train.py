@@ -33,7 +33,7 @@ import tensorflow as tf
 from absl import app, logging
 
 from horovod_mlstm import checkpoint as state_files
-from horovod_mlstm import corpus, data, files, kernels, modeldir, stallwatch
+from horovod_mlstm import corpus, data, files, hardware, kernels, modeldir, stallwatch
 from horovod_mlstm import distributed as dist
 from horovod_mlstm.checkpoint import CheckpointError, CheckpointMismatch, Checkpointer
 from horovod_mlstm.data import ByteStreams
@@ -178,7 +178,7 @@ def build_optimizer(cfg: TrainConfig, peak_lr: float, variables) -> tuple[Warmup
     schedule = WarmupDecaySchedule(peak_lr, cfg.warmup_steps, cfg.horizon, cfg.lr_decay)
     optimizer = tf.keras.optimizers.Adam(schedule, beta_1=cfg.adam_beta1, beta_2=cfg.adam_beta2,
                                          epsilon=cfg.adam_epsilon)
-    if cfg.precision == "mixed_float16":
+    if modeldir.loss_scaled(cfg.precision):
         optimizer = tf.keras.mixed_precision.LossScaleOptimizer(optimizer)
     optimizer.build(variables)
     return schedule, optimizer
@@ -516,7 +516,7 @@ def report_progress(job: Job, progress: Progress, window: Window, step: int, nor
     eta = (cfg.train_steps - step) * seconds / window.steps
     if not dist.is_chief():
         return
-    scale = float(job.optimizer.loss_scale) if cfg.precision == "mixed_float16" else 1.0
+    scale = float(job.optimizer.loss_scale) if modeldir.loss_scaled(cfg.precision) else 1.0
     print(f"[train] step {step}/{cfg.train_steps} loss {train_bpc * LN2:.4f} bpc {train_bpc:.4f} "
           f"lr {float(job.schedule(step - 1)):.3g} loss_scale {scale:g} grad_norm {norm:.3f} "
           f"skipped {int(job.state.skipped.numpy())} chars/s {chars_per_s:,.0f} "
@@ -607,11 +607,15 @@ def main(argv):
     except ValueError as e:
         sys.exit(f"error: {e}")
     stop = StopRequest(cfg.max_runtime_minutes)
-    try:  # every rank refuses a reduction its launcher cannot run, with the same line
+    try:  # every rank refuses what it cannot run (a reduction its launcher lacks, a crashing precision) alike
         dist.init(cfg.intra_op_threads, cfg.inter_op_threads, cfg.fp16_allreduce, cfg.cycle_time_ms,
                   cfg.gradient_reduction)
+        precision, precision_line = hardware.resolve(cfg.precision)
+        cfg = dataclasses.replace(cfg, precision=precision)
     except ValueError as e:
         sys.exit(f"error: {e}")
+    if dist.is_chief():
+        print(f"[train] {precision_line}", flush=True)
     try:
         summary = run(cfg, stop)
     except (DataError, CheckpointError, Diverged, ValueError, FileNotFoundError) as e:

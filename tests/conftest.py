@@ -150,8 +150,9 @@ def tiny_data(tmp_path_factory) -> Path:
     return out
 
 
+# fp32 explicitly: the default (auto) depends on the CPU, and the tests' exact comparisons must not.
 TINY_MODEL_FLAGS = ["--hidden_size=32", "--embed_size=8", "--seq_length=32", "--batch_size_per_worker=4",
-                    "--learning_rate=3e-3", "--batch_scaling=none", "--warmup_steps=2", "--log_every=5",
+                    "--precision=fp32", "--learning_rate=3e-3", "--batch_scaling=none", "--warmup_steps=2", "--log_every=5",
                     "--eval_every=0", "--eval_windows=4", "--intra_op_threads=1", "--inter_op_threads=1"]
 
 

@@ -82,3 +82,31 @@ def test_a_cap_below_bf16_turns_this_machines_bf16_off():
     capped = this_machine(ONEDNN_MAX_CPU_ISA="AVX2")
     assert capped["onednn"]["ONEDNN_MAX_CPU_ISA"] == "AVX2"
     assert capped["precision"] == "fp32" and "ONEDNN_MAX_CPU_ISA=AVX2" in capped["reason"], capped["reason"]
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("isa, requested, precision, line", [
+    (AMX_CPU, "auto", "mixed_bfloat16", "precision mixed_bfloat16 (--precision=auto: the CPU computes bf16 natively (AMX))"),
+    (AVX2_CPU, "auto", "fp32", "precision fp32 (--precision=auto: this CPU emulates bf16"),
+    (AVX2_CPU, "fp32", "fp32", "precision fp32 (as asked)"),
+    (AMX_CPU, "mixed_bfloat16", "mixed_bfloat16", "precision mixed_bfloat16 (as asked)"),
+    (AVX2_CPU, "mixed_bfloat16", "mixed_bfloat16",
+     "warning: --precision=mixed_bfloat16 is emulated here (this CPU emulates bf16 (no AVX512_BF16/AMX), slower than "
+     "fp32); --precision=auto would choose fp32"),
+])
+def test_resolve_makes_auto_concrete_and_warns_on_an_emulated_choice(monkeypatch, isa, requested, precision, line):
+    monkeypatch.setattr(hardware, "describe", lambda: machine(isa))
+    chosen, said = hardware.resolve(requested)
+    assert chosen == precision and said.startswith(line), said
+
+
+@pytest.mark.unit
+def test_explicit_bf16_under_a_cap_below_avx512_is_refused(monkeypatch):
+    """TensorFlow 2.15's bf16 matmul segfaults on an AVX-512 CPU whose oneDNN is capped below AVX512_CORE
+    (measured on a Sapphire Rapids CPU with ONEDNN_MAX_CPU_ISA=AVX2): one line instead of a crash."""
+    monkeypatch.setattr(hardware, "describe", lambda: machine(AMX_CPU, max_isa="AVX2"))
+    with pytest.raises(ValueError, match="ONEDNN_MAX_CPU_ISA=AVX2 crashes TensorFlow's bf16 matmul"):
+        hardware.resolve("mixed_bfloat16")
+    assert hardware.resolve("auto")[0] == "fp32"
+    monkeypatch.setattr(hardware, "describe", lambda: machine(AMX_CPU, max_isa="AVX512_CORE"))
+    assert hardware.resolve("mixed_bfloat16")[0] == "mixed_bfloat16"  # emulated, warned about, runs

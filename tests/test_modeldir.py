@@ -1,5 +1,6 @@
 """modeldir.py: one job per model dir, configs that must match, whole model writes, loading and identity."""
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -43,6 +44,9 @@ def test_create_refuses_another_architecture_and_an_unwritable_place(tmp_path):
     modeldir.create(str(tmp_path / "m"), TINY)  # the same model: fine
     with pytest.raises(ValueError, match="holds a different model"):
         modeldir.create(str(tmp_path / "m"), ModelConfig(hidden_size=16, embed_size=4))
+    modeldir.create(str(tmp_path / "m"), dataclasses.replace(TINY, precision="mixed_bfloat16"))  # weights are float32
+    with pytest.raises(ValueError, match="trained with --precision=fp32, whose checkpoints lack float16's loss scale"):
+        modeldir.create(str(tmp_path / "m"), dataclasses.replace(TINY, precision="mixed_float16"))
     (tmp_path / "file").write_text("")
     with pytest.raises(ValueError, match="cannot create --model_dir"):
         modeldir.create(str(tmp_path / "file" / "m"), TINY)

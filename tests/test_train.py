@@ -13,6 +13,7 @@ import pytest
 import tensorflow as tf
 
 from conftest import ENV, PYTHON, REPO, TINY_MODEL_FLAGS, assert_same_weights, last_line, python
+from horovod_mlstm import hardware
 
 
 @pytest.mark.cli
@@ -180,3 +181,22 @@ def test_an_elastic_commit_keeps_the_previous_commits_state_until_it_is_done(tmp
     assert on_disk_at_commit == [["rnn_state-10"], ["rnn_state-10", "rnn_state-20"]]
     assert sorted(p.name for p in (tmp_path / "checkpoints").glob("rnn_state-*")) == ["rnn_state-20"]
     assert progress.last_commit == 20
+
+
+@pytest.mark.cli
+def test_auto_precision_is_the_first_line_and_a_model_continues_in_another_precision(tmp_path, tiny_data):
+    """Under ONEDNN_MAX_CPU_ISA=AVX2 no CPU computes bf16 natively, so auto chooses fp32 on any machine
+    without a GPU; the fp32 model then continues in bf16, warned about where this CPU emulates it."""
+    model_dir = tmp_path / "m"
+    flags = [f"--model_dir={model_dir}", f"--data_dir={tiny_data}", *TINY_MODEL_FLAGS]
+    flags.remove("--precision=fp32")
+    auto = python("train.py", *flags, "--train_steps=3", env={"ONEDNN_MAX_CPU_ISA": "AVX2"}, check=True)
+    assert auto.stdout.splitlines()[0].startswith("[train] precision fp32 (--precision=auto: "), auto.stdout
+    assert json.loads((model_dir / "summary.json").read_text())["precision"] == "fp32"
+    bf16 = python("train.py", *flags, "--train_steps=6", "--precision=mixed_bfloat16", check=True)
+    slow = hardware.emulated("mixed_bfloat16", hardware.describe())
+    assert bf16.stdout.splitlines()[0] == (f"[train] warning: --precision=mixed_bfloat16 is emulated here ({slow}); "
+                                           "--precision=auto would choose fp32" if slow
+                                           else "[train] precision mixed_bfloat16 (as asked)"), bf16.stdout
+    summary = json.loads((model_dir / "summary.json").read_text())
+    assert (summary["precision"], summary["final_step"]) == ("mixed_bfloat16", 6)
