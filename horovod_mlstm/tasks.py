@@ -80,6 +80,27 @@ class Task:
     splits: dict[str, Split]  # train, val, test, and optionally final_test (the transfer suite's full test set)
 
 
+def _text_hashes(texts) -> np.ndarray:
+    """64-bit hashes of texts, sorted: 8 bytes a text, whatever their length."""
+    return np.sort(np.fromiter((int.from_bytes(hashlib.blake2b(t.encode("utf-8", "surrogatepass"), digest_size=8)
+                                               .digest(), "little") for t in texts), np.uint64))
+
+
+def overlap_warnings(task: Task) -> list[str]:
+    """One line per evaluation split that repeats training texts: its accuracy would then measure what the
+    classifier memorised, not how it transfers (a test file given as the training file is the extreme)."""
+    train = _text_hashes(task.splits["train"].texts)
+    lines = []
+    for name, split in task.splits.items():
+        if name == "train":
+            continue
+        shared = int(np.isin(_text_hashes(split.texts), train).sum())
+        if shared:
+            lines.append(f"warning: {shared:,} of {len(split.texts):,} {name} texts ({split.path}) are also training "
+                         f"texts ({task.splits['train'].path}); its accuracy is not a held-out result")
+    return lines
+
+
 def read_labelled(path: str, text_column: str, label_column: str, classes: list[str] | None = None,
                   encoding: str = "utf-8-sig", keep_texts: bool = True):
     """(texts, label indices, classes) of a CSV with a header, read in one pass (texts None unless KEEP_TEXTS).

@@ -34,7 +34,7 @@ from horovod_mlstm.classifier import Classifier
 from horovod_mlstm.flags import CommonConfig, define_common
 from horovod_mlstm.inference import AUTO, READOUTS, TEXT_PREPS, Featurizer, define_featurizer_flags, is_empty
 from horovod_mlstm.modeldir import IDENTITY_KEYS
-from horovod_mlstm.tasks import SPLITS, Task, csv_task
+from horovod_mlstm.tasks import SPLITS, Task, csv_task, overlap_warnings
 
 # Tops out at 2^0 like Radford et al.'s train_with_reg_cv (2^-8..2^0). Larger C picked only weak
 # features (untrained, the first milestones) and cost 50-200 s per liblinear fit on SST at 512 units
@@ -216,6 +216,8 @@ def main(argv):
             files.check_writable(FLAGS.features, "--features")
         task = csv_task("transfer", {s: getattr(FLAGS, s) for s in SPLITS}, FLAGS.text_column, FLAGS.label_column,
                         FLAGS.encoding)
+        for line in overlap_warnings(task):
+            print(f"[transfer] {line}", file=sys.stderr, flush=True)
         featurizer = Featurizer(config.model_dir, FLAGS.text_prep, readouts[0], config.batch_size_per_worker,
                                 config.seq_length)
         features, texts_per_s = featurise(task, featurizer, readouts, FLAGS.features)
