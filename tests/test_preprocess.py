@@ -290,6 +290,12 @@ def good_output(tmp_path):
 def write_bad(tmp_path, kind):
     if kind == "missing":
         return str(tmp_path / "nope.json")
+    if kind in ("twice", "twice_by_link"):  # a glob and a name, or a link: the same reviews twice
+        (tmp_path / "r.json").write_text(review_line("once"))
+        if kind == "twice":
+            return [str(tmp_path / "r.json")] * 2
+        (tmp_path / "link.json").symlink_to(tmp_path / "r.json")
+        return [str(tmp_path / "r.json"), str(tmp_path / "link.json")]
     if kind == "directory":
         (tmp_path / "reviews").mkdir()
         return str(tmp_path / "reviews")
@@ -310,6 +316,8 @@ def write_bad(tmp_path, kind):
 @pytest.mark.unit
 @pytest.mark.parametrize("kind, message", [
     ("missing", r"nope.json: no such file$"),
+    ("twice", r"r.json: given twice; each input file once$"),
+    ("twice_by_link", r"link.json: given twice \(it is .*/r.json\); each input file once$"),
     ("directory", r"reviews: is a directory \(give the files in it"),
     ("empty", "no usable records"),
     ("truncated_gz", r"cut.json.gz:\d+: truncated or corrupt gzip"),
@@ -319,7 +327,8 @@ def write_bad(tmp_path, kind):
 def test_fatal_input_keeps_previous_output(tmp_path, good_output, kind, message):
     out, before = good_output
     with pytest.raises(PreprocessError, match=message):
-        preprocess([write_bad(tmp_path, kind)], str(out), 1, **OPTS)
+        bad = write_bad(tmp_path, kind)
+        preprocess(bad if isinstance(bad, list) else [bad], str(out), 1, **OPTS)
     assert tree(out) == before
     assert not [n for n in os.listdir(out) if n.startswith(".staging-")]  # no staging dir left
 

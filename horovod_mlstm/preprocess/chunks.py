@@ -103,8 +103,14 @@ def plan_inputs(inputs: list[str], fmt: str, opts: Options) -> list[FilePlan]:
     """Checks every input and cuts the plain ones into chunks (gzip files are cut while they are read)."""
     if not inputs:
         raise PreprocessError("no input files given (--input)")
+    seen = {}  # (device, inode) -> the first name given for that file
     for path in inputs:
         check_input(path)
+        stat = os.stat(path)
+        first = seen.setdefault((stat.st_dev, stat.st_ino), path)
+        if first != path or inputs.count(path) > 1:  # the same file twice would double its reviews
+            raise PreprocessError(f"{path}: given twice" + (f" (it is {first})" if first != path else "")
+                                  + "; each input file once")
     plans = []
     for index, path in enumerate(inputs):
         compressed = path.endswith(".gz")
