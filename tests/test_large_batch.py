@@ -41,7 +41,7 @@ def test_tiny_experiment_tunes_past_a_planted_exploding_lr(tmp_path, tiny_data):
     args = ["-m", "horovod_mlstm.experiments.large_batch", f"--out_dir={out}", f"--data_dir={tiny_data}",
             "--batches=4,16", "--policies=linear,schedule", "--base_lrs=3e-3,100,1e39", "--reference_batch=4",
             "--chars=16384", "--hidden_size=16", "--seq_length=16", "--micro_batch=4", "--evals=3",
-            "--eval_streams=4", "--eval_windows=2", "--threads=1"]
+            "--eval_streams=4", "--eval_windows=2", "--threads=1", "--precision=fp32"]
     proc = python(*args, check=True, timeout=900)
     report = json.loads((out / "results.json").read_text())
     tuning = {r["peak_lr"]: r for r in report["tuning"]}
@@ -80,7 +80,7 @@ def test_adasum_policy_trains_on_two_mpi_ranks_at_the_base_lr(tmp_path, tiny_dat
     python("-m", "horovod_mlstm.experiments.large_batch", f"--out_dir={out}", f"--data_dir={tiny_data}",
            "--batches=8", "--policies=adasum", "--base_lrs=3e-3", "--reference_batch=8", "--chars=4096",
            "--hidden_size=16", "--seq_length=16", "--micro_batch=4", "--evals=2", "--eval_streams=4",
-           "--eval_windows=2", "--threads=1", "--np=2", "--parallel=1", check=True, timeout=600)
+           "--eval_windows=2", "--threads=1", "--np=2", "--parallel=1", "--precision=fp32", check=True, timeout=600)
     (run,) = json.loads((out / "results.json").read_text())["runs"]
     assert run["policy"] == "adasum" and run["peak_lr"] == 3e-3 and run["outcome"] != "diverged"
     (adasum_dir,) = out.glob("b8_lr0.003_linear_adasum_*")

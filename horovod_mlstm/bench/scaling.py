@@ -13,6 +13,7 @@ import numpy as np
 from horovod_mlstm import corpus, jobs
 from horovod_mlstm.records import write_corpus
 
+PRECISION = "fp32"  # pinned, so that the efficiency compares communication, not a CPU's bf16
 RUNS = {"2_gloo": ("gloo", ()), "2_mpi": ("mpi", ()), "2_gloo_cycle_1ms": ("gloo", ("--cycle_time_ms=1",)),
         "2_independent": ("independent", ())}
 
@@ -29,7 +30,7 @@ def train_rate(np_: int, hidden: int, batch: int, seq: int, steps: int, data_dir
                 f"--hidden_size={hidden}", f"--batch_size_per_worker={batch}", f"--seq_length={seq}",
                 f"--train_steps={steps}", "--log_every=2", "--eval_every=0", "--eval_windows=1",
                 f"--checkpoint_every={steps}", "--warmup_steps=1", "--intra_op_threads=1", "--inter_op_threads=1",
-                *extra]
+                f"--precision={PRECISION}", *extra]
 
     if controller == "independent":
         outputs = jobs.run_together([args() for _ in range(np_)])
@@ -53,6 +54,6 @@ def scaling(quick: bool) -> dict:
     print(f"[bench] scaling hidden {hidden}, {batch}x{seq} per worker: 1 process {one:,.0f} chars/s; 2 processes "
           "per worker: " + ", ".join(f"{name.removeprefix('2_')} {v:,.0f} (efficiency {v / one:.2f})"
                                      for name, v in two.items()), flush=True)
-    return {"hidden": hidden, "batch_per_worker": batch, "seq_length": seq, "precision": "fp32",
+    return {"hidden": hidden, "batch_per_worker": batch, "seq_length": seq, "precision": PRECISION,
             "chars_per_s_per_worker": {"1": one, **two},
             "efficiency": {name.removeprefix("2_"): v / one for name, v in two.items()}}

@@ -52,8 +52,10 @@ import sys
 
 from absl import app, flags, logging
 
-from horovod_mlstm import jobs
+from horovod_mlstm import hardware, jobs
 from horovod_mlstm.experiments import report
+from horovod_mlstm.hardware import AUTO
+from horovod_mlstm.model import PRECISIONS
 from horovod_mlstm.schedule import peak_learning_rate
 
 POLICIES = ("linear", "sqrt", "schedule", "none", "adasum")
@@ -121,6 +123,7 @@ def train(batch: int, lr: float, decay: str, reduction: str, F, data_dir: str) -
                 f"--warmup_steps={max(1, steps // 10)}", f"--lr_decay={decay}",
                 f"--eval_every={max(1, steps // F.evals)}", f"--eval_windows={F.eval_windows}",
                 f"--eval_batch_size={max(1, F.eval_streams // F.np)}", "--clip_norm=0",
+                f"--precision={hardware.resolve(F.precision)[0]}",  # as run, so a run dir names it
                 # Diverging is an outcome to record here, not a reason to stop the job.
                 "--divergence_bpc=0", f"--max_skipped_steps={2 * steps}"]
     if reduction != "average":  # only then, so averaging runs keep their settings, hence their directories
@@ -295,6 +298,8 @@ if __name__ == "__main__":
                       "(several give one schedule run each: the way to find the cap for a batch).")
     flags.DEFINE_integer("chars", 5_000_000, "Training characters per run (the same for every run).", lower_bound=1)
     flags.DEFINE_integer("hidden_size", 128, "mLSTM units.", lower_bound=1)
+    flags.DEFINE_enum("precision", AUTO, [AUTO, *PRECISIONS], "train.py's --precision for every run (auto: "
+                      "this machine's choice, named in each run's settings).")
     flags.DEFINE_integer("seq_length", 64, "Bytes per window.", lower_bound=1)
     flags.DEFINE_integer("micro_batch", 256, "Most sequences per backward pass per process.", lower_bound=1)
     flags.DEFINE_integer("evals", 8, "Validation points per run.", lower_bound=1)
