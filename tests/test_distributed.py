@@ -76,7 +76,7 @@ def test_accumulated_micro_batches_match_one_big_batch_across_ranks(tmp_path, tw
 @pytest.mark.unit
 def test_cycle_time_is_set_before_horovod_starts(monkeypatch):
     """--cycle_time_ms must be in the environment when hvd.init() reads it, whatever the launcher set;
-    0 leaves the launcher's value. (bench.py measures what the setting is worth, in real jobs.)"""
+    0 leaves the launcher's value. (The benchmark, horovod_mlstm/bench, measures what the setting is worth, in real jobs.)"""
     seen = []
     monkeypatch.setattr(dist.hvd, "init", lambda: seen.append(os.environ.get("HOROVOD_CYCLE_TIME")))
     monkeypatch.setenv("HOROVOD_CYCLE_TIME", "1")

@@ -1,4 +1,4 @@
-"""Validation BPC against model size at an equal number of characters (issue 15, item 3).
+"""Validation BPC against model size at an equal number of characters.
 
     python -m horovod_mlstm.experiments.model_size --flagfile_train configs/cpu_imdb.cfg \
         --out_dir runs/model_size [--hidden_sizes 256,512,1024] [--chars 4e6] [--np 2]
