@@ -17,7 +17,8 @@ scored once, at the end, with the kept model.
 
 Output, so that classify applies the result like a transfer classifier:
     OUT/model/                   the kept fine-tuned mLSTM, a model dir (modeldir.write_model)
-    OUT/classifier.{json,npz}    its head as a classifier.Classifier (mean 0, scale 1) naming the readout
+    OUT/classifier.{json,npz}    its head as a classifier.Classifier naming the readout; mean and scale
+                                 standardise the readout as the head does (FineTuner)
     OUT/summary.json             the validation curve, the kept step, the test accuracy
     OUT/checkpoints/, OUT/tensorboard/, OUT/settings.json   resuming and progress
     python -m horovod_mlstm.classify --model_dir OUT/model --classifier OUT --input ... --output ...
@@ -207,7 +208,8 @@ def run(cfg: FinetuneConfig, stop: StopRequest) -> dict | None:
 
     # -------------------------------------------------- checkpoint and resume
     checkpoints = Checkpointer(cfg.output_dir, cfg.keep_checkpoints, writer=dist.is_chief(), model=tuner.model,
-                               head=tuner.head, pretrained_optimizer=optimizers["pretrained"],
+                               head=tuner.head, feature_mean=tuner.mean, feature_scale=tuner.scale,
+                               pretrained_optimizer=optimizers["pretrained"],
                                head_optimizer=optimizers["head"], **state.variables())
     error, restored, history = None, None, []
     if dist.is_chief():
@@ -217,8 +219,11 @@ def run(cfg: FinetuneConfig, stop: StopRequest) -> dict | None:
         except (CheckpointError, ValueError, OSError) as e:
             error = e
     dist.agree(error)
-    dist.broadcast_variables(tuner.model.variables + tuner.head.variables + optimizers["pretrained"].variables
-                             + optimizers["head"].variables + list(state.variables().values()))
+    dist.broadcast_variables(tuner.model.variables + tuner.head.variables + [tuner.mean, tuner.scale]
+                             + optimizers["pretrained"].variables + optimizers["head"].variables
+                             + list(state.variables().values()))
+    if not restored:
+        tuner.standardise(texts, plan, rows)
 
     # ------------------------------------------------------------------- loop
     featurizer = Featurizer(cfg.model_dir, cfg.text_prep, cfg.readout, cfg.batch_size_per_worker, cfg.seq_length,
@@ -373,12 +378,22 @@ def pool(hs: tf.Tensor, lengths: tf.Tensor, readout: str) -> tf.Tensor:
 
 
 class FineTuner:
-    """The pretrained model, a linear head on its readout, and the loss update.py minimises."""
+    """The pretrained model, a linear head on its standardised readout, and the loss update.py minimises.
+
+    The readout is standardised with its mean and standard deviation over the training texts under the
+    pretrained weights (`standardise`), as the linear probe's features are: hidden-state means are
+    small (a few hundredths), and Adam, whose steps are about the learning rate in weight units, would
+    otherwise need thousands of steps to grow the head's weights to their scale. The head starts at
+    zero (every class equally likely).
+    """
 
     def __init__(self, model, classes: int, cfg: FinetuneConfig):
         self.model, self.cfg = model, cfg
-        self.head = tf.keras.layers.Dense(classes, dtype="float32", name="head")
-        self.head.build([None, model.config.hidden_size])
+        n = model.config.hidden_size
+        self.head = tf.keras.layers.Dense(classes, dtype="float32", kernel_initializer="zeros", name="head")
+        self.head.build([None, n])
+        self.mean = tf.Variable(tf.zeros([n]), trainable=False, name="feature_mean")
+        self.scale = tf.Variable(tf.ones([n]), trainable=False, name="feature_scale")
         # The softmax layer takes part only through the auxiliary loss: without it, it gets no gradient.
         layers = [model.embed, model.rnn] + ([model.out] if cfg.aux_lm_weight else [])
         self.pretrained_variables = [v for layer in layers for v in layer.trainable_variables]
@@ -389,9 +404,34 @@ class FineTuner:
         text's last byte changes what came before it)."""
         return self.model.rnn(self.model.embed(inputs), self.model.zero_state(tf.shape(inputs)[0]))[0]
 
+    def features(self, inputs, lengths):
+        """The readout [B, n] of texts padded at their end, before standardising."""
+        return pool(self.hidden(inputs), lengths, self.cfg.readout)
+
+    def classify(self, features):
+        """Class logits of readouts."""
+        return self.head((features - self.mean) / self.scale)
+
     def logits(self, inputs, lengths):
         """Class logits [B, classes] without dropout: the fine-tuned model's own prediction."""
-        return self.head(pool(self.hidden(inputs), lengths, self.cfg.readout))
+        return self.classify(self.features(inputs, lengths))
+
+    def standardise(self, texts: "TrainingTexts", plan: "BatchPlan", rows: int) -> None:
+        """Sets the readout's mean and scale to those over the training texts (as they are cut for training)
+        under the current weights: one pass, each rank reading its rows of the first epoch's batches (a
+        collective). A unit that does not vary keeps scale 1, as scikit-learn's StandardScaler does."""
+        features = tf.function(self.features, reduce_retracing=True)
+        n = self.model.config.hidden_size
+        sums = np.zeros([2, n])
+        for step in range(plan.steps_per_epoch):
+            batch = rank_batch(texts, plan.batch(step), step, dist.rank() * rows, rows)
+            real = batch["text_weight"].numpy() > 0
+            values = features(batch["inputs"], batch["lengths"]).numpy()[real].astype(np.float64)
+            sums += [values.sum(axis=0), (values ** 2).sum(axis=0)]
+        total, square = dist.total(sums).numpy() / len(texts.encoded)
+        std = np.sqrt(np.maximum(square - total ** 2, 0.0))
+        self.mean.assign(total.astype(np.float32))
+        self.scale.assign(np.where(std > 1e-8 * np.maximum(np.abs(total), 1.0), std, 1.0).astype(np.float32))
 
     def loss(self, inputs, lengths, labels, text_weight, byte_weight, rows, step):
         """(loss, (per-text [classification, next-byte] shares of the global means,)) for update.py.
@@ -400,7 +440,7 @@ class FineTuner:
         then follows the mean over the global batch, whatever the split.
         """
         hs = self.hidden(inputs)
-        features = pool(hs, lengths, self.cfg.readout)
+        features = (pool(hs, lengths, self.cfg.readout) - self.mean) / self.scale
         if self.cfg.dropout:
             # The mask of the global batch's row, drawn from (seed, step): the same on any rank.
             noise = tf.random.stateless_uniform([self.cfg.global_batch, features.shape[1]],
@@ -417,13 +457,14 @@ class FineTuner:
         total = tf.reduce_sum(classification) + self.cfg.aux_lm_weight * tf.reduce_sum(next_byte)
         return total * (dist.size() * self.cfg.backward_passes_per_step), (shares,)
 
-    def classifier_arrays(self) -> tuple[np.ndarray, np.ndarray]:
-        """The head as classifier.Classifier's (coef, intercept): two classes as one row of the second
+    def classifier(self, labels: list[str], info: dict) -> Classifier:
+        """The standardisation and head as a classifier.Classifier: two classes as one row of the second
         class's log-odds (softmax of two logits is the sigmoid of their difference), more as they are."""
         kernel, bias = (v.numpy().astype(np.float64) for v in self.head.weights)
-        if kernel.shape[1] == 2:
-            return (kernel[:, 1] - kernel[:, 0])[None, :], np.array([bias[1] - bias[0]])
-        return kernel.T, bias
+        coef, intercept = ((kernel[:, 1] - kernel[:, 0])[None, :], np.array([bias[1] - bias[0]])) \
+            if kernel.shape[1] == 2 else (kernel.T, bias)
+        return Classifier(labels, coef, intercept, self.mean.numpy().astype(np.float64),
+                          self.scale.numpy().astype(np.float64), info)
 
 
 class State:
@@ -608,7 +649,7 @@ def validate(job: Job, progress: Progress, step: int) -> None:
     kept, and --patience worse ones in a row stop the job."""
     state, cfg = job.state, job.cfg
     features = job.featurizer.transform(job.val.texts)
-    predicted = np.argmax(job.tuner.head(features).numpy(), axis=1)
+    predicted = np.argmax(job.tuner.classify(features).numpy(), axis=1)
     accuracy, = job.val.correct(predicted, (len(job.task.splits["val"].labels),))
     better = accuracy > float(state.best_val.numpy())
     if better:
@@ -635,17 +676,15 @@ def validate(job: Job, progress: Progress, step: int) -> None:
 
 def write_kept(cfg: FinetuneConfig, tuner: FineTuner, classes: list[str], step: int, val_accuracy: float,
                pretrained: dict) -> None:
-    """OUTPUT_DIR/model and OUTPUT_DIR/classifier.{json,npz}: the model as it is now, its head as a classifier
-    over the readout (mean 0, scale 1), tied to the model by its checkpoint's identity."""
+    """OUTPUT_DIR/model and OUTPUT_DIR/classifier.{json,npz}: the model as it is now, its standardisation and
+    head as a classifier over the readout, tied to the model by its checkpoint's identity."""
     folder = os.path.join(cfg.output_dir, "model")
     info = {"step": step, "val_accuracy": val_accuracy, "pretrained": pretrained}
     modeldir.write_model(folder, tuner.model, step, "finetune.json", info)
     identity = modeldir.identity(folder, tf.train.latest_checkpoint(os.path.join(folder, "checkpoints")))
-    coef, intercept = tuner.classifier_arrays()
-    Classifier(classes, coef, intercept, np.zeros(coef.shape[1]), np.ones(coef.shape[1]),
-               {"featurization": {"text_prep": cfg.text_prep, "readout": cfg.readout},
-                "fine_tuned": info, "model_dir": identity["model_dir"],
-                "checkpoint": {k: identity[k] for k in modeldir.IDENTITY_KEYS}}).save(cfg.output_dir)
+    tuner.classifier(classes, {"featurization": {"text_prep": cfg.text_prep, "readout": cfg.readout},
+                               "fine_tuned": info, "model_dir": identity["model_dir"],
+                               "checkpoint": {k: identity[k] for k in modeldir.IDENTITY_KEYS}}).save(cfg.output_dir)
 
 
 def save_checkpoint(job: Job, step: int) -> None:

@@ -58,9 +58,12 @@ def tiny_model(seed=0, hidden=16):
 
 
 def padded(texts):
-    encoded = [encode(t) for t in texts]
+    return padded_bytes([encode(t) for t in texts])
+
+
+def padded_bytes(encoded):
     lengths = np.array([len(e) for e in encoded])
-    x = np.zeros([len(texts), lengths.max()], np.int32)
+    x = np.zeros([len(encoded), lengths.max()], np.int32)
     for row, e in enumerate(encoded):
         x[row, :len(e)] = np.frombuffer(e, np.uint8)
     return tf.constant(x), tf.constant(lengths, tf.int32)
@@ -168,14 +171,24 @@ def test_the_auxiliary_loss_adds_its_weight_times_the_mean_next_byte_loss(tmp_pa
 
 
 @pytest.mark.unit
-def test_two_classes_become_one_row_of_log_odds(tmp_path):
+def test_the_head_standardises_over_the_training_texts_and_saves_as_a_classifier(tmp_path, fused_kernels):
+    dist.init()
     model = tiny_model()
-    tuner = FineTuner(model, 2, config(tmp_path))
-    tuner.head.set_weights([np.random.default_rng(1).normal(size=(16, 2)), np.array([0.3, -0.2])])
-    features = np.random.default_rng(2).normal(size=(6, 16))
-    coef, intercept = tuner.classifier_arrays()
-    classifier = Classifier(["a", "b"], coef, intercept, np.zeros(16), np.ones(16), {})
-    np.testing.assert_allclose(classifier.predict_proba(features), tf.nn.softmax(tuner.head(features)), atol=1e-6)
+    labels = np.array([1, 0, 0, 1, 0])
+    texts = TrainingTexts.of(Split("", TEXTS, labels, {}), "project", max_bytes=30)
+    for classes in (2, 3):
+        tuner = FineTuner(model, classes, config(tmp_path, global_batch=2))
+        tuner.standardise(texts, BatchPlan(texts.lengths, 2, seed=0), rows=2)
+        features = np.concatenate([tuner.features(*padded_bytes([e])).numpy() for e in texts.encoded])
+        np.testing.assert_allclose(tuner.mean.numpy(), features.mean(axis=0), rtol=1e-4, atol=1e-6)
+        np.testing.assert_allclose(tuner.scale.numpy(), features.std(axis=0), rtol=1e-3, atol=1e-6)
+
+        rng = np.random.default_rng(classes)
+        tuner.head.set_weights([rng.normal(size=(16, classes)), rng.normal(size=classes)])
+        classifier = tuner.classifier(["a", "b", "c"][:classes], {})
+        assert classifier.coef.shape == (1 if classes == 2 else classes, 16)  # two classes: one row of log-odds
+        np.testing.assert_allclose(classifier.predict_proba(features), tf.nn.softmax(tuner.classify(features)),
+                                   atol=1e-6)
 
 
 @pytest.mark.unit
@@ -233,12 +246,12 @@ def trained_weights(out) -> dict[str, np.ndarray]:
     """The model's and head's variables in the newest training checkpoint of a fine-tuning run."""
     reader = tf.train.load_checkpoint(tf.train.latest_checkpoint(str(out / "checkpoints")))
     return {k: reader.get_tensor(k) for k in reader.get_variable_to_shape_map()
-            if k.split("/")[0] in ("model", "head") and "OPTIMIZER_SLOT" not in k}
+            if k.split("/")[0] in ("model", "head", "feature_mean", "feature_scale") and "OPTIMIZER_SLOT" not in k}
 
 
 def assert_same_run(a, b):
     wa, wb = trained_weights(a), trained_weights(b)
-    assert wa.keys() == wb.keys() and len(wa) >= 10
+    assert wa.keys() == wb.keys() and len(wa) >= 12
     for key in wa:
         np.testing.assert_allclose(wa[key], wb[key], rtol=1e-5, atol=1e-6, err_msg=key)
     sa, sb = (json.loads((out / "summary.json").read_text()) for out in (a, b))
@@ -274,7 +287,8 @@ def test_classify_applies_the_written_classifier_as_the_fine_tuned_model_predict
     # The fine-tuned model and head of the last step (the one kept: the only validation), in process.
     model, _ = modeldir.load(str(lm_dir))
     tuner = FineTuner(model, 2, config(tmp_path, readout="max_hidden"))
-    Checkpointer(str(out), writer=False, model=model, head=tuner.head).restore(expect_partial=True)
+    Checkpointer(str(out), writer=False, model=model, head=tuner.head, feature_mean=tuner.mean,
+                 feature_scale=tuner.scale).restore(expect_partial=True)
     assert not np.allclose(model.rnn.wx.numpy(), modeldir.load(str(lm_dir))[0].rnn.wx.numpy())  # it was trained
     expected = tf.nn.softmax(tuner.logits(*padded(TEXTS))).numpy()
 
