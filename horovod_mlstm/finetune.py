@@ -172,8 +172,6 @@ def run(cfg: FinetuneConfig, stop: StopRequest) -> dict | None:
     error = lock = None
     try:
         rows = cfg.rows_per_rank(world)
-        if dist.is_chief():
-            lock = open_output_dir(cfg)
         task = load_task(cfg)
         texts = TrainingTexts.of(task.splits["train"], cfg.text_prep, cfg.max_bytes)
         plan = BatchPlan(texts.lengths, cfg.global_batch, cfg.seed)
@@ -182,7 +180,8 @@ def run(cfg: FinetuneConfig, stop: StopRequest) -> dict | None:
             raise ValueError(f"--warmup_steps {cfg.warmup_steps} is not below the {total_steps} steps of "
                              f"--max_epochs {cfg.max_epochs}")
         pretrained, pretrained_checkpoint = modeldir.load(cfg.model_dir, cfg.precision)
-        if dist.is_chief():  # the input is good: this job's settings are the output dir's
+        if dist.is_chief():  # the input is good (bad input leaves no output dir): this job's settings are its
+            lock = open_output_dir(cfg)
             files.write_json(os.path.join(cfg.output_dir, SETTINGS), recorded_settings(cfg))
     except (CheckpointError, OSError, ValueError) as e:  # TaskError, InputError: ValueErrors
         error = e

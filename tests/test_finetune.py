@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from conftest import ENV, PYTHON, REPO, horovodrun, last_line, python
+from conftest import ENV, HOROVODRUN, PYTHON, REPO, last_line, python
+from conftest import run as run_command
 from horovod_mlstm import corpus, modeldir
 from horovod_mlstm import distributed as dist
 from horovod_mlstm.checkpoint import Checkpointer
@@ -34,7 +35,8 @@ TEXTS = ["Great sound, I love it.", "Broke in a week.", "x", "It works. " * 12, 
 
 @pytest.fixture(scope="module")
 def task_files(tmp_path_factory):
-    """Synthetic labelled reviews: train, val and test CSVs (column text, labels neg/pos)."""
+    """Synthetic labelled reviews: train, val and test CSVs (column text, labels neg/pos); the test set ends
+    with TEXTS (a one-byte text, markup, a newline, a text longer than --max_bytes in the runs below)."""
     work = tmp_path_factory.mktemp("task")
     for seed, (split, n) in enumerate((("train", 96), ("val", 24), ("test", 24))):
         with open(work / f"{split}.csv", "w", newline="") as f:
@@ -42,6 +44,8 @@ def task_files(tmp_path_factory):
             writer.writerow(["label", "text"])
             writer.writerows(("pos" if r["overall"] >= 4 else "neg", r["reviewText"])
                              for r in corpus.reviews(n, seed=300 + seed))
+            if split == "test":
+                writer.writerows(zip(["pos", "neg", "neg", "pos", "neg"], TEXTS))
     return work
 
 
@@ -198,9 +202,15 @@ def test_bad_input_is_one_line_and_a_busy_output_dir_is_refused(tmp_path, task_f
     modeldir.write_model(str(tmp_path / "lm"), tiny_model(), 0)
     paths = {s: str(task_files / f"{s}.csv") for s in ("train", "val", "test")}
 
+    with pytest.raises(InputError, match="missing.csv: no such file"):
+        run(config(tmp_path, **{**paths, "test": str(tmp_path / "missing.csv")}), stop)
+    unlabelled = tmp_path / "unlabelled.csv"
+    unlabelled.write_text("text\nfine\ngood\n")
+    with pytest.raises(InputError, match="unlabelled.csv:1: no column 'label'"):
+        run(config(tmp_path, **{**paths, "train": str(unlabelled)}), stop)
     bad = tmp_path / "bad.csv"
     bad.write_text("label,text\npos,fine\nneg\n")
-    with pytest.raises(InputError, match="bad.csv"):
+    with pytest.raises(InputError, match="bad.csv:3: row has 1 fields"):
         run(config(tmp_path, **{**paths, "val": str(bad)}), stop)
     one_class = tmp_path / "one_class.csv"
     one_class.write_text("label,text\npos,fine\npos,good\n")
@@ -208,6 +218,7 @@ def test_bad_input_is_one_line_and_a_busy_output_dir_is_refused(tmp_path, task_f
         run(config(tmp_path, **{**paths, "train": str(one_class)}), stop)
     with pytest.raises(FileNotFoundError, match="no trained model in"):
         run(config(tmp_path, **paths, model_dir=str(tmp_path / "nothing")), stop)
+    assert not (tmp_path / "out").exists()  # bad input leaves nothing behind
 
     (tmp_path / "busy").mkdir()
     holder = modeldir.Lock(str(tmp_path / "busy")).acquire()
@@ -239,7 +250,8 @@ def finetune_args(task_files, lm, out, *extra):
     return ["-m", "horovod_mlstm.finetune", f"--model_dir={lm}", f"--output_dir={out}",
             *(f"--{s}={task_files / f'{s}.csv'}" for s in ("train", "val", "test")), "--text_column=text",
             "--global_batch=8", "--learning_rate=3e-3", "--pretrained_lr_multiplier=0.5", "--warmup_steps=2",
-            "--dropout=0.2", "--log_every=4", "--intra_op_threads=1", "--inter_op_threads=1", *extra]
+            "--dropout=0.2", "--precision=fp32", "--log_every=4", "--intra_op_threads=1", "--inter_op_threads=1",
+            *extra]
 
 
 def trained_weights(out) -> dict[str, np.ndarray]:
@@ -276,13 +288,16 @@ def straight(tmp_path_factory, task_files, lm_dir):
 
 
 @pytest.mark.cli
-def test_classify_applies_the_written_classifier_as_the_fine_tuned_model_predicts(tmp_path, task_files, lm_dir):
+def test_classify_and_the_python_api_reproduce_the_fine_tuned_models_test_predictions(tmp_path, task_files, lm_dir):
     out = tmp_path / "out"
     proc = python(*finetune_args(task_files, lm_dir, out, "--max_epochs=1", "--readout=max_hidden",
                                  "--max_bytes=64"), check=True)
     summary = json.loads((out / "summary.json").read_text())
     assert summary["best_step"] == summary["final_step"] == 12 and summary["training_texts_cut"] > 0
     assert "[finetune] done: test accuracy" in last_line(proc.stdout)
+    with open(task_files / "test.csv", newline="") as f:
+        test = list(csv.DictReader(f))
+    texts = [row["text"] for row in test]
 
     # The fine-tuned model and head of the last step (the one kept: the only validation), in process.
     model, _ = modeldir.load(str(lm_dir))
@@ -290,31 +305,31 @@ def test_classify_applies_the_written_classifier_as_the_fine_tuned_model_predict
     Checkpointer(str(out), writer=False, model=model, head=tuner.head, feature_mean=tuner.mean,
                  feature_scale=tuner.scale).restore(expect_partial=True)
     assert not np.allclose(model.rnn.wx.numpy(), modeldir.load(str(lm_dir))[0].rnn.wx.numpy())  # it was trained
-    expected = tf.nn.softmax(tuner.logits(*padded(TEXTS))).numpy()
+    expected = tf.nn.softmax(tuner.logits(*padded(texts))).numpy()
 
-    source = tmp_path / "new.csv"
-    with open(source, "w", newline="") as f:
-        csv.writer(f).writerows([["text"], *([t] for t in TEXTS)])
+    # The Python API, as for a transfer classifier.
+    classifier = Classifier.load(str(out))
+    featurizer = Featurizer(str(out / "model"), **classifier.featurization)
+    classifier.check(featurizer)
+    np.testing.assert_allclose(classifier.predict_proba(featurizer.transform(texts)), expected, atol=1e-5)
+
+    # classify: the same probabilities, and the summary's test accuracy is its accuracy.
     python("-m", "horovod_mlstm.classify", f"--model_dir={out / 'model'}", f"--classifier={out}",
-           f"--input={source}", "--text_column=text", f"--output={tmp_path / 'labels.csv'}", check=True)
+           f"--input={task_files / 'test.csv'}", "--text_column=text", f"--output={tmp_path / 'labels.csv'}",
+           check=True)
     with open(tmp_path / "labels.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     np.testing.assert_allclose([[float(r["p_neg"]), float(r["p_pos"])] for r in rows], expected, atol=1e-5)
-
-    # The summary's test accuracy is classify's on the test file.
-    python("-m", "horovod_mlstm.classify", f"--model_dir={out / 'model'}", f"--classifier={out}",
-           f"--input={task_files / 'test.csv'}", "--text_column=text", f"--output={tmp_path / 'test.csv'}",
-           check=True)
-    with open(tmp_path / "test.csv", newline="") as f, open(task_files / "test.csv", newline="") as g:
-        hits = [r["label"] == t["label"] for r, t in zip(csv.DictReader(f), csv.DictReader(g))]
-    assert summary["test_accuracy"] == pytest.approx(np.mean(hits))
+    assert summary["test_accuracy"] == pytest.approx(np.mean([r["label"] == t["label"] for r, t in zip(rows, test)]))
 
 
 @pytest.mark.multiproc
 def test_two_ranks_train_what_one_rank_trains(tmp_path, task_files, lm_dir, straight):
     out = tmp_path / "out"
-    proc = horovodrun(2, *finetune_args(task_files, lm_dir, out, "--max_epochs=2", "--aux_lm_weight=0.5"),
-                      check=True, timeout=900)
+    # Gloo, as the project's launcher runs jobs on CPUs (launch/horovodrun.sh --gloo, which starts train.py).
+    proc = run_command([HOROVODRUN, "--gloo", "-np", "2", "-H", "localhost:2", PYTHON,
+                        *finetune_args(task_files, lm_dir, out, "--max_epochs=2", "--aux_lm_weight=0.5")],
+                       check=True, timeout=900)
     assert "2 rank(s) x 4 texts = global batch 8" in proc.stdout
     assert_same_run(straight, out)
 
