@@ -589,8 +589,9 @@ def train_loop(job: Job, progress: Progress) -> None:
             window, started = np.zeros(3), time.time()
         validating = done % (cfg.eval_every or plan.steps_per_epoch) == 0 or done == job.total_steps
         if validating:
+            validation_started = time.time()
             validate(job, progress, done)
-            started = time.time()
+            started += time.time() - validation_started  # texts/s and ETA count training time only
         stopping = float(votes) > 0
         if done == job.total_steps or progress.early_stopped:
             state.finished.assign(1)
