@@ -657,9 +657,13 @@ def validate(job: Job, progress: Progress, step: int) -> None:
         state.best_val.assign(accuracy)
         state.best_step.assign(step)
         state.since_best.assign(0)
+        error = None
         if dist.is_chief():
-            write_kept(cfg, job.tuner, job.task.classes, step, accuracy, job.pretrained)
-        dist.barrier()
+            try:
+                write_kept(cfg, job.tuner, job.task.classes, step, accuracy, job.pretrained)
+            except (CheckpointError, OSError, ValueError) as e:  # every rank stops with rank 0's one line
+                error = e
+        dist.agree(error)
     else:
         state.since_best.assign_add(1)
     progress.early_stopped = bool(cfg.patience) and int(state.since_best.numpy()) >= cfg.patience
