@@ -222,7 +222,7 @@ def run(cfg: FinetuneConfig, stop: StopRequest) -> dict | None:
     dist.broadcast_variables(tuner.model.variables + tuner.head.variables + [tuner.mean, tuner.scale]
                              + optimizers["pretrained"].variables + optimizers["head"].variables
                              + list(state.variables().values()))
-    if not restored:
+    if state.current_step == 0:  # as broadcast, so every rank agrees (only rank 0 restores): nothing restored
         tuner.standardise(texts, plan, rows)
 
     # ------------------------------------------------------------------- loop
