@@ -1,7 +1,7 @@
 """finetune: the batches, the loss (its global mean, the auxiliary next-byte term), the readouts against
-the featuriser's, bad input in one line; then real runs: classify applies the written classifier as the
-fine-tuned model predicts, 2 ranks train what 1 rank trains, and SIGTERM or kill -9 then the same command
-end where an uninterrupted run ends."""
+the featuriser's, the standardised head as a classifier, bad input in one line; then real runs: classify
+and the Python API give the fine-tuned model's test predictions, 2 ranks killed with -9 and rerun train
+what 1 rank trains, and SIGTERM then the same command ends where an uninterrupted run ends."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import subprocess
 import time
 
 import numpy as np
+import psutil
 import pytest
 import tensorflow as tf
 
@@ -323,54 +324,59 @@ def test_classify_and_the_python_api_reproduce_the_fine_tuned_models_test_predic
     assert summary["test_accuracy"] == pytest.approx(np.mean([r["label"] == t["label"] for r, t in zip(rows, test)]))
 
 
+def start(cmd, log):
+    return subprocess.Popen(cmd, cwd=REPO, env=ENV, stdout=log.open("w"), stderr=subprocess.STDOUT,
+                            start_new_session=True)
+
+
+def wait_for(log, text, proc, timeout=300):
+    deadline = time.time() + timeout
+    while text not in log.read_text():
+        assert proc.poll() is None and time.time() < deadline, log.read_text()[-3000:]
+        time.sleep(0.05)
+
+
 @pytest.mark.multiproc
-def test_two_ranks_train_what_one_rank_trains(tmp_path, task_files, lm_dir, straight):
-    out = tmp_path / "out"
+def test_two_ranks_killed_with_9_then_rerun_train_what_one_rank_trains(tmp_path, task_files, lm_dir, straight):
+    out, log = tmp_path / "out", tmp_path / "log.txt"
     # Gloo, as the project's launcher runs jobs on CPUs (launch/horovodrun.sh --gloo, which starts train.py).
-    proc = run_command([HOROVODRUN, "--gloo", "-np", "2", "-H", "localhost:2", PYTHON,
-                        *finetune_args(task_files, lm_dir, out, "--max_epochs=2", "--aux_lm_weight=0.5")],
-                       check=True, timeout=900)
-    assert "2 rank(s) x 4 texts = global batch 8" in proc.stdout
+    cmd = [HOROVODRUN, "--gloo", "-np", "2", "-H", "localhost:2", PYTHON,
+           *finetune_args(task_files, lm_dir, out, "--max_epochs=2", "--aux_lm_weight=0.5", "--checkpoint_every=3")]
+    proc = start(cmd, log)
+    wait_for(log, "step 8/24", proc)  # after the checkpoint of step 6
+    job = [p for p in psutil.process_iter(["cmdline"]) if str(out) in " ".join(p.info["cmdline"] or [])]
+    assert len(job) >= 3  # horovodrun and its two ranks
+    for p in job:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:  # horovodrun may end as soon as a rank is gone
+            pass
+    psutil.wait_procs(job, timeout=60)
+    proc.wait(60)
+    assert "2 rank(s) x 4 texts = global batch 8" in log.read_text()
+    assert 6 <= int(tf.train.latest_checkpoint(str(out / "checkpoints")).rsplit("-", 1)[1]) < 24
+
+    resumed = run_command(cmd, check=True, timeout=600)
+    assert "resumed from" in resumed.stdout
     assert_same_run(straight, out)
 
 
 @pytest.mark.multiproc
-def test_sigterm_then_kill_9_then_the_same_command_ends_as_the_uninterrupted_run(tmp_path, task_files, lm_dir,
-                                                                                  straight):
+def test_sigterm_then_the_same_command_ends_as_the_uninterrupted_run(tmp_path, task_files, lm_dir, straight):
     out, log = tmp_path / "out", tmp_path / "log.txt"
-    cmd = [PYTHON, *finetune_args(task_files, lm_dir, out, "--max_epochs=2", "--aux_lm_weight=0.5",
-                                  "--checkpoint_every=3")]
-
-    def start():
-        return subprocess.Popen(cmd, cwd=REPO, env=ENV, stdout=log.open("w"), stderr=subprocess.STDOUT)
-
-    def wait_for(text, proc):
-        deadline = time.time() + 300
-        while text not in log.read_text():
-            assert proc.poll() is None and time.time() < deadline, log.read_text()[-3000:]
-            time.sleep(0.05)
-
-    proc = start()
-    wait_for("step 4/24", proc)
+    args = finetune_args(task_files, lm_dir, out, "--max_epochs=2", "--aux_lm_weight=0.5", "--checkpoint_every=3")
+    proc = start([PYTHON, *args], log)
+    wait_for(log, "step 4/24", proc)
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(120) == 75, log.read_text()[-3000:]
     text = log.read_text()
     assert "(SIGTERM); checkpoint written; run the same command to resume" in text
     stopped = int(text.split("[finetune] stopped at step ")[1].split()[0])
     assert 4 <= stopped < 24
+    assert tf.train.latest_checkpoint(str(out / "checkpoints")).endswith(f"ckpt-{stopped}")
 
-    proc = start()  # resumes, and is killed after its next checkpoint
-    wait_for(f"at step {stopped}", proc)
-    checkpoints = out / "checkpoints"
-    first = tf.train.latest_checkpoint(str(checkpoints))
-    while tf.train.latest_checkpoint(str(checkpoints)) == first:
-        assert proc.poll() is None, log.read_text()[-3000:]
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    assert proc.wait() == -signal.SIGKILL
-
-    resumed = python(*cmd[1:], check=True, timeout=600)
-    assert "resumed from" in resumed.stdout
+    resumed = python(*args, check=True, timeout=600)
+    assert "resumed from" in resumed.stdout and f"at step {stopped}" in resumed.stdout
     assert_same_run(straight, out)
-    again = python(*cmd[1:], check=True)
+    again = python(*args, check=True)
     assert "nothing to do" in again.stdout
