@@ -492,9 +492,7 @@ def earlier_history(output_dir: str, step: int) -> list[dict]:
     try:
         with open(os.path.join(output_dir, "summary.json")) as f:
             return [h for h in json.load(f).get("history", []) if h["step"] <= step]
-    except FileNotFoundError:
-        return []
-    except (ValueError, KeyError, TypeError):
+    except (FileNotFoundError, ValueError, KeyError, TypeError):  # none yet, or unreadable: the curve restarts
         return []
 
 
