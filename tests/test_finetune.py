@@ -296,6 +296,10 @@ def test_classify_and_the_python_api_reproduce_the_fine_tuned_models_test_predic
     summary = json.loads((out / "summary.json").read_text())
     assert summary["best_step"] == summary["final_step"] == 12 and summary["training_texts_cut"] > 0
     assert "[finetune] done: test accuracy" in last_line(proc.stdout)
+    assert "[finetune] step 4/12 epoch 1 loss" in proc.stdout and "[eval] step 12 validation accuracy" in proc.stdout
+    events = [e for path in (out / "tensorboard").iterdir() for e in tf.compat.v1.train.summary_iterator(str(path))]
+    tags = {v.tag for e in events for v in e.summary.value}
+    assert {"train/loss", "train/classification_loss", "learning_rate", "val/accuracy"} <= tags
     with open(task_files / "test.csv", newline="") as f:
         test = list(csv.DictReader(f))
     texts = [row["text"] for row in test]
