@@ -87,7 +87,9 @@ class Featurizer:
     """
 
     def __init__(self, model_dir: str, text_prep: str = "project", readout: str = "final_cell",
-                 batch_size: int = 64, chunk: int = 256):
+                 batch_size: int = 64, chunk: int = 256, model: LanguageModel | None = None):
+        """MODEL: a model already in memory, read with its weights as they are at each call (fine-tuning
+        validates the model it trains); MODEL_DIR then only names it and `identity` is not defined."""
         if text_prep not in TEXT_PREPS:
             raise ValueError(f"text_prep must be one of {list(TEXT_PREPS)}, got {text_prep!r}")
         if readout not in READOUTS:
@@ -97,7 +99,7 @@ class Featurizer:
         self.model_dir, self.text_prep, self.readout = model_dir, text_prep, readout
         self.batch_size, self.chunk = batch_size, chunk
         self.window = batch_size * WINDOW_BATCHES
-        self.model, self.checkpoint = modeldir.load(model_dir)
+        self.model, self.checkpoint = (model, None) if model is not None else modeldir.load(model_dir)
         n = self.model.config.hidden_size
         self._step = tf.function(self._read, input_signature=[
             tf.TensorSpec([None, None], tf.int32), tf.TensorSpec([None, n], tf.float32),

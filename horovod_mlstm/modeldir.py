@@ -159,9 +159,13 @@ def write_model(model_dir: str, model: LanguageModel, step: int, info_file: str 
     return model_dir
 
 
-def load(model_dir: str) -> tuple[LanguageModel, str]:
-    """(the model MODEL_DIR/config.json describes, restored from its newest readable checkpoint; that checkpoint)."""
-    model = build_model(read_config(model_dir))
+def load(model_dir: str, precision: str = "") -> tuple[LanguageModel, str]:
+    """(the model MODEL_DIR/config.json describes, restored from its newest readable checkpoint; that checkpoint).
+
+    PRECISION, when given, replaces the config's mixed-precision policy (fine-tuning chooses its own).
+    """
+    config = read_config(model_dir)
+    model = build_model(dataclasses.replace(config, precision=precision) if precision else config)
     path = Checkpointer(model_dir, writer=False, model=model).restore(expect_partial=True)
     if path is None:
         raise CheckpointError(f"no checkpoint in {os.path.join(model_dir, 'checkpoints')}")

@@ -13,7 +13,7 @@ any number of ranks that divides its global batch; a second job on a --model_dir
 Stopping early: SIGTERM, SIGUSR1 or SIGINT (what a scheduler sends before a time limit or
 preemption, or Ctrl-C), or --max_runtime_minutes, make every rank stop after the same step (the
 request rides along with each step's allreduce), checkpoint, and exit with status 75
-(EXIT_STOPPED); the same command resumes. A diverging loss stops the job with an error before a
+(stopping.EXIT_STOPPED); the same command resumes. A diverging loss stops the job with an error before a
 checkpoint of it is written.
 """
 
@@ -23,7 +23,6 @@ import dataclasses
 import json
 import math
 import os
-import signal
 import sys
 import time
 import uuid
@@ -42,36 +41,12 @@ from horovod_mlstm.metrics import LN2, bits_per_char, lm_loss, make_eval_step
 from horovod_mlstm.model import build_model
 from horovod_mlstm.records import DataError
 from horovod_mlstm.schedule import WarmupDecaySchedule
+from horovod_mlstm.stopping import EXIT_STOPPED, StopRequest
 from horovod_mlstm.update import make_update
-
-EXIT_STOPPED = 75  # EX_TEMPFAIL: stopped early and checkpointed; run the same command to resume
 
 
 class Diverged(Exception):
     """The loss blew up; the job stops before writing a checkpoint of it."""
-
-
-class StopRequest:
-    """Set by SIGTERM/SIGUSR1/SIGINT or the wall-clock limit; each rank votes it into every step.
-
-    A second Ctrl-C aborts at once (Python's default), without the checkpoint.
-    """
-
-    def __init__(self, max_minutes: float):
-        self.reason = None
-        self.deadline = time.time() + 60 * max_minutes if max_minutes else None
-        for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
-            signal.signal(sig, self._on_signal)
-
-    def _on_signal(self, signum, frame):
-        self.reason = self.reason or signal.Signals(signum).name
-        if signum == signal.SIGINT:
-            signal.signal(signal.SIGINT, signal.default_int_handler)
-
-    def vote(self) -> float:
-        if self.reason is None and self.deadline and time.time() > self.deadline:
-            self.reason = "--max_runtime_minutes"
-        return 1.0 if self.reason else 0.0
 
 
 def run(cfg: TrainConfig, stop: StopRequest) -> dict | None:

@@ -28,7 +28,9 @@ def make_update(loss_fn, groups, micro_batches: int = 1, clip_norm: float = 0.0,
     variables = [v for _, group in groups for v in group]
     scaler = groups[0][0] if isinstance(groups[0][0], tf.keras.mixed_precision.LossScaleOptimizer) else None
 
-    @tf.function(jit_compile=xla or None)
+    # reduce_retracing: batches whose length varies (fine-tuning pads each to its longest text) share
+    # one trace with that dimension unknown, instead of one trace per length.
+    @tf.function(jit_compile=xla or None, reduce_retracing=True)
     def local_gradients(micro_batch):
         """Loss and this rank's gradients for one micro-batch (XLA-compiled with --xla)."""
         with tf.GradientTape() as tape:
