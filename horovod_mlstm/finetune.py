@@ -56,15 +56,14 @@ import tensorflow as tf
 from absl import app
 
 from horovod_mlstm import distributed as dist
-from horovod_mlstm import files, kernels, modeldir
+from horovod_mlstm import files, hardware, kernels, modeldir
 from horovod_mlstm.checkpoint import CheckpointError, Checkpointer
 from horovod_mlstm.classifier import Classifier
-from horovod_mlstm.flags import AT_LEAST_1, NON_NEGATIVE, POSITIVE, CommonConfig, define, setting
+from horovod_mlstm.flags import AT_LEAST_1, NON_NEGATIVE, POSITIVE, CommonConfig, define, precision_setting, setting
 from horovod_mlstm.inference import TEXT_PREPS, Featurizer, encode
 from horovod_mlstm.metrics import xent
-from horovod_mlstm.model import PRECISIONS
 from horovod_mlstm.schedule import DECAYS, WarmupDecaySchedule
-from horovod_mlstm.stopping import EXIT_STOPPED, StopRequest
+from horovod_mlstm.stopping import INTERRUPTED_TWICE, StopRequest, exit_if_stopped
 from horovod_mlstm.tasks import Split, Task, csv_task, load_imdb
 from horovod_mlstm.update import make_update
 
@@ -119,8 +118,7 @@ class FinetuneConfig(CommonConfig):
     warmup_steps: int = setting(20, "Linear warmup steps.", NON_NEGATIVE)
     lr_decay: str = setting("linear", "Decay after warmup, to the last step of --max_epochs.", choices=DECAYS)
     clip_norm: float = setting(1.0, "Clip the averaged gradients to this global norm; 0 = off.", NON_NEGATIVE)
-    precision: str = setting("fp32", "Keras mixed-precision policy (OUTPUT_DIR/model keeps it for classify).",
-                             choices=tuple(PRECISIONS))
+    precision: str = precision_setting(" OUTPUT_DIR/model keeps the precision used, for classify.")
     cycle_time_ms: float = setting(20.0, "Horovod's coordination cycle (HOROVOD_CYCLE_TIME), as train.py's.",
                                    NON_NEGATIVE)
     # The loop.
@@ -196,7 +194,7 @@ def run(cfg: FinetuneConfig, stop: StopRequest) -> dict | None:
                  for name, peak in (("pretrained", cfg.learning_rate * cfg.pretrained_lr_multiplier),
                                     ("head", cfg.learning_rate))}
     optimizers = {name: tf.keras.optimizers.Adam(schedule) for name, schedule in schedules.items()}
-    if cfg.precision == "mixed_float16":
+    if modeldir.loss_scaled(cfg.precision):
         optimizers["pretrained"] = tf.keras.mixed_precision.LossScaleOptimizer(optimizers["pretrained"])
     groups = [(optimizers["pretrained"], tuner.pretrained_variables), (optimizers["head"], tuner.head_variables)]
     for optimizer, variables in groups:
@@ -789,17 +787,20 @@ def main(argv):
     stop = StopRequest(cfg.max_runtime_minutes)
     dist.init(cfg.intra_op_threads, cfg.inter_op_threads, cycle_time_ms=cfg.cycle_time_ms)
     try:
+        precision, precision_line = hardware.resolve(cfg.precision)
+    except ValueError as e:
+        sys.exit(f"error: {e}")
+    cfg = dataclasses.replace(cfg, precision=precision)
+    if dist.is_chief():
+        print(f"[finetune] {precision_line}", flush=True)
+    try:
         summary = run(cfg, stop)
     except (CheckpointError, FileNotFoundError, ValueError) as e:  # TaskError, InputError: ValueErrors
         sys.exit(f"error: {e}")
-    except KeyboardInterrupt:
-        print("error: interrupted twice: stopped without checkpointing this step; the last checkpoint is intact "
-              "and the same command resumes from it", file=sys.stderr)
+    except KeyboardInterrupt:  # a second Ctrl-C: abort without the checkpoint
+        print(INTERRUPTED_TWICE, file=sys.stderr)
         sys.exit(130)
-    if summary and summary["stopped_early"]:
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(EXIT_STOPPED)  # as train.py: skip TensorFlow's slow teardown; horovodrun kills ranks after 5 s
+    exit_if_stopped(summary)
 
 
 def entry():

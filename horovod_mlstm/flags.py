@@ -35,6 +35,13 @@ def setting(default, help: str, rule: str = "", choices: tuple[str, ...] = ()):
     return dataclasses.field(default=default, metadata={"help": help, "rule": rule, "choices": choices})
 
 
+def precision_setting(note: str = ""):
+    """--precision as every training command takes it: auto (hardware.resolve at start-up) or a policy."""
+    return setting(AUTO, "Keras mixed-precision policy; auto chooses from the hardware at start-up: mixed_float16 "
+                   "on a GPU, mixed_bfloat16 on a CPU that computes bf16 natively (AVX512_BF16 or AMX, as oneDNN may "
+                   "use them), fp32 elsewhere (emulated bf16 is slower than fp32)." + note, choices=(AUTO, *PRECISIONS))
+
+
 @dataclasses.dataclass(frozen=True)
 class CommonConfig:
     """What every command shares: where the model and data are, the shape of a batch, threads."""
@@ -71,10 +78,7 @@ class TrainConfig(CommonConfig):
     hidden_size: int = setting(4096, "mLSTM units.", AT_LEAST_1)
     embed_size: int = setting(64, "Byte embedding size.", AT_LEAST_1)
     weight_norm: bool = setting(True, "Weight-normalise the four mLSTM matrices.")
-    precision: str = setting(
-        AUTO, "Keras mixed-precision policy; auto chooses from the hardware at start-up: mixed_float16 on a GPU, "
-        "mixed_bfloat16 on a CPU that computes bf16 natively (AVX512_BF16 or AMX, as oneDNN may use them), fp32 "
-        "elsewhere (emulated bf16 is slower than fp32).", choices=(AUTO, *PRECISIONS))
+    precision: str = precision_setting()
     xla: bool = setting(False, "Compile the forward/backward pass with XLA (jit_compile).")
     # Optimizer and learning-rate schedule.
     learning_rate: float = setting(5e-4, "Adam learning rate at --reference_batch (before scaling).", POSITIVE)

@@ -41,7 +41,7 @@ from horovod_mlstm.metrics import LN2, bits_per_char, lm_loss, make_eval_step
 from horovod_mlstm.model import build_model
 from horovod_mlstm.records import DataError
 from horovod_mlstm.schedule import WarmupDecaySchedule
-from horovod_mlstm.stopping import EXIT_STOPPED, StopRequest
+from horovod_mlstm.stopping import INTERRUPTED_TWICE, StopRequest, exit_if_stopped
 from horovod_mlstm.update import make_update
 
 
@@ -596,8 +596,7 @@ def main(argv):
     except (DataError, CheckpointError, Diverged, ValueError, FileNotFoundError) as e:
         sys.exit(f"error: {e}")
     except KeyboardInterrupt:  # a second Ctrl-C: abort without the checkpoint
-        print("error: interrupted twice: stopped without checkpointing this step; the last checkpoint is intact "
-              "and the same command resumes from it", file=sys.stderr)
+        print(INTERRUPTED_TWICE, file=sys.stderr)
         sys.exit(130)
     except tf.errors.UnknownError as e:
         if "Horovod has been shut down" not in e.message:
@@ -607,12 +606,7 @@ def main(argv):
     except (MemoryError, tf.errors.ResourceExhaustedError):
         sys.exit(f"error: out of memory (hidden {cfg.hidden_size}, {cfg.batch_size_per_worker} x {cfg.seq_length} "
                  "per worker); lower --batch_size_per_worker or raise --backward_passes_per_step")
-    if summary and summary["stopped_early"]:
-        # Everything is on disk. Skip the interpreter's teardown (seconds for TensorFlow on a busy host):
-        # horovodrun kills its ranks 5 s after it got the SIGTERM.
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(EXIT_STOPPED)
+    exit_if_stopped(summary)
 
 
 def entry():

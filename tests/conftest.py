@@ -13,6 +13,7 @@ skips with its reason where the suite does not run as root, and fails where it d
 
 from __future__ import annotations
 
+import csv
 import os
 import subprocess
 import sys
@@ -163,3 +164,22 @@ def tiny_model_dir(tmp_path_factory, tiny_data) -> Path:
     python("train.py", f"--model_dir={model_dir}", f"--data_dir={tiny_data}", "--train_steps=20",
            "--checkpoint_every=10", *TINY_MODEL_FLAGS, check=True)
     return model_dir
+
+
+def fitted_classifier(work: Path, model_dir, label_of, reviews: int, seed: int, *transfer_flags: str) -> Path:
+    """WORK/out: a classifier `transfer` fitted with MODEL_DIR on train/val/test CSVs (label, text) of
+    synthetic reviews, labelled by LABEL_OF(stars)."""
+    from horovod_mlstm import corpus  # the project imports only where a test uses it
+
+    paths = {}
+    for offset, split in enumerate(("train", "val", "test")):
+        paths[split] = work / f"{split}.csv"
+        with open(paths[split], "w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(["label", "text"])
+            writer.writerows((label_of(int(r["overall"])), r["reviewText"])
+                             for r in corpus.reviews(reviews, seed=seed + offset))
+    python("-m", "horovod_mlstm.transfer", f"--model_dir={model_dir}", f"--train={paths['train']}",
+           f"--val={paths['val']}", f"--test={paths['test']}", "--text_column=text", f"--output_dir={work / 'out'}",
+           *transfer_flags, check=True)
+    return work / "out"

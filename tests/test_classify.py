@@ -12,8 +12,8 @@ import types
 import numpy as np
 import pytest
 
-from conftest import last_line, python
-from horovod_mlstm import corpus, files
+from conftest import fitted_classifier, last_line, python
+from horovod_mlstm import files
 from horovod_mlstm.classifier import Classifier
 from horovod_mlstm.classify import label_all, settings_from
 from horovod_mlstm.inference import Featurizer
@@ -26,19 +26,8 @@ TEXTS = ["Five stars. It works great and the sound is lovely.", "Broke in a week
 @pytest.fixture(scope="module")
 def classifier_dir(tmp_path_factory, tiny_model_dir):
     """A binary classifier fitted by transfer (readout auto) on synthetic reviews with the tiny model."""
-    work = tmp_path_factory.mktemp("classifier")
-    paths = {}
-    for seed, split in enumerate(("train", "val", "test")):
-        paths[split] = work / f"{split}.csv"
-        with open(paths[split], "w", newline="") as f:
-            writer = csv.writer(f)
-            writer.writerow(["label", "text"])
-            writer.writerows(("pos" if r["overall"] >= 4 else "neg", r["reviewText"])
-                             for r in corpus.reviews(60, seed=200 + seed))
-    python("-m", "horovod_mlstm.transfer", f"--model_dir={tiny_model_dir}", f"--train={paths['train']}",
-           f"--val={paths['val']}", f"--test={paths['test']}", "--text_column=text", f"--output_dir={work / 'out'}",
-           check=True)
-    return work / "out"
+    return fitted_classifier(tmp_path_factory.mktemp("classifier"), tiny_model_dir,
+                             lambda stars: "pos" if stars >= 4 else "neg", 60, 200)
 
 
 def classify(model_dir, classifier, path, out, *extra, **kw):

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from conftest import PYTHON, last_line, python, run
+from conftest import PYTHON, fitted_classifier, last_line, python, run
 from horovod_mlstm import corpus, modeldir
 from horovod_mlstm.classifier import Classifier
 from horovod_mlstm.export import EXTRA, check_output, load, save
@@ -74,19 +74,8 @@ def classifiers(tmp_path_factory, tiny_model_dir) -> dict:
     """{task: directory of a classifier transfer fitted on synthetic reviews with the tiny model}."""
     dirs = {}
     for task, (label_of, transfer_flags) in TASKS.items():
-        work = tmp_path_factory.mktemp("classifier")
-        paths = {}
-        for seed, split in enumerate(("train", "val", "test")):
-            paths[split] = work / f"{split}.csv"
-            with open(paths[split], "w", newline="") as f:
-                writer = csv.writer(f)
-                writer.writerow(["label", "text"])
-                writer.writerows((label_of(int(r["overall"])), r["reviewText"])
-                                 for r in corpus.reviews(90, seed=300 + seed))
-        python("-m", "horovod_mlstm.transfer", f"--model_dir={tiny_model_dir}", f"--train={paths['train']}",
-               f"--val={paths['val']}", f"--test={paths['test']}", "--text_column=text",
-               f"--output_dir={work / 'out'}", *transfer_flags, check=True)
-        dirs[task] = work / "out"
+        dirs[task] = fitted_classifier(tmp_path_factory.mktemp("classifier"), tiny_model_dir, label_of, 90, 300,
+                                       *transfer_flags)
     return dirs
 
 

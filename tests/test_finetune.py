@@ -53,7 +53,7 @@ def task_files(tmp_path_factory):
 def config(tmp_path, **overrides) -> FinetuneConfig:
     values = {"model_dir": str(tmp_path / "lm"), "output_dir": str(tmp_path / "out"), "train": "train.csv",
               "val": "val.csv", "test": "test.csv", "text_column": "text", "global_batch": 4, "dropout": 0.0,
-              "warmup_steps": 0, **overrides}
+              "warmup_steps": 0, "precision": "fp32", **overrides}
     return FinetuneConfig(**values)
 
 
