@@ -158,7 +158,8 @@ def test_an_elastic_commit_keeps_the_previous_commits_state_until_it_is_done(tmp
 
     dist.init()
     cfg = TrainConfig(model_dir=str(tmp_path), hidden_size=8, embed_size=4, batch_size_per_worker=2,
-                      checkpoint_every=20, commit_every=10, train_steps=100, warmup_steps=1, elastic=True)
+                      checkpoint_every=20, commit_every=10, train_steps=100, warmup_steps=1, elastic=True,
+                      precision="fp32")
     model = build_model(cfg.model_config())
     schedule, optimizer = train.build_optimizer(cfg, 1e-3, model.trainable_variables)
     state = train.TrainState(2, 8)
