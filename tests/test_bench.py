@@ -7,11 +7,12 @@ import pytest
 from absl import flags
 from conftest import last_line, python
 
-from horovod_mlstm.bench import capacity, projection, report
-from horovod_mlstm.bench.__main__ import define_flags, paper_settings, step_settings
+from horovod_mlstm.bench import capacity, inference, projection, report
+from horovod_mlstm.bench.__main__ import define_flags, inference_settings, paper_settings, step_settings
 from horovod_mlstm.bench.figures import GIB
 from horovod_mlstm.bench.profile import op_kind
-from horovod_mlstm.model import activation_bytes
+from horovod_mlstm.inference import encode
+from horovod_mlstm.model import activation_bytes, flops_per_char
 
 # ---------------------------------------------------------------- flags, formulas, tables (in-process)
 
@@ -112,6 +113,72 @@ def test_op_kinds():
         "matmul", "matmul", "TensorArray reads and writes", "casts", "elementwise and reductions",
         "elementwise and reductions", "slices, concats and copies", "optimizer and variables", "optimizer and variables",
         "fused gate kernels", "other"]
+
+
+@pytest.mark.unit
+def test_featurising_flops_leave_out_the_softmax_and_efficiency_is_their_rate_over_the_limit():
+    n, e = 512, 64
+    per_char = inference.featurising_flops_per_char(n, e)
+    assert per_char == 2 * (e * 5 * n + n * n + 4 * n * n)  # input projections, h W_mh, m W_h; no softmax
+    assert per_char == flops_per_char(n, e, training=False) - 2 * n * 256
+    rate = inference.efficiency(chars_per_s=10_000.0, flops_per_char_=per_char, limit_flops_per_s=40e9)
+    assert rate["flops_per_s"] == pytest.approx(10_000 * 2 * 1_474_560)
+    assert rate["efficiency"] == pytest.approx(rate["flops_per_s"] / 40e9) and rate["limit_flops_per_s"] == 40e9
+    assert inference.compute_dtype("mixed_bfloat16") == "bfloat16" and inference.compute_dtype("fp32") == "float32"
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("args, message", [
+    ([], "--inference needs --inference_texts (a CSV or a file of one text per line)"),
+    (["--inference_texts=t.txt", "--inference_batch_sizes=64,big"], "--inference_batch_sizes must be integers, "
+                                                                    "got 64,big"),
+    (["--inference_texts=t.txt", "--inference_chunks=0"], "--inference_chunks must be positive integers, got 0"),
+    (["--inference_texts=t.txt", "--inference_max_texts=-1"], "--inference_max_texts must be 0 (all) or positive, "
+                                                              "got -1"),
+])
+def test_inference_flags_are_checked(args, message):
+    with pytest.raises(ValueError) as error:
+        inference_settings(parsed("--inference", *args))
+    assert str(error.value) == message
+
+
+@pytest.mark.unit
+def test_inference_reads_the_csv_column_or_the_lines_it_is_given(tmp_path):
+    csv_file = tmp_path / "sst.csv"
+    csv_file.write_text('label,sentence\n0,"Dull, dull."\n1,Fine.\n1,Great fun.\n')
+    settings = inference_settings(parsed("--inference", f"--inference_texts={csv_file}", "--inference_max_texts=2",
+                                         "--inference_batch_sizes=8,16", "--inference_window_batches=1,4"))
+    assert settings.texts == ["Dull, dull.", "Fine."] and settings.model_dir == ""
+    assert [(s.batch_size, s.window_batches) for s in settings.shapes] == [(8, 1), (8, 4), (16, 1), (16, 4)]
+    with pytest.raises(ValueError, match="no column 'text'"):
+        inference_settings(parsed("--inference", f"--inference_texts={csv_file}", "--inference_text_column=text"))
+    with pytest.raises(FileNotFoundError, match="missing config.json"):
+        inference_settings(parsed("--inference", f"--inference_texts={csv_file}",
+                                  f"--inference_model_dir={tmp_path}"))
+
+
+def inference_run(**changes):
+    """A run as inference.measure_model returns it, with made-up measurements."""
+    run = {"hidden": 512, "precision": "mixed_bfloat16", "dtype": "bfloat16", "batch_size": 64, "chunk": 256,
+           "window_batches": 16, "texts": 1821, "chars": 184_000, "positions": 200_000, "padding_share": 0.08,
+           "seconds": {"median": 10.0, "min": 9.5, "max": 11.0}, "texts_per_s": 182.1, "chars_per_s": 18_400.0,
+           "flops_per_char": 2_949_120.0, "flops_per_s": 54.3e9, "limit_flops_per_s": 120e9, "efficiency": 0.4525}
+    return {**run, **changes}
+
+
+@pytest.mark.unit
+def test_inference_table_on_the_generated_page(tmp_path):
+    result = {"command": "python -m horovod_mlstm.bench --inference", "machine": machine(),
+              "inference": {"model_dir": "runs/imdb", "texts_file": "/data/sst/test.csv", "texts": 1821},
+              "limits": [], "runs": [inference_run(), inference_run(batch_size=256, window_batches=1, efficiency=1.2)]}
+    path = tmp_path / "inference.json"
+    path.write_text(json.dumps(result))
+    lines = report.document([str(path)]).splitlines()
+    assert "## Featurisation rates: `inference.json`" in lines
+    assert any(line.startswith("Featurising 1,821 texts of `test.csv` with the trained model(s)") for line in lines)
+    assert "| 512 | mixed_bfloat16 | 64 | 256 | 16 | 182.1 | 18,400 | 8.0% | 54.3 GFLOP/s | 120.0 GFLOP/s | 45% |" in lines
+    assert any(line.startswith("| 512 | mixed_bfloat16 | 256 | 256 | 1 |") and line.endswith("| 120% |")
+               for line in lines)
 
 
 def measured_run(streams, tensor_growth, hidden=64, seq=32, micro_batches=1):
@@ -262,6 +329,44 @@ def test_paper_refuses_a_shape_over_the_memory_limit_in_one_line(tmp_path):
     assert last_line(proc.stderr).startswith("error: hidden 4096 with 256 streams x 256 bytes")
     need = float(last_line(proc.stderr).split("needs about ")[1].split(" GiB")[0])
     assert 8 < need < 24  # about 14 GiB: 11 of activations, 2.6 of weights, Adam and the working set
+
+
+@pytest.mark.cli
+def test_inference_measures_a_tiny_random_model_against_the_limit(tmp_path):
+    texts = [f"review {i}: " + "good " * (i % 7) + "bad " * (i % 3) for i in range(60)]
+    source = tmp_path / "texts.txt"
+    source.write_text("\n".join(texts) + "\n")
+    texts = texts[:50]  # --inference_max_texts
+    out = tmp_path / "inference.json"
+    proc = python("-m", "horovod_mlstm.bench", "--inference", f"--inference_texts={source}", "--inference_max_texts=50",
+                  "--hidden_sizes=16", "--precisions=fp32", "--inference_batch_sizes=8,16",
+                  "--inference_window_batches=1,4", "--repeats=1", f"--output={out}", check=True, timeout=600)
+    result = json.loads(out.read_text())
+    assert result["inference"] == {"model_dir": "random", "texts_file": str(source), "texts": 50}
+    assert result["machine"]["cpu"] and result["command"].startswith("python -m horovod_mlstm.bench --inference")
+    limits = {x["batch"]: x for x in result["limits"]}
+    assert set(limits) == {8, 16} and all(x["dtype"] == "float32" for x in limits.values())
+    for limit in limits.values():  # read before and after the runs; the faster reading is the limit
+        assert len(limit["readings"]) == 2 and limit["flops_per_s"] == max(limit["readings"])
+    runs = result["runs"]
+    assert [(r["batch_size"], r["window_batches"]) for r in runs] == [(8, 1), (8, 4), (16, 1), (16, 4)]
+    chars = sum(len(encode(t)) for t in texts)
+    for r in runs:
+        assert (r["hidden"], r["precision"], r["chunk"], r["texts"], r["chars"]) == (16, "fp32", 256, 50, chars)
+        assert r["positions"] >= chars and r["padding_share"] == pytest.approx(1 - chars / r["positions"])
+        assert r["chars_per_s"] == pytest.approx(chars / r["seconds"]["median"])
+        assert r["texts_per_s"] == pytest.approx(50 / r["seconds"]["median"])
+        assert r["flops_per_s"] == pytest.approx(r["chars_per_s"] * inference.featurising_flops_per_char(16, 64))
+        assert r["limit_flops_per_s"] == limits[r["batch_size"]]["flops_per_s"]
+        assert r["efficiency"] == pytest.approx(r["flops_per_s"] / r["limit_flops_per_s"])
+        if r["window_batches"] == 1:  # no sorting across batches: each batch is the next batch_size texts
+            groups = [texts[i:i + r["batch_size"]] for i in range(0, 50, r["batch_size"])]
+            assert r["positions"] == sum(len(g) * max(len(encode(t)) for t in g) for g in groups)
+    sorted_run = next(r for r in runs if (r["batch_size"], r["window_batches"]) == (8, 4))
+    assert sorted_run["positions"] < runs[0]["positions"]  # sorting 4 batches' worth together pads less
+    assert sum(line.startswith("| 16 | fp32 | ") for line in proc.stdout.splitlines()) == 4
+    page = report.document([str(out)])
+    assert "## Featurisation rates" in page and "randomly initialised model(s)" in page
 
 
 # ---------------------------------------------------------------- --paper: real updates, each in a fresh process

@@ -6,16 +6,21 @@
     python -m horovod_mlstm.bench --paper [--paper_hidden 4096] [--paper_streams 256] [--paper_seq 256]
                                   [--paper_precision mixed_bfloat16] [--paper_fit_streams 8,16,32,64]
                                   [--paper_memory_limit_gib 8]
+    python -m horovod_mlstm.bench --inference --inference_texts sst/test.csv [--inference_model_dir runs/x]
+                                  [--inference_max_texts 500] [--inference_batch_sizes 64]
+                                  [--inference_chunks 256] [--inference_window_batches 16]
 
 The first measures the step (step.py), 1 -> 2 process scaling (scaling.py) and the input side
 (inputs.py); --profile breaks the step down by kind of op (profile.py); --paper measures one update
-at the paper's per-rank shape (capacity.py). Each writes its JSON to --output, with this machine's
+at the paper's per-rank shape (capacity.py); --inference measures the featuriser against the forward
+matmul limit (inference.py). Each writes its JSON to --output, with this machine's
 description and the precision it would choose (hardware.py), and prints its tables (report.py).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import os
 import platform
 import sys
@@ -23,10 +28,11 @@ import sys
 import tensorflow as tf
 from absl import app, flags
 
-from horovod_mlstm import files, hardware, kernels
-from horovod_mlstm.bench import capacity, inputs, report, scaling, step
+from horovod_mlstm import files, hardware, kernels, modeldir, textfiles
+from horovod_mlstm.bench import capacity, inference, inputs, report, scaling, step
 from horovod_mlstm.bench.figures import GIB
 from horovod_mlstm.bench.profile import profile_step
+from horovod_mlstm.checkpoint import CheckpointError
 from horovod_mlstm.jobs import JobError
 from horovod_mlstm.model import PRECISIONS
 
@@ -67,6 +73,20 @@ def define_flags(flag_values: flags.FlagValues = FLAGS) -> None:
                        "that a measurement does not take the memory other jobs on the machine use.",
                        flag_values=flag_values)
     boolean("paper_force", False, "--paper: run even when the estimated peak exceeds --paper_memory_limit_gib.")
+    boolean("inference", False, "Measure featurisation (inference.Featurizer) against the forward matmul limit "
+            "instead.")
+    string("inference_model_dir", "", "--inference: the model dir to read with; empty: a randomly initialised "
+           "model of each --hidden_sizes and --precisions.")
+    string("inference_texts", "", "--inference: the texts, a CSV with a header (--inference_text_column) or one "
+           "text per line; plain or .gz.")
+    string("inference_text_column", "sentence", "--inference: the CSV column that holds the texts.")
+    integer("inference_max_texts", 0, "--inference: read at most this many texts (the file's first); 0 = all.")
+    flags.DEFINE_list("inference_batch_sizes", ["64"], "--inference: texts per batch (the featuriser's batch_size).",
+                      flag_values=flag_values)
+    flags.DEFINE_list("inference_chunks", ["256"], "--inference: bytes per chunk (the featuriser's chunk).",
+                      flag_values=flag_values)
+    flags.DEFINE_list("inference_window_batches", ["16"], "--inference: batches' worth of texts sorted by length "
+                      "together (1: no sorting across batches).", flag_values=flag_values)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -133,6 +153,43 @@ def paper_settings(fv: flags.FlagValues = FLAGS) -> PaperSettings:
                          fv.paper_memory_limit_gib * GIB, fv.paper_force)
 
 
+@dataclasses.dataclass(frozen=True)
+class InferenceSettings:
+    model_dir: str
+    texts_path: str
+    texts: list[str]
+    hiddens: list[int]
+    precisions: list[str]
+    shapes: list[inference.Shape]
+    repeats: int
+
+
+def inference_settings(fv: flags.FlagValues = FLAGS) -> InferenceSettings:
+    """--inference's flags, checked, and its texts read; ValueError or OSError naming the bad one."""
+    sizes = {}
+    for name in ("inference_batch_sizes", "inference_chunks", "inference_window_batches"):
+        try:
+            sizes[name] = [int(x) for x in fv[name].value]
+        except ValueError:
+            raise ValueError(f"--{name} must be integers, got {','.join(fv[name].value)}") from None
+        if not sizes[name] or min(sizes[name]) < 1:
+            raise ValueError(f"--{name} must be positive integers, got {','.join(fv[name].value)}")
+    if fv.inference_max_texts < 0:
+        raise ValueError(f"--inference_max_texts must be 0 (all) or positive, got {fv.inference_max_texts}")
+    if not fv.inference_texts:
+        raise ValueError("--inference needs --inference_texts (a CSV or a file of one text per line)")
+    settings = step_settings(fv)
+    if fv.inference_model_dir:
+        modeldir.read_config(fv.inference_model_dir)  # a missing or foreign model dir is one line now
+    name = fv.inference_texts[:-3] if fv.inference_texts.endswith(".gz") else fv.inference_texts
+    found = textfiles.texts(fv.inference_texts, fv.inference_text_column if name.endswith(".csv") else "")
+    texts = list(itertools.islice(found, fv.inference_max_texts or None))
+    shapes = [inference.Shape(b, c, w) for b in sizes["inference_batch_sizes"] for c in sizes["inference_chunks"]
+              for w in sizes["inference_window_batches"]]
+    return InferenceSettings(fv.inference_model_dir, fv.inference_texts, texts, settings.hiddens, settings.precisions,
+                             shapes, settings.repeats)
+
+
 def command() -> str:
     """This run's command line, as a user would type it."""
     return " ".join(["python -m horovod_mlstm.bench", *sys.argv[1:]])
@@ -194,10 +251,23 @@ def run_paper(settings: PaperSettings) -> dict:
     return result
 
 
+def run_inference(settings: InferenceSettings) -> dict:
+    """--inference: the featuriser's rate at each shape, against the forward matmul limit."""
+    result = {"command": command(), "machine": machine(),
+              "inference": {"model_dir": settings.model_dir or "random", "texts_file": settings.texts_path,
+                            "texts": len(settings.texts)},
+              **inference.measure(settings.model_dir, settings.hiddens, settings.precisions, settings.texts,
+                                  settings.shapes, settings.repeats)}
+    print(report.inference_table(result))
+    return result
+
+
 def checked_job():
     """(job, settings) from the flags, with --output and --paper's memory limit checked before any work."""
     os.makedirs(os.path.dirname(os.path.abspath(FLAGS.output)), exist_ok=True)
     files.check_writable(FLAGS.output, "--output")
+    if FLAGS.inference:
+        return run_inference, inference_settings()
     if not FLAGS.paper:
         return (run_profile if FLAGS.profile else run_steps), step_settings()
     settings = paper_settings()
@@ -217,7 +287,7 @@ def main(argv):
         sys.exit(f"error: {e}")
     try:
         result = job(settings)
-    except (JobError, capacity.MeasurementFailed) as e:
+    except (JobError, capacity.MeasurementFailed, CheckpointError) as e:
         sys.exit(f"error: {e}")
     files.write_json(FLAGS.output, result)
     print(f"[bench] wrote {FLAGS.output}")

@@ -2,7 +2,7 @@
 
     python -m horovod_mlstm.bench.report docs/benchmarks/*.json --output docs/benchmarks.md
 
-reads benchmark JSON files (the step benchmark, --profile, --paper) and writes one page that names,
+reads benchmark JSON files (the step benchmark, --profile, --paper, --inference) and writes one page that names,
 above each table, the CPU, cores, oneDNN settings and precision choice of the machine the figures
 came from, and which figures hold only on some CPUs. A new run edits that one generated file
 (`make bench-docs`); the hand-written docs explain the figures and link to it.
@@ -227,19 +227,42 @@ def capacity_tables(result: dict, cap: dict) -> str:
     return "\n".join(lines)
 
 
+# ---------------------------------------------------------------- --inference
+
+def inference_table(result: dict) -> str:
+    """The featuriser's rate at each shape against the chained matmul limit of its dtype and batch."""
+    about = result["inference"]
+    lines = [f"Featurising {about['texts']:,} texts of `{os.path.basename(about['texts_file'])}` with the "
+             f"{'randomly initialised' if about['model_dir'] == 'random' else 'trained'} model(s); FLOPs are the "
+             "forward matmuls without the softmax (not computed when featurising):", "",
+             "| hidden | precision | batch | chunk | window (batches) | texts/s | chars/s | padding "
+             "| forward rate | matmul limit (chained) | of the limit |",
+             "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in result["runs"]:
+        lines.append(f"| {r['hidden']} | {r['precision']} | {r['batch_size']} | {r['chunk']} | {r['window_batches']} "
+                     f"| {r['texts_per_s']:,.1f} | {r['chars_per_s']:,.0f} | {r['padding_share']:.1%} "
+                     f"| {r['flops_per_s'] / 1e9:.1f} GFLOP/s | {r['limit_flops_per_s'] / 1e9:.1f} GFLOP/s "
+                     f"| {r['efficiency']:.0%} |")
+    return "\n".join(lines)
+
+
 # ---------------------------------------------------------------- the generated page
 
 def section(path: str, result: dict) -> list[str]:
     """One JSON's figures under the description of the machine they came from."""
     if not isinstance(result, dict) or "precision_choice" not in result.get("machine", {}):
         raise ValueError(f"{path}: not a result of this benchmark (no machine description with a precision choice)")
-    kind = "profile" if "profiles" in result else "capacity" if "capacity" in result else "step"
-    title = {"step": "Step rates", "profile": "Where the step's time goes", "capacity": "The paper's per-rank shape"}
+    kinds = {"profiles": "profile", "capacity": "capacity", "inference": "inference"}
+    kind = next((k for key, k in kinds.items() if key in result), "step")
+    title = {"step": "Step rates", "profile": "Where the step's time goes", "capacity": "The paper's per-rank shape",
+             "inference": "Featurisation rates"}
     lines = [f"## {title[kind]}: `{os.path.basename(path)}`", "", *machine_lines(result["machine"], result["command"]), ""]
     if kind == "step":
         return lines + step_section(result)
     if kind == "profile":
         return lines + [line for p in result["profiles"] for line in (profile_table(p), "")]
+    if kind == "inference":
+        return lines + [inference_table(result)]
     return lines + [paper_tables(result)]
 
 
