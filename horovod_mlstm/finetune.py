@@ -213,7 +213,7 @@ def run(cfg: FinetuneConfig, stop: StopRequest) -> dict | None:
     if dist.is_chief():
         try:
             restored = checkpoints.restore()
-            history = earlier_history(cfg.output_dir, state.current_step) if restored else []
+            history = modeldir.earlier_history(cfg.output_dir, state.current_step) if restored else []
         except (CheckpointError, ValueError, OSError) as e:
             error = e
     dist.agree(error)
@@ -483,15 +483,6 @@ class State:
     @property
     def current_step(self) -> int:
         return int(self.step.numpy())
-
-
-def earlier_history(output_dir: str, step: int) -> list[dict]:
-    """The validation points of earlier runs up to STEP, from summary.json (a resumed job keeps its curve)."""
-    try:
-        with open(os.path.join(output_dir, "summary.json")) as f:
-            return [h for h in json.load(f).get("history", []) if h["step"] <= step]
-    except (FileNotFoundError, ValueError, KeyError, TypeError):  # none yet, or unreadable: the curve restarts
-        return []
 
 
 def already_summarised(output_dir: str, step: int) -> bool:

@@ -24,6 +24,8 @@ import socket
 import sys
 import tempfile
 
+from absl import logging
+
 from horovod_mlstm import files
 from horovod_mlstm.checkpoint import CheckpointError, Checkpointer
 from horovod_mlstm.model import LanguageModel, ModelConfig, build_model
@@ -206,3 +208,18 @@ def same_weights(a: dict, b: dict) -> bool:
 def describe(identity_: dict) -> str:
     return (f"{identity_.get('model_dir')} ({identity_.get('checkpoint')}, "
             f"index {str(identity_.get('index_sha256'))[:12]})")
+
+
+# ---------------------------------------------------------------- a job's summary
+
+def earlier_history(directory: str, step: int) -> list[dict]:
+    """The validation points of earlier runs up to STEP, from DIRECTORY/summary.json (train's model dir,
+    finetune's output dir): a resumed job keeps its curve."""
+    try:
+        with open(os.path.join(directory, "summary.json")) as f:
+            return [h for h in json.load(f).get("history", []) if h["step"] <= step]
+    except FileNotFoundError:
+        return []
+    except (ValueError, KeyError, TypeError) as e:
+        logging.warning("%s/summary.json is unreadable (%s); the earlier validation history is not kept", directory, e)
+        return []

@@ -20,7 +20,6 @@ checkpoint of it is written.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 import sys
@@ -312,7 +311,7 @@ def open_model_dir(cfg: TrainConfig, checkpoints: Checkpoints) -> tuple[str | No
             checkpoints.hold_lock(checkpoints.token)
             modeldir.write_config(cfg.model_dir, cfg.model_config())
             restored = checkpoints.restore()
-            history = earlier_history(cfg.model_dir, checkpoints.state.current_step) if restored else []
+            history = modeldir.earlier_history(cfg.model_dir, checkpoints.state.current_step) if restored else []
         except (CheckpointError, ValueError, OSError) as e:
             error = e
     if cfg.elastic and error:
@@ -320,18 +319,6 @@ def open_model_dir(cfg: TrainConfig, checkpoints: Checkpoints) -> tuple[str | No
     if not cfg.elastic:
         dist.agree(error)
     return restored, history
-
-
-def earlier_history(model_dir: str, step: int) -> list[dict]:
-    """The validation points of earlier runs up to STEP, from summary.json (a resumed job keeps its curve)."""
-    try:
-        with open(os.path.join(model_dir, "summary.json")) as f:
-            return [h for h in json.load(f).get("history", []) if h["step"] <= step]
-    except FileNotFoundError:
-        return []
-    except (ValueError, KeyError, TypeError) as e:
-        logging.warning("%s/summary.json is unreadable (%s); the earlier validation history is not kept", model_dir, e)
-        return []
 
 
 # ---------------------------------------------------------------- loop

@@ -82,3 +82,11 @@ def test_write_model_without_replace_never_overwrites(tmp_path):
     with pytest.raises(OSError):
         modeldir.write_model(str(tmp_path / "m"), build_model(TINY), 0, replace=False)
     assert os.listdir(tmp_path / "m") == ["notes.txt"] and os.listdir(tmp_path) == ["m"]
+
+
+def test_earlier_history_keeps_the_points_up_to_the_resumed_step(tmp_path):
+    assert modeldir.earlier_history(str(tmp_path), 10) == []  # no summary yet
+    (tmp_path / "summary.json").write_text(json.dumps({"history": [{"step": 5}, {"step": 10}, {"step": 15}]}))
+    assert modeldir.earlier_history(str(tmp_path), 10) == [{"step": 5}, {"step": 10}]
+    (tmp_path / "summary.json").write_text("{half")
+    assert modeldir.earlier_history(str(tmp_path), 10) == []  # unreadable: a warning, and the curve restarts
