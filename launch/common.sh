@@ -2,14 +2,13 @@
 # Shared by the launchers: option parsing, hostfile reading, Horovod's tools, running the job.
 # Relative paths (--flagfile, --data_dir, --model_dir, --timeline, ...) are relative to the directory the
 # launcher is called from: nothing here changes directory, and train.py is passed by absolute path.
-# Sourced, not run. Sets: ROOT CALLER_DIR PYTHON HOROVODRUN TRAIN_PY HOSTFILE NP DRY_RUN IFACE CONTROLLER
+# Sourced, not run. Sets: ROOT CALLER_DIR PYTHON HOROVODRUN PROGRAM HOSTFILE NP DRY_RUN IFACE CONTROLLER
 # ARGS HOSTS SLOTS HOSTLIST TOOL_FLAGS TOOL_ENV
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 CALLER_DIR="$PWD"
 PYTHON="$ROOT/.venv/bin/python"; [ -x "$PYTHON" ] || PYTHON=python
 HOROVODRUN="$ROOT/.venv/bin/horovodrun"; [ -x "$HOROVODRUN" ] || HOROVODRUN=horovodrun
-TRAIN_PY="$ROOT/train.py"
-EX_TEMPFAIL=75  # train.py stopped early on a signal or --max_runtime_minutes, after checkpointing
+EX_TEMPFAIL=75  # train.py (or finetune) stopped early on a signal or --max_runtime_minutes, after checkpointing
 # A job in which one rank stops answering ends after this long without a finished step, naming the rank
 # (Horovod's stall shutdown, and train.py's heartbeat watch for a frozen rank, which Horovod's check cannot see).
 # 10 minutes: over twice the slowest single-rank pause the paper's shape has (rank 0 writing its checkpoint,
@@ -32,9 +31,10 @@ option_value() {
   [ -n "$VALUE" ] || die "${1%%=*} needs a value"
 }
 
-# parse_args "$@": launcher options; everything else goes to train.py as absl flags.
+# parse_args "$@": launcher options; everything else goes to the ranks' program as absl flags. The program is
+# train.py, or with --finetune `python -m horovod_mlstm.finetune` (the package is installed into .venv).
 parse_args() {
-  HOSTFILE="" NP="" DRY_RUN=0 IFACE="" CONTROLLER="" ARGS=()
+  HOSTFILE="" NP="" DRY_RUN=0 IFACE="" CONTROLLER="" ARGS=() PROGRAM=("$ROOT/train.py")
   TIMELINE="" AUTOTUNE=0 AUTOTUNE_LOG="" STALL_WARN="" STALL_SHUTDOWN="" NO_STALL_CHECK=0
   while [ $# -gt 0 ]; do
     case "${1%%=*}" in
@@ -46,6 +46,7 @@ parse_args() {
       --stall_check_warning_seconds) option_value "$@"; STALL_WARN="$VALUE" ;;
       --stall_check_shutdown_seconds) option_value "$@"; STALL_SHUTDOWN="$VALUE" ;;
       --dry-run) DRY_RUN=1 SHIFT=1 ;;
+      --finetune) PROGRAM=(-m horovod_mlstm.finetune) SHIFT=1 ;;
       --autotune) AUTOTUNE=1 SHIFT=1 ;;
       --no_stall_check) NO_STALL_CHECK=1 SHIFT=1 ;;
       --gloo|--mpi) CONTROLLER="$1" SHIFT=1 ;;

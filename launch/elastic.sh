@@ -23,6 +23,7 @@ while [ $# -gt 0 ]; do
 done
 parse_args "${rest[@]}"
 no_controller
+[ "${PROGRAM[0]}" = "$ROOT/train.py" ] || die "--finetune does not run elastic: use launch/horovodrun.sh --finetune"
 require_command "$HOROVODRUN" "run make setup (it installs Horovod into .venv)"
 check_positive --min-np "$min_np"
 [ -z "$max_np" ] || check_positive --max-np "$max_np"
@@ -68,5 +69,5 @@ cmd=("$HOROVODRUN" -np "$NP" --min-np "$min_np" --max-np "$max_np" --host-discov
 # kill them 5 s later. Each rank then exits 75 on its own; the driver counts that as a failure of every
 # host, stops, and reports the 75, which run_job passes on.
 FORWARD_AS=TERM
-RANKS_RUN="$PYTHON $TRAIN_PY"
-run_job "${env_cmd[@]}" "${cmd[@]}" "${TOOL_FLAGS[@]}" "$PYTHON" "$TRAIN_PY" --elastic "${ARGS[@]}"
+RANKS_RUN="$PYTHON ${PROGRAM[*]}"
+run_job "${env_cmd[@]}" "${cmd[@]}" "${TOOL_FLAGS[@]}" "$PYTHON" "${PROGRAM[@]}" --elastic "${ARGS[@]}"

@@ -4,7 +4,7 @@
 #   launch/mpirun.sh [--hostfile F] [--np N] [--iface IFACE] [--dry-run]
 #                    [--timeline FILE] [--autotune [--autotune_log FILE]]
 #                    [--stall_check_warning_seconds S] [--stall_check_shutdown_seconds S | --no_stall_check]
-#                    [train.py flags...]
+#                    [--finetune] [train.py flags, or finetune's with --finetune...]
 # Horovod's tools go to the ranks as the HOROVOD_* variables Horovod reads (mpirun -x). See docs/CLUSTER.md.
 set -euo pipefail
 # shellcheck source=common.sh
@@ -21,4 +21,4 @@ cmd=(mpirun -np "$NP" -hostfile "$HOSTFILE" -bind-to none -map-by slot --tag-out
 for var in "${TOOL_ENV[@]}"; do cmd+=(-x "$var"); done
 # mpirun answers SIGTERM/SIGINT by killing the ranks within a second, but passes SIGUSR1 on: send that.
 FORWARD_AS=USR1
-run_job "${cmd[@]}" "$PYTHON" "$TRAIN_PY" "${ARGS[@]}"
+run_job "${cmd[@]}" "$PYTHON" "${PROGRAM[@]}" "${ARGS[@]}"

@@ -343,10 +343,8 @@ def wait_for(log, text, proc, timeout=300):
 @pytest.mark.multiproc
 def test_two_ranks_killed_with_9_then_rerun_train_what_one_rank_trains(tmp_path, task_files, lm_dir, straight):
     out, log = tmp_path / "out", tmp_path / "log.txt"
-    # Gloo, as the project's launcher runs jobs on CPUs (launch/horovodrun.sh --gloo, which starts train.py).
-    cmd = [HOROVODRUN, "--gloo", "-np", "2", "-H", "localhost:2", PYTHON,
-           *finetune_args(task_files, lm_dir, out, "--max_epochs=2", "--aux_lm_weight=0.5", "--checkpoint_every=3")]
-    proc = start(cmd, log)
+    args = finetune_args(task_files, lm_dir, out, "--max_epochs=2", "--aux_lm_weight=0.5", "--checkpoint_every=3")
+    proc = start([HOROVODRUN, "--gloo", "-np", "2", "-H", "localhost:2", PYTHON, *args], log)
     wait_for(log, "step 8/24", proc)  # after the checkpoint of step 6
     job = [p for p in psutil.process_iter(["cmdline"]) if str(out) in " ".join(p.info["cmdline"] or [])]
     assert len(job) >= 3  # horovodrun and its two ranks
@@ -360,7 +358,9 @@ def test_two_ranks_killed_with_9_then_rerun_train_what_one_rank_trains(tmp_path,
     assert "2 rank(s) x 4 texts = global batch 8" in log.read_text()
     assert 6 <= int(tf.train.latest_checkpoint(str(out / "checkpoints")).rsplit("-", 1)[1]) < 24
 
-    resumed = run_command(cmd, check=True, timeout=600)
+    # Resumed by the project's launcher, as a user runs it (2 slots in hostfiles/localhost.txt).
+    assert args[:2] == ["-m", "horovod_mlstm.finetune"]
+    resumed = run_command(["bash", "launch/horovodrun.sh", "--gloo", "--finetune", *args[2:]], check=True, timeout=600)
     assert "resumed from" in resumed.stdout
     assert_same_run(straight, out)
 

@@ -36,6 +36,21 @@ def test_horovodrun_dry_run_for_16_dgx1_nodes():
 
 
 @pytest.mark.cli
+@pytest.mark.parametrize("script, args", [("horovodrun.sh", ["--hostfile", DGX]), ("mpirun.sh", ["--hostfile", DGX]),
+                                          ("slurm.sbatch", [])])
+def test_finetune_runs_the_fine_tuning_module_under_every_launcher(script, args):
+    out = launch(script, *args, "--dry-run", "--finetune", "--model_dir=runs/x", check=True).stdout.strip()
+    assert re.search(r"\S+python -m horovod_mlstm.finetune --model_dir=runs/x$", out) and "train.py" not in out, out
+
+
+@pytest.mark.cli
+def test_elastic_refuses_finetune():
+    proc = launch("elastic.sh", "--hostfile", DGX, "--dry-run", "--finetune")
+    assert proc.returncode == 2 and proc.stderr.strip().endswith("--finetune does not run elastic: use "
+                                                                 "launch/horovodrun.sh --finetune"), proc.stderr
+
+
+@pytest.mark.cli
 def test_mpirun_dry_run_has_horovods_multinode_settings():
     out = launch("mpirun.sh", "--hostfile", DGX, "--iface", "ib0", "--dry-run", "--train_steps=5",
                  check=True).stdout
