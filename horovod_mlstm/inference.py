@@ -80,10 +80,10 @@ def windows(items: Iterable, size: int) -> Iterator[list]:
 class Featurizer:
     """Texts -> one feature vector each, read by a trained model.
 
-    Within a window texts are sorted by length and batched; a mask keeps each row's state fixed
-    after its last byte and keeps padding out of the mean and max. A batch goes through in
-    `chunk`-byte pieces with the state carried, padded one piece at a time, so memory stays
-    bounded whatever the text length.
+    Within a window texts are sorted by length and batched. A batch goes through in `chunk`-byte
+    pieces with the state carried, so memory stays bounded whatever the text length; a row leaves
+    the batch after its last piece, and within a piece a mask keeps each row's state fixed after its
+    last byte and keeps padding out of the mean and max.
     """
 
     def __init__(self, model_dir: str, text_prep: str = "project", readout: str = "final_cell",
@@ -101,10 +101,9 @@ class Featurizer:
         self.window = batch_size * WINDOW_BATCHES
         self.model, self.checkpoint = (model, None) if model is not None else modeldir.load(model_dir)
         n = self.model.config.hidden_size
-        self._step = tf.function(self._read, input_signature=[
-            tf.TensorSpec([None, None], tf.int32), tf.TensorSpec([None, n], tf.float32),
-            tf.TensorSpec([None, n], tf.float32), tf.TensorSpec([None, None], tf.bool),
-            tf.TensorSpec([None, n], tf.float32), tf.TensorSpec([None, n], tf.float32)])
+        state = [tf.TensorSpec([None, None], tf.int32)] + [tf.TensorSpec([None, n], tf.float32)] * 4
+        self._step_masked = tf.function(self._read, input_signature=state + [tf.TensorSpec([None, None], tf.bool)])
+        self._step = tf.function(self._read, input_signature=state)  # every byte of the piece is real
 
     @property
     def settings(self) -> dict:
@@ -114,30 +113,49 @@ class Featurizer:
     def identity(self) -> dict:
         return modeldir.identity(self.model_dir, self.checkpoint)
 
-    def _read(self, x, h, c, mask, total, peak):
-        """One chunk: the carried state, and the running sum and max of hidden states over real bytes."""
-        hs, (h, c) = self.model.rnn(self.model.embed(x), (h, c), mask=mask)
+    def _read(self, x, h, c, total, peak, mask=None):
+        """One piece: the carried state, and the running sum and max of hidden states over real bytes."""
+        hs, (h, c) = self.model.rnn(self.model.embed(x), (h, c), mask=mask, forward_only=True)
         hs = tf.cast(hs, tf.float32)
+        if mask is None:
+            return h, c, total + tf.reduce_sum(hs, axis=1), tf.maximum(peak, tf.reduce_max(hs, axis=1))
         real = mask[:, :, None]
         total += tf.reduce_sum(tf.where(real, hs, 0.0), axis=1)
         peak = tf.maximum(peak, tf.reduce_max(tf.where(real, hs, -np.inf), axis=1))
         return h, c, total, peak
 
     def _batch(self, encoded: list[bytes]) -> dict[str, np.ndarray]:
-        """Every readout of one batch of encoded texts."""
-        lengths = np.array([len(e) for e in encoded])
-        flat = np.frombuffer(b"".join(encoded), np.uint8)
+        """Every readout of one batch of encoded texts, in their order.
+
+        A row leaves the batch at the first piece after its last byte (rows sorted by length, so the
+        ended ones are a prefix): a short text costs no whole pieces of padding beside a long one, and a
+        piece where every remaining row is real runs without the mask's per-step selects.
+        """
+        order = np.argsort([len(e) for e in encoded], kind="stable")
+        lengths = np.array([len(encoded[i]) for i in order])
+        flat = np.frombuffer(b"".join(encoded[i] for i in order), np.uint8)
         starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
         n = self.model.config.hidden_size
+        out = {r: np.empty([len(encoded), n], np.float32) for r in READOUTS}
         h, c = self.model.zero_state(len(encoded))
         total, peak = tf.zeros([len(encoded), n]), tf.fill([len(encoded), n], -np.inf)
-        for t in range(0, lengths.max(), self.chunk):
-            positions = np.arange(t, min(t + self.chunk, lengths.max()))
-            mask = positions[None, :] < lengths[:, None]
-            x = np.where(mask, flat[np.where(mask, starts[:, None] + positions[None, :], 0)], 0).astype(np.int32)
-            h, c, total, peak = self._step(x, h, c, mask, total, peak)
-        return {"final_cell": c.numpy(), "final_hidden": h.numpy(),
-                "mean_hidden": (total / lengths[:, None].astype(np.float32)).numpy(), "max_hidden": peak.numpy()}
+        first = 0  # rows [0, first) of the sorted batch have ended and left it
+        for t in range(0, lengths[-1], self.chunk):
+            ended = int(np.searchsorted(lengths, t, side="right"))
+            if ended > first:
+                k = ended - first
+                _store(out, order[first:ended], lengths[first:ended], h[:k], c[:k], total[:k], peak[:k])
+                h, c, total, peak, first = h[k:], c[k:], total[k:], peak[k:], ended
+            live = lengths[first:]
+            positions = np.arange(t, min(t + self.chunk, live[-1]))
+            mask = positions[None, :] < live[:, None]
+            x = np.where(mask, flat[np.where(mask, starts[first:, None] + positions[None, :], 0)], 0).astype(np.int32)
+            if mask.all():
+                h, c, total, peak = self._step(x, h, c, total, peak)
+            else:
+                h, c, total, peak = self._step_masked(x, h, c, total, peak, mask)
+        _store(out, order[first:], lengths[first:], h, c, total, peak)
+        return out
 
     def stream(self, texts: Iterable[str], readouts: Collection[str] = READOUTS,
                progress: Callable[[int], None] | None = None) -> Iterator[dict[str, np.ndarray]]:
@@ -176,3 +194,9 @@ class Featurizer:
     def transform(self, texts: Collection[str], progress: Callable[[int], None] | None = None) -> np.ndarray:
         """[len(texts), hidden] float32 features of this featuriser's readout."""
         return self.transform_all(texts, progress, (self.readout,))[self.readout]
+
+
+def _store(out: dict[str, np.ndarray], rows: np.ndarray, lengths: np.ndarray, h, c, total, peak) -> None:
+    """Every readout of ended texts into OUT's ROWS."""
+    out["final_cell"][rows], out["final_hidden"][rows], out["max_hidden"][rows] = c.numpy(), h.numpy(), peak.numpy()
+    out["mean_hidden"][rows] = total.numpy() / lengths[:, None].astype(np.float32)

@@ -66,9 +66,10 @@ def _normalized(v: tf.Tensor, g: tf.Tensor) -> tf.Tensor:
 class MLSTM(tf.keras.layers.Layer):
     """The mLSTM recurrence over a whole [batch, time, embed] sequence.
 
-    call(inputs, (h, c), mask=None, fused=None) -> (outputs [batch, time, hidden], (h, c)).
+    call(inputs, (h, c), mask=None, fused=None, forward_only=False) -> (outputs [batch, time, hidden], (h, c)).
     Where `mask[b, t]` is False the state of row b is left unchanged at step t, so the
     returned state is the state after each row's last real timestep (used by transfer).
+    With a mask, or forward_only, the recurrence keeps nothing for a backward pass (featurising).
     fused: the gate math as the fused CPU kernels; None uses them wherever they are built and
     usable. A graph to be saved passes False, so that it loads without the kernels' library.
     """
@@ -112,7 +113,7 @@ class MLSTM(tf.keras.layers.Layer):
             return tuple(tf.convert_to_tensor(w) for w in ws)
         return tuple(_normalized(w, g) for w, g in zip(ws, (self.gx, self.gh, self.gmx, self.gmh)))
 
-    def call(self, inputs, state, mask=None, fused=None):
+    def call(self, inputs, state, mask=None, fused=None, forward_only=False):
         dtype = self.compute_dtype
         n = self.hidden_size
         wx, wh, wmx, wmh = self.effective_weights()
@@ -131,10 +132,11 @@ class MLSTM(tf.keras.layers.Layer):
             # The fused kernels are CPU ops without an XLA kernel: under --xla the gate math is TensorFlow's.
             fused = kernels.available() and not control_flow_util.GraphOrParentsInXlaContext(
                 tf.compat.v1.get_default_graph())
-        if mask is None:  # training and evaluation: the hand-written backward pass
+        if mask is None and not forward_only:  # training and evaluation: the hand-written backward pass
             hs, h, c = recurrence(fused)(proj, h, c, wh, wmh)
         else:  # featurising (no gradients needed): rows keep their state after their last byte
-            hs, h, c, _ = _forward(proj, h, c, wh, wmh, keep=tf.transpose(tf.cast(mask, tf.bool)), fused=fused)
+            keep = None if mask is None else tf.transpose(tf.cast(mask, tf.bool))
+            hs, h, c, _ = _forward(proj, h, c, wh, wmh, keep=keep, fused=fused)
         return tf.transpose(hs, [1, 0, 2]), (h, c)
 
 

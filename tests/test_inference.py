@@ -93,3 +93,19 @@ def test_batches_hold_texts_of_similar_length(tiny_model_dir):
     features = featurizer.transform(texts)
     assert sorted(map(max, batches)) == [2, 2, 201, 201] and all(max(b) == min(b) for b in batches)
     np.testing.assert_array_equal(features[0::2], np.repeat(features[:1], 8, axis=0))  # input order kept
+
+
+def test_ended_rows_leave_the_batch_and_full_pieces_run_unmasked(tiny_model_dir):
+    """Only the pieces a row still reads are computed for it, and the mask runs only where a row ends."""
+    featurizer = Featurizer(str(tiny_model_dir), batch_size=4, chunk=8)
+    texts = ["x" * 39, "y", "z" * 40, "w" * 2]
+    assert [len(encode(t)) for t in texts] == [40, 2, 41, 3]
+    pieces = []
+    for name in ("_step", "_step_masked"):
+        step = getattr(featurizer, name)
+        setattr(featurizer, name, lambda x, *state, step=step, name=name: pieces.append((x.shape, name)) or step(x, *state))
+    features = featurizer.transform(texts)
+    assert pieces == [((4, 8), "_step_masked"), *[((2, 8), "_step")] * 4, ((1, 1), "_step")]
+    alone = [read_alone(featurizer.model, encode(t))["final_cell"] for t in texts]
+    np.testing.assert_allclose(features, alone, rtol=1e-4, atol=1e-5)
+

@@ -61,16 +61,18 @@ def random_model_dir(parent: str, hidden: int, precision: str) -> str:
 
 
 def count_positions(featurizer: Featurizer) -> list[int]:
-    """Wraps the featuriser's chunk step so that it adds every position it computes (real bytes and
-    padding) to the returned one-item list: the padding share is then what ran, not a recount."""
+    """Wraps the featuriser's piece steps (masked and not) so that they add every position they compute
+    (real bytes and padding) to the returned one-item list: the padding share is then what ran, not a
+    recount."""
     counted = [0]
-    read_chunk = featurizer._step
 
-    def counting(x, *state):
-        counted[0] += x.size
-        return read_chunk(x, *state)
+    def counting(read_piece):
+        def read(x, *state):
+            counted[0] += x.size
+            return read_piece(x, *state)
+        return read
 
-    featurizer._step = counting
+    featurizer._step, featurizer._step_masked = counting(featurizer._step), counting(featurizer._step_masked)
     return counted
 
 
