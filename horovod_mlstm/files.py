@@ -82,6 +82,17 @@ def check_writable(path: str, what: str = "") -> None:
         raise NotWritable(f"{name}: cannot write there ({directory} is not writable)")
 
 
+def make_dir(path: str, what: str) -> None:
+    """Before any work: directory PATH exists (made with its parents if needed) and can be written in;
+    otherwise NotWritable, naming WHAT (e.g. "--model_dir")."""
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as e:
+        raise NotWritable(f"cannot create {what} {path}: {e.strerror}") from None
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise NotWritable(f"{what} {path} is not writable")
+
+
 def sha256(path: str) -> str:
     """The SHA-256 of a file's bytes, hex: what names checkpoints, inputs and caches."""
     with open(path, "rb") as f:

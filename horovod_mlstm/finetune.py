@@ -251,10 +251,7 @@ def run(cfg: FinetuneConfig, stop: StopRequest) -> dict | None:
 def open_output_dir(cfg: FinetuneConfig) -> modeldir.Lock:
     """Rank 0: creates OUTPUT_DIR and takes its lock for the job's life. A job that resumes there must have
     the settings it was started with (besides RUN_CONTROL), or it would silently train another model."""
-    try:
-        os.makedirs(cfg.output_dir, exist_ok=True)
-    except OSError as e:
-        raise ValueError(f"cannot create --output_dir {cfg.output_dir}: {e.strerror}") from None
+    files.make_dir(cfg.output_dir, "--output_dir")
     files.check_writable(os.path.join(cfg.output_dir, SETTINGS), "--output_dir")
     lock = modeldir.Lock(cfg.output_dir).acquire()
     path, settings = os.path.join(cfg.output_dir, SETTINGS), recorded_settings(cfg)

@@ -83,12 +83,7 @@ def create(model_dir: str, config: ModelConfig) -> None:
             raise ValueError(f"--model_dir {model_dir} was trained with --precision={saved.precision}, whose "
                              f"checkpoints {'hold' if loss_scaled(saved.precision) else 'lack'} float16's loss scale; "
                              f"continue it with --precision={saved.precision}")
-    try:
-        os.makedirs(model_dir, exist_ok=True)
-    except OSError as e:
-        raise ValueError(f"cannot create --model_dir {model_dir}: {e.strerror}") from None
-    if not os.access(model_dir, os.W_OK | os.X_OK):
-        raise ValueError(f"--model_dir {model_dir} is not writable")
+    files.make_dir(model_dir, "--model_dir")
 
 
 class Lock:

@@ -39,7 +39,7 @@ import uuid
 
 import crc32c
 
-from horovod_mlstm.files import replace_whole, write_json
+from horovod_mlstm.files import NotWritable, make_dir, replace_whole, write_json
 
 SPLITS = ("train", "val", "test")
 DOC_END = b"\n"  # every review is framed as cleaned text + DOC_END (whitespace inside is folded)
@@ -197,11 +197,9 @@ def make_staging(output_dir: str) -> str:
     This process holds the lock on its owner file until remove_staging or publish, or until it dies.
     """
     try:
-        os.makedirs(output_dir, exist_ok=True)
-    except OSError as e:
-        raise DataError(f"cannot create output directory {output_dir}: {e.strerror}") from None
-    if not os.access(output_dir, os.W_OK | os.X_OK):
-        raise DataError(f"output directory {output_dir} is not writable")
+        make_dir(output_dir, "output directory")
+    except NotWritable as e:
+        raise DataError(str(e)) from None
     with locked(output_dir):
         remove_dead_staging(output_dir)
         while True:

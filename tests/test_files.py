@@ -53,6 +53,15 @@ def test_unwritable_outputs_are_one_line(tmp_path, target, message):
     files.check_writable(str(tmp_path / "fine.csv"))
 
 
+def test_make_dir_makes_parents_or_names_what_is_in_the_way(tmp_path):
+    files.make_dir(str(tmp_path / "a" / "b"), "--model_dir")
+    assert (tmp_path / "a" / "b").is_dir()
+    files.make_dir(str(tmp_path / "a" / "b"), "--model_dir")  # already there: fine
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(files.NotWritable, match=f"^cannot create --output_dir {tmp_path}/file/sub: Not a directory$"):
+        files.make_dir(str(tmp_path / "file" / "sub"), "--output_dir")
+
+
 def test_sha256_names_the_bytes(tmp_path):
     (tmp_path / "a").write_bytes(b"abc")
     assert files.sha256(str(tmp_path / "a")) == "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
