@@ -48,7 +48,6 @@ import dataclasses
 import json
 import math
 import os
-import sys
 import time
 
 import numpy as np
@@ -56,14 +55,14 @@ import tensorflow as tf
 from absl import app
 
 from horovod_mlstm import distributed as dist
-from horovod_mlstm import files, hardware, kernels, modeldir
+from horovod_mlstm import files, kernels, modeldir, stopping
 from horovod_mlstm.checkpoint import CheckpointError, Checkpointer
 from horovod_mlstm.classifier import Classifier
 from horovod_mlstm.flags import AT_LEAST_1, NON_NEGATIVE, POSITIVE, CommonConfig, define, precision_setting, setting
 from horovod_mlstm.inference import TEXT_PREPS, Featurizer, encode
 from horovod_mlstm.metrics import xent
 from horovod_mlstm.schedule import DECAYS, WarmupDecaySchedule
-from horovod_mlstm.stopping import INTERRUPTED_TWICE, StopRequest, exit_if_stopped
+from horovod_mlstm.stopping import StopRequest
 from horovod_mlstm.tasks import Split, Task, csv_task, load_imdb
 from horovod_mlstm.update import make_update
 
@@ -766,29 +765,17 @@ def write_summary(job: Job, progress: Progress, scores: dict | None) -> dict:
 # ---------------------------------------------------------------- command line
 
 def main(argv):
-    if len(argv) > 1:
-        sys.exit(f"error: unexpected arguments {argv[1:]} (flags are --name=value)")
-    try:
-        cfg = FinetuneConfig.from_flags()
-    except ValueError as e:
-        sys.exit(f"error: {e}")
-    stop = StopRequest(cfg.max_runtime_minutes)
+    stopping.run_command(argv, "finetune", FinetuneConfig, start_horovod, run,
+                         (CheckpointError, FileNotFoundError, ValueError), memory_hint)  # TaskError etc: ValueErrors
+
+
+def start_horovod(cfg: FinetuneConfig) -> None:
     dist.init(cfg.intra_op_threads, cfg.inter_op_threads, cycle_time_ms=cfg.cycle_time_ms)
-    try:
-        precision, precision_line = hardware.resolve(cfg.precision)
-    except ValueError as e:
-        sys.exit(f"error: {e}")
-    cfg = dataclasses.replace(cfg, precision=precision)
-    if dist.is_chief():
-        print(f"[finetune] {precision_line}", flush=True)
-    try:
-        summary = run(cfg, stop)
-    except (CheckpointError, FileNotFoundError, ValueError) as e:  # TaskError, InputError: ValueErrors
-        sys.exit(f"error: {e}")
-    except KeyboardInterrupt:  # a second Ctrl-C: abort without the checkpoint
-        print(INTERRUPTED_TWICE, file=sys.stderr)
-        sys.exit(130)
-    exit_if_stopped(summary)
+
+
+def memory_hint(cfg: FinetuneConfig) -> str:
+    return (f"global batch {cfg.global_batch} of texts up to {cfg.max_bytes} bytes); lower --max_bytes or raise "
+            "--backward_passes_per_step")
 
 
 def entry():

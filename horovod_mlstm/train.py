@@ -22,7 +22,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-import sys
 import time
 import uuid
 
@@ -31,7 +30,7 @@ import tensorflow as tf
 from absl import app, logging
 
 from horovod_mlstm import checkpoint as state_files
-from horovod_mlstm import corpus, data, files, hardware, kernels, modeldir, stallwatch
+from horovod_mlstm import corpus, data, files, kernels, modeldir, stallwatch, stopping
 from horovod_mlstm import distributed as dist
 from horovod_mlstm.checkpoint import CheckpointError, CheckpointMismatch, Checkpointer
 from horovod_mlstm.data import ByteStreams
@@ -40,7 +39,7 @@ from horovod_mlstm.metrics import LN2, bits_per_char, lm_loss, make_eval_step
 from horovod_mlstm.model import build_model
 from horovod_mlstm.records import DataError
 from horovod_mlstm.schedule import WarmupDecaySchedule
-from horovod_mlstm.stopping import INTERRUPTED_TWICE, StopRequest, exit_if_stopped
+from horovod_mlstm.stopping import StopRequest
 from horovod_mlstm.update import make_update
 
 
@@ -562,38 +561,18 @@ def write_summary(job: Job, progress: Progress, steps_this_run: int) -> dict:
 # ---------------------------------------------------------------- command line
 
 def main(argv):
-    if len(argv) > 1:
-        sys.exit(f"error: unexpected arguments {argv[1:]} (flags are --name=value)")
-    try:
-        cfg = TrainConfig.from_flags()
-    except ValueError as e:
-        sys.exit(f"error: {e}")
-    stop = StopRequest(cfg.max_runtime_minutes)
-    try:  # every rank refuses what it cannot run (a reduction its launcher lacks, a crashing precision) alike
-        dist.init(cfg.intra_op_threads, cfg.inter_op_threads, cfg.fp16_allreduce, cfg.cycle_time_ms,
-                  cfg.gradient_reduction)
-        precision, precision_line = hardware.resolve(cfg.precision)
-        cfg = dataclasses.replace(cfg, precision=precision)
-    except ValueError as e:
-        sys.exit(f"error: {e}")
-    if dist.is_chief():
-        print(f"[train] {precision_line}", flush=True)
-    try:
-        summary = run(cfg, stop)
-    except (DataError, CheckpointError, Diverged, ValueError, FileNotFoundError) as e:
-        sys.exit(f"error: {e}")
-    except KeyboardInterrupt:  # a second Ctrl-C: abort without the checkpoint
-        print(INTERRUPTED_TWICE, file=sys.stderr)
-        sys.exit(130)
-    except tf.errors.UnknownError as e:
-        if "Horovod has been shut down" not in e.message:
-            raise
-        sys.exit("error: Horovod shut the job down (a rank stalled past the stall shutdown time, left or failed; "
-                 "Horovod's lines above say which); the last checkpoint is intact and the same command resumes")
-    except (MemoryError, tf.errors.ResourceExhaustedError):
-        sys.exit(f"error: out of memory (hidden {cfg.hidden_size}, {cfg.batch_size_per_worker} x {cfg.seq_length} "
-                 "per worker); lower --batch_size_per_worker or raise --backward_passes_per_step")
-    exit_if_stopped(summary)
+    stopping.run_command(argv, "train", TrainConfig, start_horovod, run,
+                         (DataError, CheckpointError, Diverged, ValueError, FileNotFoundError), memory_hint)
+
+
+def start_horovod(cfg: TrainConfig) -> None:
+    dist.init(cfg.intra_op_threads, cfg.inter_op_threads, cfg.fp16_allreduce, cfg.cycle_time_ms,
+              cfg.gradient_reduction)
+
+
+def memory_hint(cfg: TrainConfig) -> str:
+    return (f"hidden {cfg.hidden_size}, {cfg.batch_size_per_worker} x {cfg.seq_length} per worker); lower "
+            "--batch_size_per_worker or raise --backward_passes_per_step")
 
 
 def entry():
