@@ -104,6 +104,8 @@ def test_gpu_projection_formula():
     assert g["v100_chars_per_s"] == pytest.approx(0.5 * 125e12 / g["flops_per_char"])
     assert g["h100_chars_per_s"] / g["v100_chars_per_s"] == pytest.approx(989 / 125)
     assert 0.2 < g["paper_share_of_v100_peak"] < 0.3
+    above = projection.gpu_projection(4096, 1.33)  # the step above the CPU's chained limit: still no GPU above peak
+    assert above["share_of_peak"] == 1.0 and above["v100_chars_per_s"] == pytest.approx(125e12 / g["flops_per_char"])
 
 
 @pytest.mark.unit

@@ -39,9 +39,11 @@ def allreduce_projection(nbytes: float) -> dict:
 def gpu_projection(hidden: int, share_of_peak: float) -> dict:
     """Training chars/s per GPU if the GPU's kernels reached `share_of_peak` of its peak matmul rate,
     as the project's step reaches that share of the CPU's matmul limit; and the paper's own rate per
-    V100 with the share of the V100's peak it implies."""
+    V100 with the share of the V100's peak it implies. A share above 1 (the step's weight-gradient
+    products run faster than the skinny chained limit) counts as 1: no GPU runs above its peak."""
     flops = flops_per_char(hidden)
     paper_per_gpu = figures.PAPER_CHARS_PER_S.value / figures.PAPER_GPUS.value
+    share_of_peak = min(share_of_peak, 1.0)
     return {"hidden": hidden, "flops_per_char": flops, "share_of_peak": share_of_peak,
             "paper_chars_per_s_per_v100": paper_per_gpu,
             "paper_share_of_v100_peak": paper_per_gpu * flops / figures.V100_FP16_TENSOR.value,

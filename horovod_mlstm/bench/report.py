@@ -99,7 +99,9 @@ def gpu_projection_lines(result: dict) -> list[str]:
     return ["**PROJECTION (not measured)** for the paper's 4096-unit model: a GPU whose kernels reach the share of "
             f"their peak that this project's bf16 step reached of this CPU's chained matmul limit (hidden "
             f"{measured['hidden']}, {measured['batch']} x {measured['seq_length']}: "
-            f"{measured['fraction_of_matmul_limit']:.0%}), at {g['flops_per_char'] / 1e6:,.0f} M matmul FLOPs per "
+            f"{measured['fraction_of_matmul_limit']:.0%}"
+            + (", counted as 100%: no GPU runs above its peak" if measured["fraction_of_matmul_limit"] > 1 else "")
+            + f"), at {g['flops_per_char'] / 1e6:,.0f} M matmul FLOPs per "
             "character (`model.flops_per_char`):", "",
             "| | chars/s per GPU | how |", "|---|---:|---|",
             f"| the paper, per V100 | {g['paper_chars_per_s_per_v100']:,.0f} | measured by the paper: "
