@@ -1,7 +1,8 @@
 # shellcheck shell=bash disable=SC2034  # sourced; the variables are read by the launchers
 # Shared by the launchers: option parsing, hostfile reading, Horovod's tools, running the job.
 # Relative paths (--flagfile, --data_dir, --model_dir, --timeline, ...) are relative to the directory the
-# launcher is called from: nothing here changes directory, and train.py is passed by absolute path.
+# launcher is called from: nothing here changes directory, and train.py is passed by absolute path (finetune
+# runs as `python -m horovod_mlstm.finetune`, from the package installed into .venv).
 # Sourced, not run. Sets: ROOT CALLER_DIR PYTHON HOROVODRUN PROGRAM HOSTFILE NP DRY_RUN IFACE CONTROLLER
 # ARGS HOSTS SLOTS HOSTLIST TOOL_FLAGS TOOL_ENV
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
