@@ -1,9 +1,11 @@
 """The one featuriser shared by transfer, classify and the transfer suite (and the loader evaluate,
 generate and visualize call): texts -> one feature vector each, read by a trained model.
 
-Texts stream through in windows of `window` texts: each window is sorted by length and cut into
-batches, so a batch pads little, and its features come back in input order. Memory is bounded by
-the window (its texts and their features), not by how many texts there are.
+Texts stream through in windows of `window` texts, and their features come back in input order.
+Memory is bounded by the window (its texts and their features), not by how many texts there are.
+Within a window the model reads `batch_size` texts at once, a text per row, in pieces of at most
+`chunk` bytes with the state carried; a row whose text has ended takes the next text at the next
+piece, so the batch stays full until the window runs out of texts (Featurizer.read_window).
 """
 
 from __future__ import annotations
@@ -22,7 +24,11 @@ from horovod_mlstm.records import DOC_END, clean
 
 READOUTS = ("final_cell", "final_hidden", "mean_hidden", "max_hidden")
 AUTO = "auto"  # transfer: every readout, the one best on validation kept
-WINDOW_BATCHES = 16  # texts sorted by length together: this many batches' worth
+WINDOW_BATCHES = 16  # texts read as one window: this many batches' worth
+# A piece ends where the first of its rows' texts ends, so no row pads, unless that is sooner than this:
+# a piece call costs about as much as a few steps of a small model (TensorFlow's call, the input
+# projection, the state copies), so rows that end sooner pad instead.
+MIN_PIECE = 8
 
 
 def load_trained_model(model_dir: str) -> LanguageModel:
@@ -80,10 +86,11 @@ def windows(items: Iterable, size: int) -> Iterator[list]:
 class Featurizer:
     """Texts -> one feature vector each, read by a trained model.
 
-    Within a window texts are sorted by length and batched. A batch goes through in `chunk`-byte
-    pieces with the state carried, so memory stays bounded whatever the text length; a row leaves
-    the batch after its last piece, and within a piece a mask keeps each row's state fixed after its
-    last byte and keeps padding out of the mean and max.
+    A window's texts are read longest first, `batch_size` rows at a time: each row holds one text,
+    read in pieces with its state carried, and takes the next text once its own has ended, its state
+    zeroed. A piece runs to where the first row's text ends (at least MIN_PIECE, at most `chunk`
+    bytes); a row whose text ends sooner reads padding that changes nothing (model.MLSTM.read).
+    Longest first makes the batch drain on the short texts at the window's end.
     """
 
     def __init__(self, model_dir: str, text_prep: str = "project", readout: str = "final_cell",
@@ -100,10 +107,12 @@ class Featurizer:
         self.batch_size, self.chunk = batch_size, chunk
         self.window = batch_size * WINDOW_BATCHES
         self.model, self.checkpoint = (model, None) if model is not None else modeldir.load(model_dir)
-        n = self.model.config.hidden_size
-        state = [tf.TensorSpec([None, None], tf.int32)] + [tf.TensorSpec([None, n], tf.float32)] * 4
-        self._step_masked = tf.function(self._read, input_signature=state + [tf.TensorSpec([None, None], tf.bool)])
-        self._step = tf.function(self._read, input_signature=state)  # every byte of the piece is real
+        n, rnn = self.model.config.hidden_size, self.model.rnn
+        weights = [tf.TensorSpec(w.shape, rnn.compute_dtype) for w in rnn.compute_weights()]
+        state = [tf.TensorSpec([None, n], tf.float32)] * 4
+        self._weights = tf.function(rnn.compute_weights)
+        self._piece = tf.function(self._read, input_signature=[tf.TensorSpec([None, None], tf.int32), *state,
+                                                               tf.TensorSpec([None], tf.int32), *weights])
 
     @property
     def settings(self) -> dict:
@@ -113,68 +122,58 @@ class Featurizer:
     def identity(self) -> dict:
         return modeldir.identity(self.model_dir, self.checkpoint)
 
-    def _read(self, x, h, c, total, peak, mask=None):
-        """One piece: the carried state, and the running sum and max of hidden states over real bytes."""
-        hs, (h, c) = self.model.rnn(self.model.embed(x), (h, c), mask=mask, forward_only=True)
-        hs = tf.cast(hs, tf.float32)
-        if mask is None:
-            return h, c, total + tf.reduce_sum(hs, axis=1), tf.maximum(peak, tf.reduce_max(hs, axis=1))
-        real = mask[:, :, None]
-        total += tf.reduce_sum(tf.where(real, hs, 0.0), axis=1)
-        peak = tf.maximum(peak, tf.reduce_max(tf.where(real, hs, -np.inf), axis=1))
-        return h, c, total, peak
+    def _read(self, x, h, c, total, peak, lengths, *weights):
+        """One piece: each row's first LENGTHS bytes of X read on from its state."""
+        return self.model.rnn.read(self.model.embed(x), h, c, total, peak, lengths, weights)
 
-    def _batch(self, encoded: list[bytes]) -> dict[str, np.ndarray]:
-        """Every readout of one batch of encoded texts, in their order.
-
-        A row leaves the batch at the first piece after its last byte (rows sorted by length, so the
-        ended ones are a prefix): a short text costs no whole pieces of padding beside a long one, and a
-        piece where every remaining row is real runs without the mask's per-step selects.
-        """
-        order = np.argsort([len(e) for e in encoded], kind="stable")
-        lengths = np.array([len(encoded[i]) for i in order])
-        flat = np.frombuffer(b"".join(encoded[i] for i in order), np.uint8)
+    def read_window(self, encoded: list[bytes], readouts: Collection[str] = READOUTS,
+                    progress: Callable[[int], None] | None = None) -> dict[str, np.ndarray]:
+        """{readout: [len(encoded), hidden]} of encoded texts (none empty), in their order; `progress(k)`
+        after each piece that ends k texts."""
+        lengths = np.array([len(e) for e in encoded])
         starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
+        flat = np.frombuffer(b"".join(encoded), np.uint8)
+        queue = iter(np.argsort(-lengths, kind="stable"))  # longest first
         n = self.model.config.hidden_size
-        out = {r: np.empty([len(encoded), n], np.float32) for r in READOUTS}
-        h, c = self.model.zero_state(len(encoded))
-        total, peak = tf.zeros([len(encoded), n]), tf.fill([len(encoded), n], -np.inf)
-        first = 0  # rows [0, first) of the sorted batch have ended and left it
-        for t in range(0, lengths[-1], self.chunk):
-            ended = int(np.searchsorted(lengths, t, side="right"))
-            if ended > first:
-                k = ended - first
-                _store(out, order[first:ended], lengths[first:ended], h[:k], c[:k], total[:k], peak[:k])
-                h, c, total, peak, first = h[k:], c[k:], total[k:], peak[k:], ended
-            live = lengths[first:]
-            positions = np.arange(t, min(t + self.chunk, live[-1]))
-            mask = positions[None, :] < live[:, None]
-            x = np.where(mask, flat[np.where(mask, starts[first:, None] + positions[None, :], 0)], 0).astype(np.int32)
-            if mask.all():
-                h, c, total, peak = self._step(x, h, c, total, peak)
-            else:
-                h, c, total, peak = self._step_masked(x, h, c, total, peak, mask)
-        _store(out, order[first:], lengths[first:], h, c, total, peak)
-        return out
+        out = {r: np.empty([len(encoded), n], np.float32) for r in readouts}
+        weights = self._weights()  # once per window: the same for every piece
+        rows = min(self.batch_size, len(encoded))
+        text = np.full(rows, -1)  # the text each row reads (-1: none)
+        done = np.zeros(rows, np.int64)  # bytes of it read so far
+        h, c, total, peak = (np.zeros([rows, n], np.float32) for _ in range(4))
+        while True:
+            for row in np.flatnonzero(text < 0):  # free rows take the next texts, from a zero state
+                text[row] = next(queue, -1)
+                done[row] = 0
+                h[row], c[row], total[row], peak[row] = 0.0, 0.0, 0.0, -np.inf
+            if (text < 0).any():  # no texts left to take: the batch shrinks to the rows still reading
+                live = text >= 0
+                text, done, h, c, total, peak = (a[live] for a in (text, done, h, c, total, peak))
+                if not len(text):
+                    return out
+            left = lengths[text] - done
+            size = int(min(self.chunk, max(left.min(), MIN_PIECE), left.max()))
+            take = np.minimum(left, size)
+            positions = np.arange(size)[None, :]
+            x = np.where(positions < take[:, None],
+                         flat[np.minimum(starts[text, None] + done[:, None] + positions, len(flat) - 1)], 0)
+            h, c, total, peak = (np.array(a) for a in self._piece(x.astype(np.int32), h, c, total, peak,
+                                                                 take.astype(np.int32), *weights))
+            done += take
+            ended = done == lengths[text]
+            _store(out, text[ended], lengths[text[ended]], h[ended], c[ended], total[ended], peak[ended])
+            text[ended] = -1
+            if progress and ended.any():
+                progress(int(ended.sum()))
 
     def stream(self, texts: Iterable[str], readouts: Collection[str] = READOUTS,
                progress: Callable[[int], None] | None = None) -> Iterator[dict[str, np.ndarray]]:
         """{readout: [texts in the window, hidden] float32} for each window of texts, in input order.
 
-        `progress(n)` is called after each batch of n texts.
+        `progress(k)` is called as each k texts are read.
         """
         for window in windows(texts, self.window):
-            encoded = [encode(t, self.text_prep) for t in window]
-            order = np.argsort([len(e) for e in encoded], kind="stable")
-            out = {r: np.empty([len(window), self.model.config.hidden_size], np.float32) for r in readouts}
-            for first in range(0, len(order), self.batch_size):
-                rows = order[first:first + self.batch_size]
-                batch = self._batch([encoded[i] for i in rows])
-                for readout in readouts:
-                    out[readout][rows] = batch[readout]
-                if progress:
-                    progress(len(rows))
-            yield out
+            yield self.read_window([encode(t, self.text_prep) for t in window], readouts, progress)
 
     def transform_all(self, texts: Collection[str], progress: Callable[[int], None] | None = None,
                       readouts: Collection[str] = READOUTS) -> dict[str, np.ndarray]:
@@ -197,6 +196,8 @@ class Featurizer:
 
 
 def _store(out: dict[str, np.ndarray], rows: np.ndarray, lengths: np.ndarray, h, c, total, peak) -> None:
-    """Every readout of ended texts into OUT's ROWS."""
-    out["final_cell"][rows], out["final_hidden"][rows], out["max_hidden"][rows] = c.numpy(), h.numpy(), peak.numpy()
-    out["mean_hidden"][rows] = total.numpy() / lengths[:, None].astype(np.float32)
+    """The readouts OUT holds of ended texts, into its ROWS."""
+    values = {"final_cell": c, "final_hidden": h, "max_hidden": peak,
+              "mean_hidden": total / lengths[:, None].astype(np.float32)}
+    for readout, array in out.items():
+        array[rows] = values[readout]

@@ -3,7 +3,8 @@
 Each recurrent step is a strict chain: a matmul, the gate math (about a dozen elementwise ops on
 [batch, hidden] tensors), the next matmul. TensorFlow runs each elementwise op as its own kernel;
 kernels.cc does a step's gate math in one kernel and its gradient in another, which made the update
-1.07-1.10x faster in bf16 on CPU, 1.01-1.05x in fp32 (docs/PERFORMANCE.md). The model uses them where this module finds the
+1.07-1.10x faster in bf16 on CPU, 1.01-1.05x in fp32 (docs/PERFORMANCE.md); a third does a featurising
+step's gate math with the running sum and maximum of the hidden states (model.MLSTM.read). The model uses them where this module finds the
 library built from the current kernels.cc for this TensorFlow and no GPU is visible, and TensorFlow's
 own ops otherwise (GPU, XLA, or not built). `make setup` builds them; by hand:
 
@@ -40,8 +41,8 @@ def _cpu() -> bytes:
     return "".join(sorted(set(lines))).encode()
 
 
-for _op in ("MlstmGates", "MlstmGatesGrad"):
-    tf.no_gradient(_op)  # used inside the model's custom gradient only
+for _op in ("MlstmGates", "MlstmGatesGrad", "MlstmRead"):
+    tf.no_gradient(_op)  # used inside the model's custom gradient, or where nothing is differentiated
 
 
 def library_path() -> str:
@@ -105,6 +106,12 @@ def gates(xz, mz, c):
 def gates_grad(d_h, d_hs, d_c, saved):
     """Gradient through one step's gate math: (d_z [B, 4n] in d_h's dtype, d_c for step t-1)."""
     return _load()[0].mlstm_gates_grad(d_h, d_hs, d_c, saved)
+
+
+def read(xz, mz, c, h, total, peak, lengths, t):
+    """One featurising step (model._read_gates): (c, h, h in xz's dtype, total, peak), rows with
+    t >= lengths unchanged."""
+    return _load()[0].mlstm_read(xz, mz, c, h, total, peak, lengths, t)
 
 
 def main() -> None:

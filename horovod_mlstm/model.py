@@ -66,10 +66,8 @@ def _normalized(v: tf.Tensor, g: tf.Tensor) -> tf.Tensor:
 class MLSTM(tf.keras.layers.Layer):
     """The mLSTM recurrence over a whole [batch, time, embed] sequence.
 
-    call(inputs, (h, c), mask=None, fused=None, forward_only=False) -> (outputs [batch, time, hidden], (h, c)).
-    Where `mask[b, t]` is False the state of row b is left unchanged at step t, so the
-    returned state is the state after each row's last real timestep (used by transfer).
-    With a mask, or forward_only, the recurrence keeps nothing for a backward pass (featurising).
+    call(inputs, (h, c), fused=None) -> (outputs [batch, time, hidden], (h, c)): training and evaluation.
+    read(inputs, h, c, total, peak, lengths, ...) -> (h, c, total, peak): featurising, forward only.
     fused: the gate math as the fused CPU kernels; None uses them wherever they are built and
     usable. A graph to be saved passes False, so that it loads without the kernels' library.
     """
@@ -113,31 +111,49 @@ class MLSTM(tf.keras.layers.Layer):
             return tuple(tf.convert_to_tensor(w) for w in ws)
         return tuple(_normalized(w, g) for w, g in zip(ws, (self.gx, self.gh, self.gmx, self.gmh)))
 
-    def call(self, inputs, state, mask=None, fused=None, forward_only=False):
-        dtype = self.compute_dtype
-        n = self.hidden_size
+    def compute_weights(self):
+        """(W_in, W_h, W_mh) in the compute dtype, W_in = [[W_x, W_mx], [b, 0]]: the input projection
+        with the bias as its last row (see _project). Featurising computes them once for many pieces."""
         wx, wh, wmx, wmh = self.effective_weights()
-        # All input projections at once, time-major for the loop: [T*B, E+1] x [E+1, 5n]. The bias
-        # rides as a last row against a ones column, so its gradient comes out of the same matmul
-        # (a separate add and sum over [T, B, 5n] in bf16 cost 3% of a hidden-1024 update).
-        w_in = tf.concat([tf.concat([wx, wmx], axis=1), tf.concat([self.b, tf.zeros([n])], 0)[None]], axis=0)
-        x = tf.transpose(tf.cast(inputs, dtype), [1, 0, 2])
+        w_in = tf.concat([tf.concat([wx, wmx], axis=1), tf.concat([self.b, tf.zeros([self.hidden_size])], 0)[None]],
+                         axis=0)
+        return tuple(tf.cast(w, self.compute_dtype) for w in (w_in, wh, wmh))
+
+    def _project(self, inputs, w_in):
+        """All input projections at once, time-major for the loop: [T*B, E+1] x [E+1, 5n] -> [T, B, 5n].
+        The bias rides as a last row against a ones column, so its gradient comes out of the same matmul
+        (a separate add and sum over [T, B, 5n] in bf16 cost 3% of a hidden-1024 update)."""
+        x = tf.transpose(tf.cast(inputs, w_in.dtype), [1, 0, 2])
         steps, batch = tf.shape(x)[0], tf.shape(x)[1]
-        x = tf.concat([x, tf.ones([steps, batch, 1], dtype)], axis=2)
-        proj = tf.matmul(tf.reshape(x, [steps * batch, w_in.shape[0]]), tf.cast(w_in, dtype))
-        proj = tf.reshape(proj, [steps, batch, 5 * n])
-        wh, wmh = tf.cast(wh, dtype), tf.cast(wmh, dtype)
-        h, c = (tf.cast(s, tf.float32) for s in state)
+        x = tf.concat([x, tf.ones([steps, batch, 1], w_in.dtype)], axis=2)
+        proj = tf.matmul(tf.reshape(x, [steps * batch, w_in.shape[0]]), w_in)
+        return tf.reshape(proj, [steps, batch, 5 * self.hidden_size])
+
+    def _fused(self, fused):
         if fused is None:
             # The fused kernels are CPU ops without an XLA kernel: under --xla the gate math is TensorFlow's.
-            fused = kernels.available() and not control_flow_util.GraphOrParentsInXlaContext(
+            return kernels.available() and not control_flow_util.GraphOrParentsInXlaContext(
                 tf.compat.v1.get_default_graph())
-        if mask is None and not forward_only:  # training and evaluation: the hand-written backward pass
-            hs, h, c = recurrence(fused)(proj, h, c, wh, wmh)
-        else:  # featurising (no gradients needed): rows keep their state after their last byte
-            keep = None if mask is None else tf.transpose(tf.cast(mask, tf.bool))
-            hs, h, c, _ = _forward(proj, h, c, wh, wmh, keep=keep, fused=fused)
+        return fused
+
+    def call(self, inputs, state, fused=None):
+        w_in, wh, wmh = self.compute_weights()
+        h, c = (tf.cast(s, tf.float32) for s in state)
+        hs, h, c = recurrence(self._fused(fused))(self._project(inputs, w_in), h, c, wh, wmh)
         return tf.transpose(hs, [1, 0, 2]), (h, c)
+
+    def read(self, inputs, h, c, total, peak, lengths, weights=None, fused=None):
+        """Featurising: the recurrence forward only, keeping no per-step output, (h, c, total, peak) after it.
+
+        Row b reads its first lengths[b] steps of INPUTS [batch, time, embed]; its state is then left as
+        it is, so h and c are the state after its last byte. total and peak [batch, hidden] gather the
+        sum and elementwise maximum of its hidden states (as the next matmul reads them, in the compute
+        dtype) on top of the values passed in, so a text can be read in pieces. weights: compute_weights(),
+        when the caller reuses them across pieces.
+        """
+        w_in, wh, wmh = self.compute_weights() if weights is None else weights
+        return _read(self._project(inputs, w_in), h, c, total, peak, tf.cast(lengths, tf.int32), wh, wmh,
+                     fused=self._fused(fused))
 
 
 def _gates(xz, mz, c, fused):
@@ -150,13 +166,31 @@ def _gates(xz, mz, c, fused):
     """
     if fused:
         return kernels.gates(xz, mz, c)
+    i, f, o, u, c_new, tanh_c = _cell(xz, mz, c)
+    h_new = o * tanh_c
+    return tf.concat([i, f, o, u, c, tanh_c], axis=1), c_new, h_new, tf.cast(h_new, xz.dtype)
+
+
+def _cell(xz, mz, c):
+    """The gate math in TensorFlow ops: (i, f, o, u, c_new, tanh(c_new)), float32."""
     z = tf.cast(xz[:, :mz.shape[1]], tf.float32) + tf.cast(mz, tf.float32)  # added in float32, as the kernel does
     i, f, o, u = tf.split(z, 4, axis=1)
     i, f, o, u = tf.sigmoid(i), tf.sigmoid(f), tf.sigmoid(o), tf.tanh(u)
     c_new = f * c + i * u
-    tanh_c = tf.tanh(c_new)
-    h_new = o * tanh_c
-    return tf.concat([i, f, o, u, c, tanh_c], axis=1), c_new, h_new, tf.cast(h_new, xz.dtype)
+    return i, f, o, u, c_new, tf.tanh(c_new)
+
+
+def _read_gates(xz, mz, c, h, total, peak, lengths, t, fused):
+    """One featurising step's gate math: (c, h, h in xz's dtype, total, peak), rows with t >= lengths
+    unchanged (MLSTM.read)."""
+    if fused:
+        return kernels.read(xz, mz, c, h, total, peak, lengths, t)
+    _, _, o, _, c_new, tanh_c = _cell(xz, mz, c)
+    keep = (t < lengths)[:, None]
+    c, h = tf.where(keep, c_new, c), tf.where(keep, o * tanh_c, h)
+    h_compute = tf.cast(h, xz.dtype)
+    value = tf.cast(h_compute, tf.float32)
+    return c, h, h_compute, tf.where(keep, total + value, total), tf.where(keep, tf.maximum(peak, value), peak)
 
 
 def _gates_grad(d_h, d_hs, d_c, saved, fused):
@@ -176,7 +210,7 @@ def _gates_grad(d_h, d_hs, d_c, saved, fused):
 
 
 @tf.function  # compiled with autograph: the loops run as tf.while_loop, also inside custom_gradient
-def _forward(proj, h, c, wh, wmh, keep=None, save=False, fused=False):
+def _forward(proj, h, c, wh, wmh, save=False, fused=False):
     """The recurrence over time-major projections [T, B, 5n]: hs [T, B, n] and the final (h, c).
 
     With save=True also returns what the backward pass needs that it cannot recompute in one op
@@ -197,15 +231,24 @@ def _forward(proj, h, c, wh, wmh, keep=None, save=False, fused=False):
         hm = tf.matmul(h_in, wmh)
         m = xm_all[t] * hm
         saved, c_new, h_new, h_new_in = _gates(proj[t], tf.matmul(m, wh), c, fused)
-        if keep is not None:
-            k = keep[t][:, None]
-            c_new, h_new = tf.where(k, c_new, c), tf.where(k, h_new, h)
-            h_new_in = tf.cast(h_new, dtype)
         if save:
             kept = [kept[0].write(t, hm), kept[1].write(t, saved)]
         h, c, h_in = h_new, c_new, h_new_in
         hs = hs.write(t, h_in)
     return hs.stack(), h, c, ({"xm": xm_all, "hm": kept[0].stack(), "gates": kept[1].flow} if save else {})
+
+
+@tf.function
+def _read(proj, h, c, total, peak, lengths, wh, wmh, fused=False):
+    """MLSTM.read's loop: _forward's two matmuls per step, then the gate math with the running sum and
+    maximum (_read_gates), and nothing written per step."""
+    n = wh.shape[0]
+    xm_all = tf.split(proj, [4 * n, n], axis=2)[1]
+    h_in = tf.cast(h, wh.dtype)
+    for t in tf.range(tf.shape(proj)[0]):
+        mz = tf.matmul(xm_all[t] * tf.matmul(h_in, wmh), wh)
+        c, h, h_in, total, peak = _read_gates(proj[t], mz, c, h, total, peak, lengths, t, fused)
+    return h, c, total, peak
 
 
 @functools.lru_cache(maxsize=None)
@@ -317,8 +360,8 @@ class LanguageModel(tf.keras.Model):
         z = tf.zeros([batch_size, self.config.hidden_size], tf.float32)
         return z, z
 
-    def call(self, inputs, state, mask=None):
-        hidden, state = self.rnn(self.embed(inputs), state, mask=mask)
+    def call(self, inputs, state):
+        hidden, state = self.rnn(self.embed(inputs), state)
         # Logits in float32 so the softmax and the loss are computed at full precision.
         return tf.cast(self.out(hidden), tf.float32), state
 

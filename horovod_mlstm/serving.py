@@ -169,9 +169,9 @@ def _digit_value(codes: tf.Tensor) -> tf.Tensor:
 class _Reader:
     """Framed texts -> the readout the classifier was fitted on, as inference.Featurizer computes it.
 
-    Featurizer's algorithm in graph ops: texts sorted by length and read `batch_size` at a time, each
-    batch in `chunk`-byte pieces with the state carried and a mask that keeps a row's state after its
-    last byte and its padding out of the mean and max. A plain object, not a tf.Module: the SavedModel
+    The featuriser's reading in graph ops (model.MLSTM.read), batched more simply: texts sorted by length
+    and read `batch_size` at a time, each batch in `chunk`-byte pieces with the state carried, a row's
+    state kept as it is after its last byte. A plain object, not a tf.Module: the SavedModel
     keeps the model's variables, not the Keras model.
     """
 
@@ -197,16 +197,13 @@ class _Reader:
     def _batch(self, data: tf.Tensor, lengths: tf.Tensor) -> tf.Tensor:
         width = tf.reduce_max(lengths)
         x = tf.cast(tf.io.decode_raw(data, tf.uint8, fixed_length=width), tf.int32)  # zero-padded
-        mask = tf.sequence_mask(lengths, width)
         rows, n = tf.shape(x)[0], self.model.config.hidden_size
         h = c = total = tf.zeros([rows, n])
         peak = tf.fill([rows, n], -np.inf)
+        weights = self.model.rnn.compute_weights()
         for t in tf.range(0, width, self.chunk):
-            piece, real = x[:, t:t + self.chunk], mask[:, t:t + self.chunk]
-            hs, (h, c) = self.model.rnn(self.model.embed(piece), (h, c), mask=real, fused=False)
-            hs = tf.cast(hs, tf.float32)
-            total += tf.reduce_sum(tf.where(real[:, :, None], hs, 0.0), axis=1)
-            peak = tf.maximum(peak, tf.reduce_max(tf.where(real[:, :, None], hs, -np.inf), axis=1))
+            h, c, total, peak = self.model.rnn.read(self.model.embed(x[:, t:t + self.chunk]), h, c, total, peak,
+                                                    tf.clip_by_value(lengths - t, 0, self.chunk), weights, fused=False)
         return {"final_cell": c, "final_hidden": h, "mean_hidden": total / tf.cast(lengths, tf.float32)[:, None],
                 "max_hidden": peak}[self.readout]
 

@@ -1,11 +1,11 @@
-"""The shared featuriser: batched, sorted, masked, chunked and windowed equals reading each text alone, for every
+"""The shared featuriser: batched, refilled, padded, chunked and windowed equals reading each text alone, for every
 readout, in input order; a stream of texts is read a window at a time."""
 
 import numpy as np
 import pytest
 import tensorflow as tf
 
-from horovod_mlstm.inference import READOUTS, Featurizer, encode, is_empty, load_trained_model
+from horovod_mlstm.inference import MIN_PIECE, READOUTS, Featurizer, encode, is_empty, load_trained_model
 
 pytestmark = pytest.mark.unit
 
@@ -83,29 +83,26 @@ def test_a_stream_is_read_one_window_at_a_time(tiny_model_dir):
     np.testing.assert_array_equal(np.concatenate([first, *rest]), expected["mean_hidden"])
 
 
-def test_batches_hold_texts_of_similar_length(tiny_model_dir):
-    """Within a window texts are sorted by length before batching, so padding does not dominate."""
-    featurizer = Featurizer(str(tiny_model_dir), batch_size=4, chunk=64)
-    texts = [("x" * 200 if i % 2 else "y") for i in range(16)]  # long and short interleaved
-    batches = []
-    read = featurizer._batch
-    featurizer._batch = lambda encoded: batches.append([len(e) for e in encoded]) or read(encoded)
-    features = featurizer.transform(texts)
-    assert sorted(map(max, batches)) == [2, 2, 201, 201] and all(max(b) == min(b) for b in batches)
-    np.testing.assert_array_equal(features[0::2], np.repeat(features[:1], 8, axis=0))  # input order kept
-
-
-def test_ended_rows_leave_the_batch_and_full_pieces_run_unmasked(tiny_model_dir):
-    """Only the pieces a row still reads are computed for it, and the mask runs only where a row ends."""
-    featurizer = Featurizer(str(tiny_model_dir), batch_size=4, chunk=8)
-    texts = ["x" * 39, "y", "z" * 40, "w" * 2]
-    assert [len(encode(t)) for t in texts] == [40, 2, 41, 3]
+def test_a_row_takes_the_next_text_when_its_own_ends(tiny_model_dir):
+    """Texts are read longest first; a piece runs to where the first row's text ends (but at least
+    MIN_PIECE and at most `chunk` bytes), and that row then takes the next text, so the batch stays
+    full until no text is left; the features are each text's own, in input order."""
+    featurizer = Featurizer(str(tiny_model_dir), batch_size=2, chunk=8)
+    texts = ["y" * 2, "x" * 39, "v", "z" * 40, "w" * 9]
+    assert [len(encode(t)) for t in texts] == [3, 40, 2, 41, 10] and MIN_PIECE == 8
     pieces = []
-    for name in ("_step", "_step_masked"):
-        step = getattr(featurizer, name)
-        setattr(featurizer, name, lambda x, *state, step=step, name=name: pieces.append((x.shape, name)) or step(x, *state))
+    piece = featurizer._piece
+    featurizer._piece = lambda x, *args: pieces.append((x.shape, list(args[4]))) or piece(x, *args)
     features = featurizer.transform(texts)
-    assert pieces == [((4, 8), "_step_masked"), *[((2, 8), "_step")] * 4, ((1, 1), "_step")]
+    # Rows: z (41) and x (40) for five pieces; x ends and w (10) takes its row; z ends after 1 byte of the
+    # next piece (7 bytes of padding, as 1 < MIN_PIECE), y takes its row; w and y end together; v alone.
+    assert pieces == [((2, 8), [8, 8])] * 5 + [((2, 8), [1, 8]), ((2, 3), [3, 2]), ((1, 2), [2])]
     alone = [read_alone(featurizer.model, encode(t))["final_cell"] for t in texts]
     np.testing.assert_allclose(features, alone, rtol=1e-4, atol=1e-5)
 
+
+def test_progress_counts_every_text_once(tiny_model_dir):
+    featurizer = Featurizer(str(tiny_model_dir), batch_size=3, chunk=16)
+    counts = []
+    featurizer.transform(TEXTS * 3, progress=counts.append)
+    assert sum(counts) == len(TEXTS) * 3 and len(counts) > 1

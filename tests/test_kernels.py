@@ -5,7 +5,7 @@ import pytest
 import tensorflow as tf
 
 from horovod_mlstm import kernels
-from horovod_mlstm.model import ModelConfig, _gates, _gates_grad, build_model
+from horovod_mlstm.model import ModelConfig, _gates, _gates_grad, _read_gates, build_model
 
 pytestmark = [pytest.mark.unit, pytest.mark.usefixtures("fused_kernels")]
 
@@ -45,11 +45,36 @@ def test_fused_gate_gradient_equals_tensorflow_ops(dtype):
     np.testing.assert_allclose(d_c_prev, want_c, rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("dtype", [tf.float32, tf.float16, tf.bfloat16])
+def test_fused_featurising_step_equals_tensorflow_ops(dtype):
+    """The featurising kernel: rows with t < lengths step and gather their hidden state into the sum and
+    maximum; the others come out exactly as they went in."""
+    rng = np.random.default_rng(2)
+    xz, mz = random(rng, (B, 5 * N), dtype, 2.0), random(rng, (B, 4 * N), dtype, 2.0)
+    c, h, total, peak = (random(rng, (B, N)) for _ in range(4))
+    lengths, t = tf.constant([0, 3, 4, 9, 3], tf.int32), tf.constant(3, tf.int32)
+    args = (xz, mz, c, h, total, peak, lengths, t)
+    fused, plain = _read_gates(*args, fused=True), _read_gates(*args, fused=False)
+    assert fused[2].dtype == dtype and all(x.dtype == tf.float32 and x.shape == (B, N) for i, x in enumerate(fused)
+                                           if i != 2)
+    for got, want in zip(fused, plain):
+        np.testing.assert_allclose(tf.cast(got, tf.float32), tf.cast(want, tf.float32), atol=TOLERANCE[dtype])
+    stepped = np.array([False, False, True, True, False])
+    for got, before in zip((fused[0], fused[1], fused[3], fused[4]), (c, h, total, peak)):
+        np.testing.assert_array_equal(got.numpy()[~stepped], before.numpy()[~stepped])
+    for got, before in zip((fused[0], fused[1], fused[3]), (c, h, total)):
+        assert not np.isclose(got.numpy()[stepped], before.numpy()[stepped]).all(axis=1).any()  # each row moved
+    value = tf.cast(fused[2], tf.float32).numpy()[stepped]
+    np.testing.assert_array_equal(fused[4].numpy()[stepped], np.maximum(peak.numpy()[stepped], value))
+
+
 def test_wrong_shapes_are_an_error_naming_them():
     with pytest.raises(tf.errors.InvalidArgumentError, match=r"xz must be \[2, >= 16\] and mz \[2, 16\]"):
         kernels.gates(tf.zeros([2, 15]), tf.zeros([2, 16]), tf.zeros([2, 4]))
     with pytest.raises(tf.errors.InvalidArgumentError, match=r"input 3 must be \[2, 24\]"):
         kernels.gates_grad(*[tf.zeros([2, 4])] * 3, tf.zeros([2, 20]))
+    with pytest.raises(tf.errors.InvalidArgumentError, match=r"lengths must be \[2\]"):
+        kernels.read(tf.zeros([2, 16]), tf.zeros([2, 16]), *[tf.zeros([2, 4])] * 4, tf.zeros([3], tf.int32), 0)
     vector = tf.TensorSpec([4], tf.float32)  # caught when a graph is built, before any kernel runs
     with pytest.raises(ValueError, match="must be rank 2"):
         tf.function(lambda x: kernels.gates_grad(x, x, x, tf.zeros([1, 24]))).get_concrete_function(vector)

@@ -13,7 +13,7 @@ def sigmoid(x):
     return 1.0 / (1.0 + np.exp(-x))
 
 
-def numpy_lm(model, inputs, h, c, mask=None):
+def numpy_lm(model, inputs, h, c):
     """Reference forward pass: embedding -> mLSTM step by step -> softmax layer logits."""
     rnn = model.rnn
     wx, wh, wmx, wmh = (w.numpy() for w in (rnn.wx, rnn.wh, rnn.wmx, rnn.wmh))
@@ -31,9 +31,6 @@ def numpy_lm(model, inputs, h, c, mask=None):
         i, f, o, u = np.split(x @ wx + m @ wh + b, 4, axis=1)
         c_new = sigmoid(f) * c + sigmoid(i) * np.tanh(u)
         h_new = sigmoid(o) * np.tanh(c_new)
-        if mask is not None:
-            keep = mask[:, t:t + 1]
-            c_new, h_new = np.where(keep, c_new, c), np.where(keep, h_new, h)
         h, c = h_new, c_new
         logits.append(h @ kernel + bias)
     return np.stack(logits, 1), h, c
@@ -58,19 +55,27 @@ def test_forward_matches_numpy_reference(weight_norm):
     np.testing.assert_allclose(c.numpy(), ref_c, rtol=1e-4, atol=1e-5)
 
 
-def test_mask_freezes_state_after_each_rows_last_step():
+@pytest.mark.parametrize("fused", [True, False])
+def test_read_equals_the_reference_over_each_rows_own_length(fused):
+    """Featurising: each row reads its first lengths[b] bytes, and (h, c, sum, max) are those of exactly
+    those bytes, gathered on top of the values passed in (a text read in pieces)."""
     tf.keras.utils.set_random_seed(1)
     model = build_model(ModelConfig(hidden_size=16, embed_size=8))
     rng = np.random.default_rng(1)
     inputs = rng.integers(0, 256, size=(3, 6))
-    mask = np.array([[1] * 6, [1] * 3 + [0] * 3, [1] + [0] * 5], dtype=bool)
-    zero = np.zeros((3, 16), np.float32)
-    _, (h, c) = model(tf.constant(inputs), (zero, zero), mask=tf.constant(mask))
-    _, ref_h, ref_c = numpy_lm(model, inputs, zero, zero, mask)
-    np.testing.assert_allclose(c.numpy(), ref_c, rtol=1e-4, atol=1e-5)
-    # Row 1's final state is its state after 3 bytes, exactly as if fed only those bytes.
-    _, (h3, _) = model(tf.constant(inputs[1:2, :3]), (zero[:1], zero[:1]))
-    np.testing.assert_allclose(h.numpy()[1], h3.numpy()[0], rtol=1e-5, atol=1e-6)
+    lengths = np.array([6, 3, 1])
+    h0, c0 = random_state(rng, 3, 16)
+    total0, peak0 = random_state(rng, 3, 16)
+    h, c, total, peak = model.rnn.read(model.embed(inputs), h0, c0, total0, peak0, lengths, fused=fused)
+    for row, length in enumerate(lengths):
+        ref_h, ref_c, hs = h0[row:row + 1], c0[row:row + 1], []
+        for t in range(length):
+            _, ref_h, ref_c = numpy_lm(model, inputs[row:row + 1, t:t + 1], ref_h, ref_c)
+            hs.append(ref_h[0])
+        np.testing.assert_allclose(h.numpy()[row], ref_h[0], rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(c.numpy()[row], ref_c[0], rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(total.numpy()[row], total0[row] + np.sum(hs, 0), rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(peak.numpy()[row], np.max([peak0[row], *hs], 0), rtol=1e-4, atol=1e-5)
 
 
 def test_gradients_match_finite_differences():

@@ -244,8 +244,8 @@ def test_the_graph_uses_no_fused_kernel(model_dir, fused_kernels):
     TensorFlow's own ops: a SavedModel's user has no kernel library."""
     featurizer = Featurizer(model_dir)
     model = featurizer.model
-    x, state, mask = tf.zeros([1, 4], tf.int32), model.zero_state(1), tf.ones([1, 4], tf.bool)
-    featurised = graph_ops(tf.function(lambda: model.rnn(model.embed(x), state, mask=mask)))
+    x, state, lengths = tf.zeros([1, 4], tf.int32), model.zero_state(1), tf.constant([4])
+    featurised = graph_ops(tf.function(lambda: model.rnn.read(model.embed(x), *state, *state, lengths)))
     assert {op for op in featurised if op.startswith("Mlstm")}  # what the check below would find
     module = ServingModel(model, classifier_for(2, "final_cell", featurizer.transform(SERVED[:3])))
     served = graph_ops(module.classify)

@@ -85,8 +85,8 @@ def define_flags(flag_values: flags.FlagValues = FLAGS) -> None:
                       flag_values=flag_values)
     flags.DEFINE_list("inference_chunks", ["256"], "--inference: bytes per chunk (the featuriser's chunk).",
                       flag_values=flag_values)
-    flags.DEFINE_list("inference_window_batches", ["16"], "--inference: batches' worth of texts sorted by length "
-                      "together (1: no sorting across batches).", flag_values=flag_values)
+    flags.DEFINE_list("inference_window_batches", ["16"], "--inference: batches' worth of texts read together, longest "
+                      "first (1: each batch's texts on their own).", flag_values=flag_values)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,10 +1,10 @@
 """Featurisation throughput against the forward matmul limit, as step.py does for training updates.
 
 The project's one featuriser (inference.Featurizer) reads a file's texts at each shape asked for:
-a batch size, a chunk length and a sorting window (batches per window; 1 = no sorting across
-batches). Each reading reports texts/s, chars/s (the bytes the model read, padding excluded), the
-share of computed positions that were padding, and the forward FLOP rate against the chained
-matmul limit of the same dtype and batch (step.matmul_rate), read before and after the runs with
+a batch size, a chunk length (the longest piece) and a window (batches' worth of texts read
+together, longest first). Each reading reports texts/s, chars/s (the bytes the model read, padding
+excluded), the share of computed positions that were padding, and the forward FLOP rate against the
+chained matmul limit of the same dtype and batch (step.matmul_rate), read before and after the runs with
 the faster reading kept, as step.py keeps it.
 
 FLOPs per character are the forward pass's matmuls the featuriser runs: model.flops_per_char's
@@ -31,7 +31,7 @@ from horovod_mlstm.model import PRECISIONS, VOCAB_SIZE, ModelConfig, build_model
 
 @dataclasses.dataclass(frozen=True)
 class Shape:
-    """How the featuriser batches: rows per batch, bytes per chunk, batches sorted together."""
+    """How the featuriser batches: rows per batch, bytes per piece at most, batches' worth of texts per window."""
 
     batch_size: int
     chunk: int
@@ -61,18 +61,16 @@ def random_model_dir(parent: str, hidden: int, precision: str) -> str:
 
 
 def count_positions(featurizer: Featurizer) -> list[int]:
-    """Wraps the featuriser's piece steps (masked and not) so that they add every position they compute
-    (real bytes and padding) to the returned one-item list: the padding share is then what ran, not a
-    recount."""
+    """Wraps the featuriser's piece step so that it adds every position it computes (real bytes and
+    padding) to the returned one-item list: the padding share is then what ran, not a recount."""
     counted = [0]
+    read_piece = featurizer._piece
 
-    def counting(read_piece):
-        def read(x, *state):
-            counted[0] += x.size
-            return read_piece(x, *state)
-        return read
+    def read(x, *state):
+        counted[0] += x.size
+        return read_piece(x, *state)
 
-    featurizer._step, featurizer._step_masked = counting(featurizer._step), counting(featurizer._step_masked)
+    featurizer._piece = read
     return counted
 
 
