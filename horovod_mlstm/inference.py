@@ -25,10 +25,13 @@ from horovod_mlstm.records import DOC_END, clean
 READOUTS = ("final_cell", "final_hidden", "mean_hidden", "max_hidden")
 AUTO = "auto"  # transfer: every readout, the one best on validation kept
 WINDOW_BATCHES = 16  # texts read as one window: this many batches' worth
-# A piece ends where the first of its rows' texts ends, so no row pads, unless that is sooner than this:
-# a piece call costs about as much as a few steps of a small model (TensorFlow's call, the input
-# projection, the state copies), so rows that end sooner pad instead.
+# A piece ends where the first of its rows' texts ends, so no row pads, unless that is sooner than
+# MIN_PIECE bytes or PAD_SHARE of the shortest text in the batch: a piece call costs about six steps of
+# a 512-unit model (TensorFlow's call, the input projection, the loop's start), so rows that end
+# sooner pad instead. Measured at hidden 512 (docs/PERFORMANCE.md): SST sentences ran fastest with
+# pieces of 8 bytes or more, IMDB reviews with 64 or more.
 MIN_PIECE = 8
+PAD_SHARE = 1 / 16
 
 
 def load_trained_model(model_dir: str) -> LanguageModel:
@@ -88,8 +91,9 @@ class Featurizer:
 
     A window's texts are read longest first, `batch_size` rows at a time: each row holds one text,
     read in pieces with its state carried, and takes the next text once its own has ended, its state
-    zeroed. A piece runs to where the first row's text ends (at least MIN_PIECE, at most `chunk`
-    bytes); a row whose text ends sooner reads padding that changes nothing (model.MLSTM.read).
+    zeroed. A piece runs to where the first row's text ends (at least MIN_PIECE bytes or PAD_SHARE of
+    the batch's shortest text, at most `chunk`); a row whose text ends sooner reads padding that changes
+    nothing (model.MLSTM.read).
     Longest first makes the batch drain on the short texts at the window's end.
     """
 
@@ -152,7 +156,7 @@ class Featurizer:
                 if not len(text):
                     return out
             left = lengths[text] - done
-            size = int(min(self.chunk, max(left.min(), MIN_PIECE), left.max()))
+            size = int(min(self.chunk, max(left.min(), MIN_PIECE, PAD_SHARE * lengths[text].min()), left.max()))
             take = np.minimum(left, size)
             positions = np.arange(size)[None, :]
             x = np.where(positions < take[:, None],
