@@ -20,7 +20,9 @@ from horovod_mlstm import modeldir
 from horovod_mlstm.model import LanguageModel
 from horovod_mlstm.records import DOC_END, clean
 
-READOUTS = ("final_cell", "final_hidden", "mean_hidden", "max_hidden")
+READOUTS = ("final_cell", "final_hidden", "mean_hidden", "max_hidden", "concat_hidden")
+CONCAT = "concat_hidden"  # the three hidden-state readouts side by side, [texts, 3 x hidden]
+CONCAT_PARTS = ("final_hidden", "mean_hidden", "max_hidden")  # its parts, in its order
 AUTO = "auto"  # transfer: every readout, the one best on validation kept
 WINDOW_BATCHES = 16  # texts sorted by length together: this many batches' worth
 
@@ -65,8 +67,9 @@ def define_featurizer_flags(fitting: bool) -> None:
                       "project: cleaned like training documents, after a document end; radford: OpenAI's "
                       "encoder (HTML-unescaped, newlines to spaces, stripped, framed as '\\n ' + text + ' ').")
     flags.DEFINE_enum("readout", AUTO if fitting else None, [*READOUTS, AUTO] if fitting else list(READOUTS),
-                      "Feature of a text: the final cell or hidden state, or the mean or max of the hidden "
-                      "states over its bytes" + ("; auto: each of them fitted, the one with the best validation "
+                      "Feature of a text: the final cell or hidden state, the mean or max of the hidden "
+                      "states over its bytes, or concat_hidden: final, mean and max hidden side by side (3 x "
+                      "hidden units)" + ("; auto: each of them fitted, the one with the best validation "
                                                  "accuracy kept." if fitting else "."))
 
 
@@ -136,7 +139,7 @@ class Featurizer:
         flat = np.frombuffer(b"".join(encoded[i] for i in order), np.uint8)
         starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
         n = self.model.config.hidden_size
-        out = {r: np.empty([len(encoded), n], np.float32) for r in READOUTS}
+        out = {r: np.empty([len(encoded), readout_width(r, n)], np.float32) for r in READOUTS}
         h, c = self.model.zero_state(len(encoded))
         total, peak = tf.zeros([len(encoded), n]), tf.fill([len(encoded), n], -np.inf)
         first = 0  # rows [0, first) of the sorted batch have ended and left it
@@ -159,14 +162,15 @@ class Featurizer:
 
     def stream(self, texts: Iterable[str], readouts: Collection[str] = READOUTS,
                progress: Callable[[int], None] | None = None) -> Iterator[dict[str, np.ndarray]]:
-        """{readout: [texts in the window, hidden] float32} for each window of texts, in input order.
+        """{readout: [texts in the window, readout_width] float32} for each window of texts, in input order.
 
         `progress(n)` is called after each batch of n texts.
         """
         for window in windows(texts, self.window):
             encoded = [encode(t, self.text_prep) for t in window]
             order = np.argsort([len(e) for e in encoded], kind="stable")
-            out = {r: np.empty([len(window), self.model.config.hidden_size], np.float32) for r in readouts}
+            out = {r: np.empty([len(window), readout_width(r, self.model.config.hidden_size)], np.float32)
+                   for r in readouts}
             for first in range(0, len(order), self.batch_size):
                 rows = order[first:first + self.batch_size]
                 batch = self._batch([encoded[i] for i in rows])
@@ -178,9 +182,10 @@ class Featurizer:
 
     def transform_all(self, texts: Collection[str], progress: Callable[[int], None] | None = None,
                       readouts: Collection[str] = READOUTS) -> dict[str, np.ndarray]:
-        """{readout: [len(texts), hidden] float32} for the given readouts (every one by default), from one
+        """{readout: [len(texts), readout_width] float32} for the given readouts (every one by default), from one
         pass over TEXTS (any collection that can be iterated, e.g. a list or a file's column)."""
-        out = {r: np.empty([len(texts), self.model.config.hidden_size], np.float32) for r in readouts}
+        out = {r: np.empty([len(texts), readout_width(r, self.model.config.hidden_size)], np.float32)
+               for r in readouts}
         done = 0
         for part in self.stream(texts, readouts, progress):
             size = len(next(iter(part.values())))
@@ -192,7 +197,7 @@ class Featurizer:
         return out
 
     def transform(self, texts: Collection[str], progress: Callable[[int], None] | None = None) -> np.ndarray:
-        """[len(texts), hidden] float32 features of this featuriser's readout."""
+        """[len(texts), readout_width] float32 features of this featuriser's readout."""
         return self.transform_all(texts, progress, (self.readout,))[self.readout]
 
 
@@ -200,3 +205,9 @@ def _store(out: dict[str, np.ndarray], rows: np.ndarray, lengths: np.ndarray, h,
     """Every readout of ended texts into OUT's ROWS."""
     out["final_cell"][rows], out["final_hidden"][rows], out["max_hidden"][rows] = c.numpy(), h.numpy(), peak.numpy()
     out["mean_hidden"][rows] = total.numpy() / lengths[:, None].astype(np.float32)
+    out[CONCAT][rows] = np.concatenate([out[part][rows] for part in CONCAT_PARTS], axis=1)
+
+
+def readout_width(readout: str, hidden: int) -> int:
+    """Units of a readout of a model with HIDDEN units: 3 x hidden for concat_hidden, else hidden."""
+    return len(CONCAT_PARTS) * hidden if readout == CONCAT else hidden
