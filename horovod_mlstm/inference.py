@@ -70,7 +70,7 @@ def define_featurizer_flags(fitting: bool) -> None:
                       "Feature of a text: the final cell or hidden state, the mean or max of the hidden "
                       "states over its bytes, or concat_hidden: final, mean and max hidden side by side (3 x "
                       "hidden units)" + ("; auto: each of them fitted, the one with the best validation "
-                                                 "accuracy kept." if fitting else "."))
+                                         "accuracy kept." if fitting else "."))
 
 
 def windows(items: Iterable, size: int) -> Iterator[list]:
