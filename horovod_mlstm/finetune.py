@@ -3,17 +3,18 @@
     python -m horovod_mlstm.finetune --model_dir PRETRAINED --output_dir OUT \
         --train train.csv --val dev.csv --test test.csv [--text_column sentence --label_column label] \
         [--imdb_dir D instead: the transfer suite's seeded IMDB subsample] [--text_prep project|radford] \
-        [--readout mean_hidden] [--aux_lm_weight 0.5] [--pretrained_lr_multiplier 0.1] ...
+        [--readout mean_hidden|max_hidden|final_hidden|concat_hidden] [--aux_lm_weight 0.5] \
+        [--pretrained_lr_multiplier 0.1] ...
     horovodrun -np 2 -H localhost:2 python -m horovod_mlstm.finetune ...      # same result, data parallel
 
 Where the linear probe (transfer.py) fits a classifier on frozen features, this trains every weight
 (Howard & Ruder 2018; NVIDIA's sentiment-discovery): a linear head over a pooled readout of the
-hidden states (the final one, their mean or their max over the text's bytes), with dropout, on top
-of the pretrained mLSTM, whose weights learn at --pretrained_lr_multiplier times the head's rate.
-An auxiliary next-byte loss on the same texts, weighted by --aux_lm_weight (0 = off), keeps the
-language model in the objective. Validation accuracy after each epoch (or --eval_every steps) keeps
-the best model and stops the job after --patience evaluations without a better one; the test set is
-scored once, at the end, with the kept model.
+hidden states (the final one, their mean or their max over the text's bytes, or the three side by
+side), with dropout, on top of the pretrained mLSTM, whose weights learn at --pretrained_lr_multiplier
+times the head's rate. An auxiliary next-byte loss on the same texts, weighted by --aux_lm_weight
+(0 = off), keeps the language model in the objective. Validation accuracy after each epoch (or
+--eval_every steps) keeps the best model and stops the job after --patience evaluations without a
+better one; the test set is scored once, at the end, with the kept model.
 
 Output, so that classify applies the result like a transfer classifier:
     OUT/model/                   the kept fine-tuned mLSTM, a model dir (modeldir.write_model)
@@ -59,14 +60,14 @@ from horovod_mlstm import files, kernels, modeldir, stopping
 from horovod_mlstm.checkpoint import CheckpointError, Checkpointer
 from horovod_mlstm.classifier import Classifier
 from horovod_mlstm.flags import AT_LEAST_1, NON_NEGATIVE, POSITIVE, CommonConfig, define, precision_setting, setting
-from horovod_mlstm.inference import TEXT_PREPS, Featurizer, encode
+from horovod_mlstm.inference import CONCAT, CONCAT_PARTS, TEXT_PREPS, Featurizer, encode, readout_width
 from horovod_mlstm.metrics import xent
 from horovod_mlstm.schedule import DECAYS, WarmupDecaySchedule
 from horovod_mlstm.stopping import StopRequest
 from horovod_mlstm.tasks import Split, Task, csv_task, load_imdb
 from horovod_mlstm.update import make_update
 
-HEAD_READOUTS = ("mean_hidden", "max_hidden", "final_hidden")  # inference.READOUTS the hidden states give
+HEAD_READOUTS = ("mean_hidden", "max_hidden", "final_hidden", CONCAT)  # inference.READOUTS the hidden states give
 POOL_BATCHES = 50  # texts sorted by length together: this many global batches' worth
 SETTINGS = "settings.json"
 RUN_CONTROL = ("intra_op_threads", "inter_op_threads", "cycle_time_ms", "log_every", "checkpoint_every",
@@ -103,7 +104,8 @@ class FinetuneConfig(CommonConfig):
                              "validation, test and classify read whole texts.", AT_LEAST_1)
     # The head and the objective.
     readout: str = setting("mean_hidden", "What the head reads: the mean or max of the hidden states over the "
-                           "text's bytes, or the last one.", choices=HEAD_READOUTS)
+                           "text's bytes, the last one, or concat_hidden: the last, mean and max side by side "
+                           "(3 x hidden units).", choices=HEAD_READOUTS)
     dropout: float = setting(0.1, "Dropout on the readout, in [0, 1).", NON_NEGATIVE)
     aux_lm_weight: float = setting(0.0, "Weight of the auxiliary next-byte loss (mean nats per byte of the same "
                                    "texts) added to the classification loss; 0 = off.", NON_NEGATIVE)
@@ -360,9 +362,11 @@ def rank_batch(texts: TrainingTexts, indices: np.ndarray, step: int, first_row: 
 # ---------------------------------------------------------------- the model with its head
 
 def pool(hs: tf.Tensor, lengths: tf.Tensor, readout: str) -> tf.Tensor:
-    """The readout of hidden states [B, T, n] over each row's first LENGTHS steps, float32 [B, n]: what
-    inference.Featurizer gives for texts of those bytes."""
+    """The readout of hidden states [B, T, n] over each row's first LENGTHS steps, float32 [B, n] ([B, 3n]
+    for concat_hidden): what inference.Featurizer gives for texts of those bytes."""
     hs = tf.cast(hs, tf.float32)
+    if readout == CONCAT:
+        return tf.concat([pool(hs, lengths, part) for part in CONCAT_PARTS], axis=1)
     if readout == "final_hidden":
         return tf.gather(hs, lengths - 1, axis=1, batch_dims=1)
     real = (tf.range(tf.shape(hs)[1])[None, :] < lengths[:, None])[:, :, None]
@@ -383,11 +387,11 @@ class FineTuner:
 
     def __init__(self, model, classes: int, cfg: FinetuneConfig):
         self.model, self.cfg = model, cfg
-        n = model.config.hidden_size
+        width = readout_width(cfg.readout, model.config.hidden_size)  # the other readouts' runs restore as before
         self.head = tf.keras.layers.Dense(classes, dtype="float32", kernel_initializer="zeros", name="head")
-        self.head.build([None, n])
-        self.mean = tf.Variable(tf.zeros([n]), trainable=False, name="feature_mean")
-        self.scale = tf.Variable(tf.ones([n]), trainable=False, name="feature_scale")
+        self.head.build([None, width])
+        self.mean = tf.Variable(tf.zeros([width]), trainable=False, name="feature_mean")
+        self.scale = tf.Variable(tf.ones([width]), trainable=False, name="feature_scale")
         # The softmax layer takes part only through the auxiliary loss: without it, it gets no gradient.
         layers = [model.embed, model.rnn] + ([model.out] if cfg.aux_lm_weight else [])
         self.pretrained_variables = [v for layer in layers for v in layer.trainable_variables]
@@ -399,7 +403,7 @@ class FineTuner:
         return self.model.rnn(self.model.embed(inputs), self.model.zero_state(tf.shape(inputs)[0]))[0]
 
     def features(self, inputs, lengths):
-        """The readout [B, n] of texts padded at their end, before standardising."""
+        """The readout [B, width] of texts padded at their end, before standardising."""
         return pool(self.hidden(inputs), lengths, self.cfg.readout)
 
     def classify(self, features):
@@ -415,8 +419,7 @@ class FineTuner:
         under the current weights: one pass, each rank reading its rows of the first epoch's batches (a
         collective). A unit that does not vary keeps scale 1, as scikit-learn's StandardScaler does."""
         features = tf.function(self.features, reduce_retracing=True)
-        n = self.model.config.hidden_size
-        sums = np.zeros([2, n])
+        sums = np.zeros([2, self.mean.shape[0]])
         for step in range(plan.steps_per_epoch):
             batch = rank_batch(texts, plan.batch(step), step, dist.rank() * rows, rows)
             real = batch["text_weight"].numpy() > 0

@@ -22,7 +22,9 @@ from horovod_mlstm import modeldir
 from horovod_mlstm.model import LanguageModel
 from horovod_mlstm.records import DOC_END, clean
 
-READOUTS = ("final_cell", "final_hidden", "mean_hidden", "max_hidden")
+READOUTS = ("final_cell", "final_hidden", "mean_hidden", "max_hidden", "concat_hidden")
+CONCAT = "concat_hidden"  # the three hidden-state readouts side by side, [texts, 3 x hidden]
+CONCAT_PARTS = ("final_hidden", "mean_hidden", "max_hidden")  # its parts, in its order
 AUTO = "auto"  # transfer: every readout, the one best on validation kept
 WINDOW_BATCHES = 16  # texts read as one window: this many batches' worth
 # A piece ends where the first of its rows' texts ends, so no row pads, unless that is sooner than
@@ -74,9 +76,10 @@ def define_featurizer_flags(fitting: bool) -> None:
                       "project: cleaned like training documents, after a document end; radford: OpenAI's "
                       "encoder (HTML-unescaped, newlines to spaces, stripped, framed as '\\n ' + text + ' ').")
     flags.DEFINE_enum("readout", AUTO if fitting else None, [*READOUTS, AUTO] if fitting else list(READOUTS),
-                      "Feature of a text: the final cell or hidden state, or the mean or max of the hidden "
-                      "states over its bytes" + ("; auto: each of them fitted, the one with the best validation "
-                                                 "accuracy kept." if fitting else "."))
+                      "Feature of a text: the final cell or hidden state, the mean or max of the hidden "
+                      "states over its bytes, or concat_hidden: final, mean and max hidden side by side (3 x "
+                      "hidden units)" + ("; auto: each of them fitted, the one with the best validation "
+                                         "accuracy kept." if fitting else "."))
 
 
 def windows(items: Iterable, size: int) -> Iterator[list]:
@@ -132,14 +135,14 @@ class Featurizer:
 
     def read_window(self, encoded: list[bytes], readouts: Collection[str] = READOUTS,
                     progress: Callable[[int], None] | None = None) -> dict[str, np.ndarray]:
-        """{readout: [len(encoded), hidden]} of encoded texts (none empty), in their order; `progress(k)`
+        """{readout: [len(encoded), readout_width]} of encoded texts (none empty), in their order; `progress(k)`
         after each piece that ends k texts."""
         lengths = np.array([len(e) for e in encoded])
         starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
         flat = np.frombuffer(b"".join(encoded), np.uint8)
         queue = iter(np.argsort(-lengths, kind="stable"))  # longest first
         n = self.model.config.hidden_size
-        out = {r: np.empty([len(encoded), n], np.float32) for r in readouts}
+        out = {r: np.empty([len(encoded), readout_width(r, n)], np.float32) for r in readouts}
         weights = self._weights()  # once per window: the same for every piece
         rows = min(self.batch_size, len(encoded))
         text = np.full(rows, -1)  # the text each row reads (-1: none)
@@ -172,7 +175,7 @@ class Featurizer:
 
     def stream(self, texts: Iterable[str], readouts: Collection[str] = READOUTS,
                progress: Callable[[int], None] | None = None) -> Iterator[dict[str, np.ndarray]]:
-        """{readout: [texts in the window, hidden] float32} for each window of texts, in input order.
+        """{readout: [texts in the window, readout_width] float32} for each window of texts, in input order.
 
         `progress(k)` is called as each k texts are read.
         """
@@ -181,9 +184,10 @@ class Featurizer:
 
     def transform_all(self, texts: Collection[str], progress: Callable[[int], None] | None = None,
                       readouts: Collection[str] = READOUTS) -> dict[str, np.ndarray]:
-        """{readout: [len(texts), hidden] float32} for the given readouts (every one by default), from one
+        """{readout: [len(texts), readout_width] float32} for the given readouts (every one by default), from one
         pass over TEXTS (any collection that can be iterated, e.g. a list or a file's column)."""
-        out = {r: np.empty([len(texts), self.model.config.hidden_size], np.float32) for r in readouts}
+        out = {r: np.empty([len(texts), readout_width(r, self.model.config.hidden_size)], np.float32)
+               for r in readouts}
         done = 0
         for part in self.stream(texts, readouts, progress):
             size = len(next(iter(part.values())))
@@ -195,7 +199,7 @@ class Featurizer:
         return out
 
     def transform(self, texts: Collection[str], progress: Callable[[int], None] | None = None) -> np.ndarray:
-        """[len(texts), hidden] float32 features of this featuriser's readout."""
+        """[len(texts), readout_width] float32 features of this featuriser's readout."""
         return self.transform_all(texts, progress, (self.readout,))[self.readout]
 
 
@@ -203,5 +207,12 @@ def _store(out: dict[str, np.ndarray], rows: np.ndarray, lengths: np.ndarray, h,
     """The readouts OUT holds of ended texts, into its ROWS."""
     values = {"final_cell": c, "final_hidden": h, "max_hidden": peak,
               "mean_hidden": total / lengths[:, None].astype(np.float32)}
+    if CONCAT in out:
+        values[CONCAT] = np.concatenate([values[part] for part in CONCAT_PARTS], axis=1)
     for readout, array in out.items():
         array[rows] = values[readout]
+
+
+def readout_width(readout: str, hidden: int) -> int:
+    """Units of a readout of a model with HIDDEN units: 3 x hidden for concat_hidden, else hidden."""
+    return len(CONCAT_PARTS) * hidden if readout == CONCAT else hidden

@@ -28,7 +28,7 @@ import numpy as np
 import tensorflow as tf
 
 from horovod_mlstm.classifier import Classifier
-from horovod_mlstm.inference import READOUTS, TEXT_PREPS
+from horovod_mlstm.inference import CONCAT, CONCAT_PARTS, READOUTS, TEXT_PREPS, readout_width
 from horovod_mlstm.model import LanguageModel
 from horovod_mlstm.records import _TAG
 
@@ -183,12 +183,12 @@ class _Reader:
         self.model, self.readout, self.batch_size, self.chunk = model, readout, batch_size, chunk
 
     def __call__(self, data: tf.Tensor) -> tf.Tensor:
-        """[N] framed texts (none empty) -> [N, hidden] float32, in input order."""
+        """[N] framed texts (none empty) -> [N, readout_width] float32, in input order."""
         lengths = tf.strings.length(data)
         order = tf.argsort(lengths, stable=True)
         batches = (tf.size(data) + self.batch_size - 1) // self.batch_size
         features = tf.TensorArray(tf.float32, size=batches, infer_shape=False,
-                                  element_shape=[None, self.model.config.hidden_size])
+                                  element_shape=[None, readout_width(self.readout, self.model.config.hidden_size)])
         for i in tf.range(batches):
             rows = order[i * self.batch_size:(i + 1) * self.batch_size]
             features = features.write(i, self._batch(tf.gather(data, rows), tf.gather(lengths, rows)))
@@ -204,8 +204,11 @@ class _Reader:
         for t in tf.range(0, width, self.chunk):
             h, c, total, peak = self.model.rnn.read(self.model.embed(x[:, t:t + self.chunk]), h, c, total, peak,
                                                     tf.clip_by_value(lengths - t, 0, self.chunk), weights, fused=False)
-        return {"final_cell": c, "final_hidden": h, "mean_hidden": total / tf.cast(lengths, tf.float32)[:, None],
-                "max_hidden": peak}[self.readout]
+        readouts = {"final_cell": c, "final_hidden": h, "mean_hidden": total / tf.cast(lengths, tf.float32)[:, None],
+                    "max_hidden": peak}
+        if self.readout == CONCAT:
+            return tf.concat([readouts[part] for part in CONCAT_PARTS], axis=1)
+        return readouts[self.readout]
 
 
 class ServingModel(tf.Module):

@@ -2,20 +2,23 @@
 
     python -m horovod_mlstm.transfer --model_dir M --train train.csv --val dev.csv --test test.csv \
         [--text_column sentence --label_column label] [--text_prep project|radford] \
-        [--readout auto|final_cell|final_hidden|mean_hidden|max_hidden] [--output_dir O] [--features F.npz]
+        [--readout auto|final_cell|final_hidden|mean_hidden|max_hidden|concat_hidden] [--output_dir O] \
+        [--features F.npz]
 
 Each text is featurised by inference.Featurizer, streamed from its file in windows. An
 L1-regularised logistic regression is fit on the standardised training features for each strength C
 on a grid; the C with the best validation accuracy is kept and scored on the test set. --readout
-auto (the default) does that for each of the four readouts (one featurising pass gives all four)
-and keeps the readout with the best validation accuracy, never looking at test. Two classes:
+auto (the default) does that for each of the five readouts (one featurising pass gives them all;
+concat_hidden, final, mean and max hidden side by side, is joined from the other three) and keeps
+the readout with the best validation accuracy, never looking at test. Two classes:
 liblinear, and the unit with the largest |weight| is the candidate "sentiment neuron" (a
 one-feature logistic regression on it alone shows how much it carries). More classes: multinomial
 L1 (saga). Writes O/results.json, O/classifier.{json,npz} (read by classify), and
 O/top_unit_histogram.png (two classes) or O/confusion_matrix.png (more).
 
 The features of every split stay in memory for scikit-learn: texts x hidden float32 per readout
-kept (four with auto), whatever else is streamed.
+kept (three for concat_hidden; seven with auto), whatever else is streamed. --features caches the
+readouts concat_hidden is joined from, not the join.
 """
 
 from __future__ import annotations
@@ -32,7 +35,8 @@ from horovod_mlstm import distributed as dist, features as feature_cache, files
 from horovod_mlstm.checkpoint import CheckpointError
 from horovod_mlstm.classifier import Classifier
 from horovod_mlstm.flags import CommonConfig, define_common
-from horovod_mlstm.inference import AUTO, READOUTS, TEXT_PREPS, Featurizer, define_featurizer_flags, is_empty
+from horovod_mlstm.inference import (AUTO, CONCAT, CONCAT_PARTS, READOUTS, TEXT_PREPS, Featurizer,
+                                     define_featurizer_flags, is_empty)
 from horovod_mlstm.modeldir import IDENTITY_KEYS
 from horovod_mlstm.tasks import SPLITS, Task, csv_task, overlap_warnings
 
@@ -178,23 +182,39 @@ def plot_confusion(matrix: list[list[int]], classes: list[str], path: str) -> No
     plt.close(fig)
 
 
+def stored_readouts(readouts: list[str]) -> list[str]:
+    """The readouts featurised (and cached) for READOUTS: concat_hidden's parts instead of it, so that a
+    --features file of the four plain readouts serves --readout auto as before, and holds no copy."""
+    wanted = {part for r in readouts for part in (CONCAT_PARTS if r == CONCAT else (r,))}
+    return [r for r in READOUTS if r in wanted]
+
+
+def with_readouts(features: dict[str, np.ndarray], readouts: list[str]) -> dict[str, np.ndarray]:
+    """{readout: features} of READOUTS from those of stored_readouts(READOUTS), concat_hidden joined (in
+    inference.CONCAT_PARTS order, as Featurizer joins it)."""
+    return {r: np.concatenate([features[p] for p in CONCAT_PARTS], axis=1) if r == CONCAT else features[r]
+            for r in readouts}
+
+
 def featurise(task: Task, featurizer: Featurizer, readouts: list[str], cache: str):
-    """{split: {readout: features}} of the task's splits, from CACHE when it holds exactly these (else
-    computed, and saved there if CACHE is given), and texts/s (None when cached)."""
+    """{split: {readout: features}} of the task's splits, from CACHE when it holds exactly their stored
+    readouts (else computed, and saved there if CACHE is given), and texts/s (None when cached)."""
     from tqdm import tqdm
 
-    total = sum(len(split.texts) for split in task.splits.values())
+    total, stored = sum(len(split.texts) for split in task.splits.values()), stored_readouts(readouts)
 
     def compute():
         with tqdm(total=total, unit="text", desc="featurising", file=sys.stderr) as bar:
-            return {s: featurizer.transform_all(split.texts, bar.update, readouts) for s, split in task.splits.items()}
+            return {s: featurizer.transform_all(split.texts, bar.update, stored) for s, split in task.splits.items()}
 
     start = time.time()
     if not cache:
-        return compute(), total / max(time.time() - start, 1e-9)
-    key = feature_cache.key(featurizer.identity(), featurizer.text_prep, readouts,
-                            {s: split.source for s, split in task.splits.items()})
-    features, from_cache = feature_cache.cached(cache, key, compute)
+        features, from_cache = compute(), False
+    else:
+        key = feature_cache.key(featurizer.identity(), featurizer.text_prep, stored,
+                                {s: split.source for s, split in task.splits.items()})
+        features, from_cache = feature_cache.cached(cache, key, compute)
+    features = {s: with_readouts(by_readout, readouts) for s, by_readout in features.items()}
     return features, None if from_cache else total / max(time.time() - start, 1e-9)
 
 

@@ -8,7 +8,8 @@ character coloured by one cell unit's value after the model has read it.
 The drawing (horovod_mlstm.heatmap, which generate --heatmap uses too) shows the cleaned text as
 the featuriser reads it. With --results (transfer's results.json or a classifier.json) the unit is
 the classifier's top unit and its sign is flipped if its weight is negative, so that warm always
-means the second (positive) class.
+means the second (positive) class. A classifier on concat_hidden (final, mean and max hidden side by
+side) names a unit of one of the three: the drawn unit is that unit of the model.
 """
 
 from __future__ import annotations
@@ -24,13 +25,14 @@ from horovod_mlstm.checkpoint import CheckpointError
 from horovod_mlstm.records import DOC_END
 from horovod_mlstm.flags import define_common
 from horovod_mlstm.heatmap import HeatmapError, check_length, check_output, encode_text, write_heatmap
-from horovod_mlstm.inference import load_trained_model
+from horovod_mlstm.inference import CONCAT, CONCAT_PARTS, load_trained_model, readout_width
 
 
 def unit_from_results(path: str, model_dir: str, hidden_size: int) -> tuple[int, float]:
     """(unit, sign) from transfer's results.json or a classifier.json (keys top_unit, top_unit_weight).
 
-    The sign is -1 when the weight is negative, so the positive class is drawn warm.
+    The sign is -1 when the weight is negative, so the positive class is drawn warm. A concat_hidden
+    top unit (0..3 x hidden - 1) is the unit of the part it falls in.
     """
     try:
         with open(path) as f:
@@ -49,9 +51,16 @@ def unit_from_results(path: str, model_dir: str, hidden_size: int) -> tuple[int,
     if not isinstance(unit, int) or isinstance(unit, bool) or not isinstance(weight, (int, float)) or not weight:
         raise HeatmapError(f"--results {path}: top_unit {unit!r} / top_unit_weight {weight!r} are not a unit "
                            "index and a non-zero weight")
-    if not 0 <= unit < hidden_size:
-        raise HeatmapError(f"--results {path}: top_unit {unit} is outside this model's 0..{hidden_size - 1} "
+    featurization = results.get("featurization")
+    readout = featurization.get("readout") if isinstance(featurization, dict) else None
+    width = readout_width(readout, hidden_size)
+    if not 0 <= unit < width:
+        raise HeatmapError(f"--results {path}: top_unit {unit} is outside this model's 0..{width - 1} "
                            "(fitted on another model?)")
+    if readout == CONCAT:
+        logging.info("top_unit %d of %s is unit %d of its %s", unit, CONCAT, unit % hidden_size,
+                     CONCAT_PARTS[unit // hidden_size])
+        unit %= hidden_size
     fitted_on = results.get("model_dir")
     if isinstance(fitted_on, str) and os.path.realpath(fitted_on) != os.path.realpath(model_dir):
         logging.warning("--results %s was fitted on model_dir %s, not %s", path, fitted_on, model_dir)

@@ -66,6 +66,7 @@ TASKS = {
     "2 classes, project prep": (lambda stars: "pos" if stars >= 4 else "neg", []),
     "3 classes, radford prep": (lambda stars: {5: "great", 4: "good"}.get(stars, "bad"),
                                 ["--text_prep=radford", "--readout=mean_hidden"]),
+    "2 classes, concat_hidden": (lambda stars: "pos" if stars >= 4 else "neg", ["--readout=concat_hidden"]),
 }
 
 

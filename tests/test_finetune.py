@@ -133,13 +133,43 @@ def test_rank_shares_weigh_each_text_and_byte_by_the_global_count():
 
 
 @pytest.mark.unit
-@pytest.mark.parametrize("readout", ["mean_hidden", "max_hidden", "final_hidden"])
+@pytest.mark.parametrize("readout", ["mean_hidden", "max_hidden", "final_hidden", "concat_hidden"])
 def test_the_readout_of_padded_texts_is_the_featurisers(tmp_path, readout, fused_kernels):
     model = tiny_model()
     x, lengths = padded(TEXTS)
     pooled = pool(model.rnn(model.embed(x), model.zero_state(len(TEXTS)))[0], lengths, readout).numpy()
     featurised = Featurizer("in memory", readout=readout, batch_size=2, chunk=7, model=model).transform(TEXTS)
     np.testing.assert_allclose(pooled, featurised, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.unit
+def test_concat_hidden_is_the_final_mean_and_max_pools_side_by_side_and_the_head_is_as_wide(tmp_path, fused_kernels):
+    dist.init()
+    model = tiny_model(hidden=8)
+    x, lengths = padded(TEXTS)
+    hs = model.rnn(model.embed(x), model.zero_state(len(TEXTS)))[0]
+    parts = [pool(hs, lengths, r).numpy() for r in ("final_hidden", "mean_hidden", "max_hidden")]
+    concat = pool(hs, lengths, "concat_hidden").numpy()
+    assert concat.shape == (len(TEXTS), 24)
+    np.testing.assert_array_equal(concat, np.concatenate(parts, axis=1))
+    # The head, its standardisation and dropout take the readout's width; the other readouts keep n, so
+    # the checkpoints of their runs restore as before.
+    for readout in ("mean_hidden", "max_hidden", "final_hidden"):
+        tuner = FineTuner(model, 2, config(tmp_path, readout=readout))
+        assert tuner.head.kernel.shape == (8, 2) and tuner.mean.shape == tuner.scale.shape == (8,)
+    labels = np.array([1, 0, 0, 1, 0])
+    texts = TrainingTexts.of(Split("", TEXTS, labels, {}), "project", max_bytes=30)
+    tuner = FineTuner(model, 3, config(tmp_path, readout="concat_hidden", global_batch=5, dropout=0.5))
+    assert tuner.head.kernel.shape == (24, 3) and tuner.mean.shape == tuner.scale.shape == (24,)
+    tuner.standardise(texts, BatchPlan(texts.lengths, 5, seed=0), rows=5)
+    features = np.concatenate([tuner.features(*padded_bytes([e])).numpy() for e in texts.encoded])
+    np.testing.assert_allclose(tuner.mean.numpy(), features.mean(axis=0), rtol=1e-4, atol=1e-6)
+    loss, _ = tuner.loss(**rank_batch(texts, np.arange(5), step=0, first_row=0, rows=5))  # 24-wide dropout masks
+    assert np.isfinite(float(loss))
+    tuner.head.set_weights([np.random.default_rng(0).normal(size=(24, 3)), np.zeros(3)])
+    classifier = tuner.classifier(["a", "b", "c"], {})
+    assert classifier.coef.shape == (3, 24) and classifier.mean.shape == (24,)
+    np.testing.assert_allclose(classifier.predict_proba(features), tf.nn.softmax(tuner.classify(features)), atol=1e-6)
 
 
 @pytest.mark.unit
@@ -289,9 +319,11 @@ def straight(tmp_path_factory, task_files, lm_dir):
 
 
 @pytest.mark.cli
-def test_classify_and_the_python_api_reproduce_the_fine_tuned_models_test_predictions(tmp_path, task_files, lm_dir):
+@pytest.mark.parametrize("readout", ["max_hidden", "concat_hidden"])
+def test_classify_and_the_python_api_reproduce_the_fine_tuned_models_test_predictions(tmp_path, task_files, lm_dir,
+                                                                                      readout):
     out = tmp_path / "out"
-    proc = python(*finetune_args(task_files, lm_dir, out, "--max_epochs=1", "--readout=max_hidden",
+    proc = python(*finetune_args(task_files, lm_dir, out, "--max_epochs=1", f"--readout={readout}",
                                  "--max_bytes=64"), check=True)
     summary = json.loads((out / "summary.json").read_text())
     assert summary["best_step"] == summary["final_step"] == 12 and summary["training_texts_cut"] > 0
@@ -306,7 +338,7 @@ def test_classify_and_the_python_api_reproduce_the_fine_tuned_models_test_predic
 
     # The fine-tuned model and head of the last step (the one kept: the only validation), in process.
     model, _ = modeldir.load(str(lm_dir))
-    tuner = FineTuner(model, 2, config(tmp_path, readout="max_hidden"))
+    tuner = FineTuner(model, 2, config(tmp_path, readout=readout))
     Checkpointer(str(out), writer=False, model=model, head=tuner.head, feature_mean=tuner.mean,
                  feature_scale=tuner.scale).restore(expect_partial=True)
     assert not np.allclose(model.rnn.wx.numpy(), modeldir.load(str(lm_dir))[0].rnn.wx.numpy())  # it was trained
@@ -314,6 +346,8 @@ def test_classify_and_the_python_api_reproduce_the_fine_tuned_models_test_predic
 
     # The Python API, as for a transfer classifier.
     classifier = Classifier.load(str(out))
+    assert classifier.featurization["readout"] == readout
+    assert classifier.coef.shape == (1, 72 if readout == "concat_hidden" else 24)  # a 24-unit model
     featurizer = Featurizer(str(out / "model"), **classifier.featurization)
     classifier.check(featurizer)
     np.testing.assert_allclose(classifier.predict_proba(featurizer.transform(texts)), expected, atol=1e-5)

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from horovod_mlstm.inference import MIN_PIECE, READOUTS, Featurizer, encode, is_empty, load_trained_model
+from horovod_mlstm.inference import MIN_PIECE, READOUTS, Featurizer, encode, is_empty, load_trained_model, readout_width
 
 pytestmark = pytest.mark.unit
 
@@ -19,7 +19,7 @@ def read_alone(model, data: bytes) -> dict:
     hs, (h, c) = model.rnn(model.embed(x), model.zero_state(1))
     hs = hs.numpy()[0]
     return {"final_cell": c.numpy()[0], "final_hidden": h.numpy()[0], "mean_hidden": hs.mean(0),
-            "max_hidden": hs.max(0)}
+            "max_hidden": hs.max(0), "concat_hidden": np.concatenate([h.numpy()[0], hs.mean(0), hs.max(0)])}
 
 
 @pytest.mark.parametrize("text_prep", ["project", "radford"])
@@ -31,11 +31,26 @@ def test_batched_masked_features_equal_one_text_at_a_time(tiny_model_dir, text_p
     expected = [read_alone(model, encode(t, text_prep)) for t in TEXTS]
     for readout, featurizer in featurizers.items():
         features = featurizer.transform(TEXTS)
-        assert features.shape == (len(TEXTS), 32) and features.dtype == np.float32
+        assert features.shape == (len(TEXTS), readout_width(readout, 32)) and features.dtype == np.float32
         for row, alone in zip(features, expected):
             np.testing.assert_allclose(row, alone[readout], rtol=1e-4, atol=1e-5, err_msg=readout)
     # The readouts differ (padding never leaks into a mean or max: each row matched its own text above).
     assert not np.allclose(featurizers["mean_hidden"].transform(TEXTS), featurizers["max_hidden"].transform(TEXTS))
+
+
+def test_concat_hidden_is_final_mean_and_max_hidden_side_by_side(tiny_model_dir):
+    featurizer = Featurizer(str(tiny_model_dir), readout="concat_hidden", batch_size=3, chunk=7)
+    featurizer.window = 4
+    concat = featurizer.transform(TEXTS)
+    every = featurizer.transform_all(TEXTS)
+    assert concat.shape == (len(TEXTS), 96) and readout_width("concat_hidden", 32) == 96
+    assert readout_width("final_cell", 32) == readout_width("max_hidden", 32) == 32
+    np.testing.assert_array_equal(concat, np.concatenate([every[r] for r in ("final_hidden", "mean_hidden",
+                                                                             "max_hidden")], axis=1))
+    np.testing.assert_array_equal(every["concat_hidden"], concat)
+    window = next(featurizer.stream(TEXTS, readouts=["concat_hidden", "final_cell"]))
+    assert window["concat_hidden"].shape == (4, 96) and window["final_cell"].shape == (4, 32)
+    np.testing.assert_array_equal(window["concat_hidden"], concat[:4])
 
 
 def test_text_preps_frame_texts_as_documented():

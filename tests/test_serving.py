@@ -190,7 +190,8 @@ def classifier_for(classes: int, readout: str, features: np.ndarray, text_prep: 
     """Random weights over features standardised as transfer standardises them, so probabilities spread."""
     rng = np.random.default_rng(classes)
     rows = 1 if classes == 2 else classes
-    return Classifier([f"class {i}" for i in range(classes)], rng.normal(size=(rows, 16)), rng.normal(size=rows),
+    return Classifier([f"class {i}" for i in range(classes)], rng.normal(size=(rows, features.shape[1])),
+                      rng.normal(size=rows),
                       features.mean(axis=0), features.std(axis=0) + 1e-3,
                       {"featurization": {"text_prep": text_prep, "readout": readout}})
 
@@ -200,7 +201,7 @@ SERVED = ["Five stars &amp; a <b>great</b> sound", "", "Broke &notit; in a week.
           "long review " * 60, "ok", "&#128; &#x110000; Tab\there", "x" * 3]
 
 
-@pytest.mark.parametrize(("readout", "classes"), zip(READOUTS, [2, 3, 2, 3]))
+@pytest.mark.parametrize(("readout", "classes"), zip(READOUTS, [2, 3, 2, 3, 3], strict=True))
 def test_probabilities_equal_classify_in_python(model_dir, fused_kernels, classes, readout):
     featurizer = Featurizer(model_dir, "project", readout, batch_size=2, chunk=16)
     kept = [t for t in SERVED if not is_empty(t)]
@@ -211,6 +212,7 @@ def test_probabilities_equal_classify_in_python(model_dir, fused_kernels, classe
     module = ServingModel(featurizer.model, classifier, batch_size=2, chunk=16)
     served = module.classify(tf.constant(SERVED))
     probabilities, labels = served["probabilities"].numpy(), served["label"].numpy()
+    assert features.shape[1] == (48 if readout == "concat_hidden" else 16)  # a 16-unit model
     assert probabilities.shape == (len(SERVED), classes) and probabilities.dtype == np.float32
     rows = [i for i, t in enumerate(SERVED) if not is_empty(t)]
     np.testing.assert_allclose(probabilities[rows], expected, atol=1e-6)

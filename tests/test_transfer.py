@@ -12,10 +12,12 @@ import pytest
 from conftest import last_line, python
 from horovod_mlstm import corpus, features as feature_cache
 from horovod_mlstm.classifier import Classifier
-from horovod_mlstm.inference import READOUTS
+from horovod_mlstm.inference import READOUTS, Featurizer
 from horovod_mlstm.tasks import SPLITS, read_labelled
 from horovod_mlstm.textfiles import InputError
-from horovod_mlstm.transfer import fit, fit_readouts, tfidf_baseline
+from horovod_mlstm.transfer import fit, fit_readouts, stored_readouts, tfidf_baseline, with_readouts
+
+PLAIN = [r for r in READOUTS if r != "concat_hidden"]  # what a --features file holds for --readout auto
 
 
 def planted(classes: int, unit: int = 17, seed: int = 0):
@@ -85,6 +87,20 @@ def test_readout_and_c_are_chosen_on_val_never_on_test():
     # One readout alone (an explicit --readout) is the only choice.
     fits, chosen = fit_readouts({s: {"mean_hidden": f["mean_hidden"]} for s, f in features.items()}, labels, ["0", "1"])
     assert list(fits) == ["mean_hidden"] and chosen == "mean_hidden"
+
+
+@pytest.mark.unit
+def test_concat_hidden_is_joined_from_its_parts_which_are_what_is_featurised():
+    assert stored_readouts(list(READOUTS)) == PLAIN == ["final_cell", "final_hidden", "mean_hidden", "max_hidden"]
+    assert stored_readouts(["concat_hidden"]) == ["final_hidden", "mean_hidden", "max_hidden"]
+    assert stored_readouts(["max_hidden", "concat_hidden", "final_cell"]) == PLAIN
+    assert stored_readouts(["mean_hidden"]) == ["mean_hidden"]
+    parts = {r: np.full((2, 3), i, np.float32) for i, r in enumerate(PLAIN)}
+    joined = with_readouts(parts, ["concat_hidden"])
+    assert list(joined) == ["concat_hidden"]  # the parts not asked for are not fitted
+    np.testing.assert_array_equal(joined["concat_hidden"], [[1] * 3 + [2] * 3 + [3] * 3] * 2)
+    every = with_readouts(parts, list(READOUTS))
+    assert list(every) == list(READOUTS) and every["final_cell"] is parts["final_cell"]
 
 
 @pytest.mark.unit
@@ -237,7 +253,8 @@ def test_cli_binary_and_the_features_cache(tmp_path, tiny_model_dir):
     proc = transfer(tiny_model_dir, paths, out, f"--features={cache}", check=True)
     results = json.loads((out / "results.json").read_text())
     assert 0.0 <= results["test_accuracy"] <= 1.0 and results["sizes"] == {"train": 60, "val": 60, "test": 60}
-    assert 0 <= results["top_unit"] < results["units_total"] == 32 and results["labels"] == ["neg", "pos"]
+    width = 96 if results["featurization"]["readout"] == "concat_hidden" else 32  # 3 x 32 units side by side
+    assert 0 <= results["top_unit"] < results["units_total"] == width and results["labels"] == ["neg", "pos"]
     assert results["empty_texts"] == {"train": 0, "val": 0, "test": 0} and results["checkpoint"] == "ckpt-20"
     assert (out / "top_unit_histogram.png").read_bytes()[:4] == b"\x89PNG"
     assert "test accuracy" in proc.stdout and "texts/s" in proc.stdout
@@ -252,7 +269,9 @@ def test_cli_binary_and_the_features_cache(tmp_path, tiny_model_dir):
     assert saved["featurization"] == {"text_prep": "project", "readout": chosen} and saved["readout_asked"] == "auto"
     assert saved["top_unit"] == results["top_unit"] and saved["top_unit_weight"] == results["top_unit_weight"]
     assert saved["checkpoint"]["checkpoint"] == "ckpt-20" and len(saved["checkpoint"]["index_sha256"]) == 64
-    assert {f"{s}/{r}" for s in SPLITS for r in READOUTS} <= set(np.load(cache).files)
+    # The cache holds the plain readouts (concat_hidden is joined from them): the same entry as before it existed.
+    assert set(np.load(cache).files) == {"key"} | {f"{s}/{r}" for s in SPLITS for r in PLAIN}
+    assert json.loads(str(np.load(cache)["key"]))["readouts"] == sorted(PLAIN)
     assert np.load(cache)["test/final_cell"].shape == (60, 32)
 
     # Same inputs: the cache is reused and gives the same result.
@@ -267,6 +286,30 @@ def test_cli_binary_and_the_features_cache(tmp_path, tiny_model_dir):
     results = json.loads((out / "results.json").read_text())
     assert results["sizes"]["test"] == 10 and results["featurization"]["text_prep"] == "radford"
     assert np.load(cache)["test/mean_hidden"].shape == (10, 32)
+
+
+@pytest.mark.cli
+def test_cli_concat_hidden_classifier_applies_as_fitted(tmp_path, tiny_model_dir):
+    paths = review_csvs(tmp_path, 60, lambda r: "pos" if r["overall"] >= 4 else "neg")
+    out, cache = tmp_path / "out", tmp_path / "f.npz"
+    transfer(tiny_model_dir, paths, out, "--readout=concat_hidden", f"--features={cache}", check=True)
+    results = json.loads((out / "results.json").read_text())
+    assert results["readout_asked"] == "concat_hidden" and list(results["readouts"]) == ["concat_hidden"]
+    assert results["featurization"]["readout"] == "concat_hidden" and results["units_total"] == 96  # 3 x 32 units
+    assert set(np.load(cache).files) == {"key"} | {f"{s}/{r}" for s in SPLITS
+                                                   for r in ("final_hidden", "mean_hidden", "max_hidden")}
+    saved = Classifier.load(str(out))
+    assert saved.coef.shape == (1, 96) and saved.mean.shape == saved.scale.shape == (96,)
+    # The Python API (as classify applies it): the fit's own test accuracy.
+    featurizer = Featurizer(str(tiny_model_dir), **saved.featurization)
+    saved.check(featurizer)
+    with open(paths["test"], newline="") as f:
+        test = list(csv.DictReader(f))
+    predicted = saved.predict(featurizer.transform([row["text"] for row in test]))
+    assert np.mean(predicted == np.array([row["label"] for row in test])) == pytest.approx(results["test_accuracy"])
+    # Features from the cache: the same classifier.
+    transfer(tiny_model_dir, paths, out, "--readout=concat_hidden", f"--features={cache}", check=True)
+    np.testing.assert_array_equal(Classifier.load(str(out)).coef, saved.coef)
 
 
 @pytest.mark.cli

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from conftest import last_line, python
-from horovod_mlstm.heatmap import draw, per_character, wrap
+from horovod_mlstm.heatmap import HeatmapError, draw, per_character, wrap
+from horovod_mlstm.visualize import unit_from_results
 
 TEXT = "Tolle Saiten, café-Qualität ★ but the case broke."
 
@@ -64,6 +65,19 @@ def test_positive_is_warm_and_negative_cool(tmp_path):
     text_rows = rows_cool[rows_cool < rgb.shape[0] * 0.6]   # the colour bar below holds both colours
     assert rows_warm.min() < text_rows.min()                # first line warm, the lines below cool
     assert not list(tmp_path.glob("*.partial*"))
+
+
+@pytest.mark.unit
+def test_a_concat_hidden_top_unit_is_the_unit_of_its_part(tmp_path):
+    path = tmp_path / "classifier.json"
+    for readout, unit, expected in [("concat_hidden", 2 * 32 + 5, 5), ("concat_hidden", 31, 31), ("max_hidden", 7, 7)]:
+        path.write_text(json.dumps({"top_unit": unit, "top_unit_weight": -0.5,
+                                    "featurization": {"text_prep": "project", "readout": readout}}))
+        assert unit_from_results(str(path), "m", 32) == (expected, -1.0)
+    for readout, unit in [("concat_hidden", 96), ("mean_hidden", 32)]:
+        path.write_text(json.dumps({"top_unit": unit, "top_unit_weight": 1.0, "featurization": {"readout": readout}}))
+        with pytest.raises(HeatmapError, match=f"top_unit {unit} is outside this model's 0..{unit - 1}"):
+            unit_from_results(str(path), "m", 32)
 
 
 def summary(proc):

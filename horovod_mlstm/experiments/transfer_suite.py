@@ -12,10 +12,12 @@ latest checkpoint), then three baselines on the same splits: the same architectu
 Tasks (horovod_mlstm.tasks): SST, and IMDB in seeded stratified subsamples (--imdb_train training
 and the next --imdb_val validation reviews of train.csv.gz; the first --imdb_test of test.csv.gz,
 and for M and TF-IDF also the first --final_imdb_test, `all` being the 25,000). Every model reads
-each split once (Featurizer.transform_all gives all four readouts) and transfer.fit_readouts fits
-the project's L1 logistic regression on each readout with C chosen on validation; the readout
-reported as the model's is the one best on validation, never on test. --imdb_* 0 (or an empty
---sst_dir / --imdb_dir) leaves a task out.
+each split once (Featurizer.transform_all gives all four plain readouts, SUITE_READOUTS) and
+transfer.fit_readouts fits the project's L1 logistic regression on each readout with C chosen on
+validation; the readout reported as the model's is the one best on validation, never on test.
+concat_hidden, which transfer --readout auto also tries, is left out: its 3 x hidden-unit fits
+would multiply the suite's slowest part (the L1 fits on weak features, minutes per C) for every
+model and task. --imdb_* 0 (or an empty --sst_dir / --imdb_dir) leaves a task out.
 
 Each model's features of each split, its classifier fits and its validation BPC on --bpc_data_dir
 (fixed --bpc_streams x --seq_length streams) are cached in O/features/<model>/ by the feature
@@ -43,13 +45,14 @@ from horovod_mlstm import data, distributed as dist, features as feature_cache, 
 from horovod_mlstm.checkpoint import CheckpointError, Checkpointer
 from horovod_mlstm.experiments import report
 from horovod_mlstm.flags import define_common
-from horovod_mlstm.inference import READOUTS, TEXT_PREPS, Featurizer
+from horovod_mlstm.inference import CONCAT, READOUTS, TEXT_PREPS, Featurizer
 from horovod_mlstm.metrics import bpc_and_chars
 from horovod_mlstm.model import build_model
 from horovod_mlstm.records import MANIFEST, DataError
 from horovod_mlstm.tasks import SPLITS, Task, TaskError, load_imdb, load_sst
 
 TFIDF = "tfidf"
+SUITE_READOUTS = tuple(r for r in READOUTS if r != CONCAT)  # the table's columns; see the docstring for why
 BASELINE_STYLES = {"untrained": ":", "demo": "-.", TFIDF: "--"}
 
 
@@ -121,13 +124,14 @@ def featurise(featurizer: Featurizer, system: System, task: Task, split: str, ou
     from tqdm import tqdm
 
     texts = task.splits[split].texts
-    key = feature_cache.key(featurizer.identity(), featurizer.text_prep, READOUTS, {split: task.splits[split].source})
+    key = feature_cache.key(featurizer.identity(), featurizer.text_prep, SUITE_READOUTS,
+                            {split: task.splits[split].source})
     start = time.time()
 
     def compute():
         with tqdm(total=len(texts), unit="text", desc=f"{system.name} {task.name}/{split}", file=sys.stderr,
                   mininterval=10) as bar:
-            return {split: featurizer.transform_all(texts, bar.update)}
+            return {split: featurizer.transform_all(texts, bar.update, SUITE_READOUTS)}
 
     features, from_cache = feature_cache.cached(cache_path(out_dir, system, f"{task.name}-{split}.npz"), key, compute)
     seconds = time.time() - start
@@ -202,7 +206,8 @@ def write_markdown(results: dict, path: str) -> None:
         for name, rows in by_system.items():
             chosen = next(r for r in rows if r["chosen_on_val"])
             if name == TFIDF:
-                readouts, how = [""] * len(READOUTS), f"TF-IDF (C={chosen['C']:g}, {chosen['features']:,} n-grams)"
+                readouts = [""] * len(SUITE_READOUTS)
+                how = f"TF-IDF (C={chosen['C']:g}, {chosen['features']:,} n-grams)"
             else:
                 readouts = [("**{}** ({})" if r["chosen_on_val"] else "{} ({})").format(
                     report.percent(r["test_accuracy"]), report.percent(r["val_accuracy"])) for r in rows]
@@ -211,9 +216,9 @@ def write_markdown(results: dict, path: str) -> None:
             cells.append([name, chars, bpc.get(name, ""), *readouts, how, report.percent(chosen["test_accuracy"])]
                          + ([report.percent(chosen.get("final_test_accuracy"))] if final else []))
         lines += [f"## {task} (" + ", ".join(f"{s} {v['size']:,}" for s, v in splits.items()) + ")", ""]
-        lines += report.table(["model", "characters", "val BPC", *READOUTS, "chosen on val", "test accuracy"]
+        lines += report.table(["model", "characters", "val BPC", *SUITE_READOUTS, "chosen on val", "test accuracy"]
                               + ([f"on {final['size']:,} test texts"] if final else []),
-                              cells, "lrr" + "r" * len(READOUTS) + "lr" + ("r" if final else ""))
+                              cells, "lrr" + "r" * len(SUITE_READOUTS) + "lr" + ("r" if final else ""))
         lines.append("")
     if results["skipped"]:
         lines += ["Skipped: " + "; ".join(f"{s['system']} ({s['reason']})" for s in results["skipped"]) + ".", ""]
@@ -308,7 +313,8 @@ def score_system(system: System, tasks: list[Task], F) -> tuple[dict, list[dict]
             features["test"] = {r: values[:size] for r, values in features["final_test"].items()}
             summary["featurised"][f"{task.name}/test"] = {"texts": size, "sliced_from": "final_test"}
         # L1 fits on weak features (early milestones, untrained) take minutes per C: cached like the features.
-        key = {**feature_cache.key(identity, F.text_prep, READOUTS, {s: task.splits[s].source for s in features}),
+        key = {**feature_cache.key(identity, F.text_prep, SUITE_READOUTS,
+                                   {s: task.splits[s].source for s in features}),
                "seed": F.seed, "transfer_py_sha256": files.sha256(transfer.__file__), "sklearn": sklearn.__version__}
         fitted, from_cache = feature_cache.cached_json(cache_path(F.out_dir, system, f"fits-{task.name}.json"), key,
                                                        lambda: score_readouts(task, features))
