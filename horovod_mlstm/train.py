@@ -374,10 +374,12 @@ def train_loop(job: Job, progress: Progress, elastic=None) -> None:
     rows, train_streams, val_streams = enter(job, rank, world, elastic)
     start = state.current_step
     progress.last_commit = start if elastic else None
+    world_steps = dict(elastic.world_steps if elastic else progress.world_steps)
     if start >= cfg.train_steps:
+        # An elastic reset after the final commit lands here: the committed counts are the run's.
+        progress.world_steps = world_steps
         return
     announce(job, progress, world, rows, start, elastic)
-    world_steps = dict(elastic.world_steps if elastic else progress.world_steps)
     window = Window()
     batches = iter(train_streams.dataset(int(state.position.numpy())))
     for _ in range(start, cfg.train_steps):
