@@ -38,6 +38,18 @@ bool IsMatrix(const Tensor& t, int64 rows, int64 cols) {
   return t.dims() == 2 && t.dim_size(0) == rows && t.dim_size(1) == cols;
 }
 
+// The shapes both gate kernels read: c [B, n], xz [B, >= 4n] (the model passes whole projection rows)
+// and mz [B, 4n].
+tensorflow::Status CheckGateInputs(const Tensor& xz, const Tensor& mz, const Tensor& c) {
+  if (c.dims() != 2) return InvalidArgument("c must be [batch, hidden], got ", c.shape().DebugString());
+  const int64 B = c.dim_size(0), n = c.dim_size(1);
+  if (xz.dims() == 2 && xz.dim_size(0) == B && xz.dim_size(1) >= 4 * n && IsMatrix(mz, B, 4 * n)) {
+    return tensorflow::OkStatus();
+  }
+  return InvalidArgument("xz must be [", B, ", >= ", 4 * n, "] and mz [", B, ", ", 4 * n, "], got ",
+                         xz.shape().DebugString(), " and ", mz.shape().DebugString());
+}
+
 }  // namespace
 
 REGISTER_OP("MlstmGates")
@@ -66,11 +78,8 @@ class MlstmGatesOp : public OpKernel {
 
   void Compute(OpKernelContext* ctx) override {
     const Tensor &xz = ctx->input(0), &mz = ctx->input(1), &c = ctx->input(2);
-    OP_REQUIRES(ctx, c.dims() == 2, InvalidArgument("c must be [batch, hidden], got ", c.shape().DebugString()));
+    OP_REQUIRES_OK(ctx, CheckGateInputs(xz, mz, c));
     const int64 B = c.dim_size(0), n = c.dim_size(1);
-    OP_REQUIRES(ctx, xz.dims() == 2 && xz.dim_size(0) == B && xz.dim_size(1) >= 4 * n && IsMatrix(mz, B, 4 * n),
-                InvalidArgument("xz must be [", B, ", >= ", 4 * n, "] and mz [", B, ", ", 4 * n, "], got ",
-                                xz.shape().DebugString(), " and ", mz.shape().DebugString()));
     const int64 x_stride = xz.dim_size(1);  // the model passes the whole projection row, x_m included
     Tensor* out[4];
     OP_REQUIRES_OK(ctx, ctx->allocate_output(0, TensorShape({B, 6 * n}), &out[0]));
@@ -193,11 +202,8 @@ class MlstmReadOp : public OpKernel {
 
   void Compute(OpKernelContext* ctx) override {
     const Tensor &xz = ctx->input(0), &mz = ctx->input(1), &c = ctx->input(2), &lengths = ctx->input(6);
-    OP_REQUIRES(ctx, c.dims() == 2, InvalidArgument("c must be [batch, hidden], got ", c.shape().DebugString()));
+    OP_REQUIRES_OK(ctx, CheckGateInputs(xz, mz, c));
     const int64 B = c.dim_size(0), n = c.dim_size(1);
-    OP_REQUIRES(ctx, xz.dims() == 2 && xz.dim_size(0) == B && xz.dim_size(1) >= 4 * n && IsMatrix(mz, B, 4 * n),
-                InvalidArgument("xz must be [", B, ", >= ", 4 * n, "] and mz [", B, ", ", 4 * n, "], got ",
-                                xz.shape().DebugString(), " and ", mz.shape().DebugString()));
     for (int k = 3; k < 6; ++k) {
       OP_REQUIRES(ctx, IsMatrix(ctx->input(k), B, n),
                   InvalidArgument("input ", k, " must be [", B, ", ", n, "], got ", ctx->input(k).shape().DebugString()));
