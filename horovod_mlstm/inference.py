@@ -3,13 +3,15 @@ generate and visualize call): texts -> one feature vector each, read by a traine
 
 Texts stream through in windows of `window` texts, and their features come back in input order.
 Memory is bounded by the window (its texts and their features), not by how many texts there are.
-Within a window the model reads `batch_size` texts at once, a text per row, in pieces of at most
-`chunk` bytes with the state carried; a row whose text has ended takes the next text at the next
-piece, so the batch stays full until the window runs out of texts (Featurizer.read_window).
+A window is one call of read_texts, a graph that reads `batch_size` texts at once, a text per row,
+in pieces of at most `chunk` bytes with the state carried; a row whose text has ended takes the next
+text at the next piece, so the batch stays full until the window runs out of texts. The exported
+classifier (serving.py) reads with the same graph.
 """
 
 from __future__ import annotations
 
+import functools
 import html
 import itertools
 from collections.abc import Callable, Collection, Iterable, Iterator
@@ -28,10 +30,8 @@ CONCAT_PARTS = ("final_hidden", "mean_hidden", "max_hidden")  # its parts, in it
 AUTO = "auto"  # transfer: every readout, the one best on validation kept
 WINDOW_BATCHES = 16  # texts read as one window: this many batches' worth
 # A piece ends where the first of its rows' texts ends, so no row pads, unless that is sooner than
-# MIN_PIECE bytes or PAD_SHARE of the shortest text in the batch: a piece call costs about six steps of
-# a 512-unit model (TensorFlow's call, the input projection, the loop's start), so rows that end
-# sooner pad instead. Measured at hidden 512 (docs/PERFORMANCE.md): SST sentences ran fastest with
-# pieces of 8 bytes or more, IMDB reviews with 64 or more.
+# MIN_PIECE bytes or PAD_SHARE of the shortest text in the batch: a piece costs more than a step (the
+# inner loop's start, the lookups, the refill), so rows that end sooner pad instead.
 MIN_PIECE = 8
 PAD_SHARE = 1 / 16
 
@@ -89,16 +89,81 @@ def windows(items: Iterable, size: int) -> Iterator[list]:
         yield window
 
 
-class Featurizer:
-    """Texts -> one feature vector each, read by a trained model.
+def read_texts(model: LanguageModel, flat: tf.Tensor, lengths: tf.Tensor, batch_size: int, chunk: int,
+               fused: bool | None = None, report: Callable[[tf.Tensor], None] | None = None) -> tuple:
+    """Every text read by MODEL, in graph ops: (h, c, total, peak) [texts, hidden] float32 after each
+    text's last byte, in input order, and the positions computed (padding included).
 
-    A window's texts are read longest first, `batch_size` rows at a time: each row holds one text,
-    read in pieces with its state carried, and takes the next text once its own has ended, its state
-    zeroed. A piece runs to where the first row's text ends (at least MIN_PIECE bytes or PAD_SHARE of
-    the batch's shortest text, at most `chunk`); a row whose text ends sooner reads padding that changes
-    nothing (model.MLSTM.read).
-    Longest first makes the batch drain on the short texts at the window's end.
+    FLAT [bytes] uint8 holds the texts back to back, LENGTHS [texts] (none 0) their sizes. They are read
+    longest first, BATCH_SIZE rows at a time, in pieces with the state carried: a row takes the next
+    text once its own has ended, its state zeroed, so the batch stays full until no text is left. A
+    piece runs to where the first row's text ends (at least MIN_PIECE bytes or PAD_SHARE of the
+    batch's shortest text, at most CHUNK); a row whose text ends sooner reads padding that changes
+    nothing (MLSTM.read). The whole schedule runs in the graph: one call for any number of texts, no
+    return to Python between pieces. REPORT(k): called (as a tf.py_function) after each piece, k the
+    texts it ended. fused: as MLSTM's; a graph to be saved passes False.
     """
+    n = model.config.hidden_size
+    w_in, wh, wmh = model.rnn.compute_weights()
+    table = model.byte_projections(w_in)
+    lengths = tf.cast(lengths, tf.int32)
+    starts = tf.cumsum(lengths, exclusive=True)
+    order = tf.argsort(-lengths, stable=True)  # longest first: the batch drains on the short texts
+    last = tf.maximum(tf.size(flat) - 1, 0)
+    rows = tf.minimum(batch_size, tf.size(order))
+    text, taken, done = order[:rows], rows, tf.zeros([rows], tf.int32)  # each row's text, bytes read of it
+    h = c = total = tf.zeros([rows, n])
+    peak = tf.fill([rows, n], -np.inf)
+    ended_arrays = [tf.TensorArray(tf.int32, 0, dynamic_size=True, infer_shape=False, element_shape=[None])] + [
+        tf.TensorArray(tf.float32, 0, dynamic_size=True, infer_shape=False, element_shape=[None, n])] * 4
+    pieces, positions = 0, tf.constant(0, tf.int64)
+    while tf.size(text) > 0:
+        tf.autograph.experimental.set_loop_options(shape_invariants=[
+            (v, tf.TensorShape([None] * len(v.shape))) for v in (text, done, h, c, total, peak)])
+        text_lengths = tf.gather(lengths, text)
+        left = text_lengths - done
+        share = tf.cast(PAD_SHARE * tf.cast(tf.reduce_min(text_lengths), tf.float32), tf.int32)
+        size = tf.minimum(tf.minimum(chunk, tf.maximum(tf.maximum(tf.reduce_min(left), MIN_PIECE), share)),
+                          tf.reduce_max(left))
+        take = tf.minimum(left, size)
+        steps = tf.range(size)
+        at = tf.minimum(tf.gather(starts, text)[None, :] + done[None, :] + steps[:, None], last)  # [time, batch]
+        x = tf.where(steps[:, None] < take[None, :], tf.cast(tf.gather(flat, at), tf.int32), 0)
+        h, c, total, peak = model.rnn.read(tf.gather(table, x), h, c, total, peak, take, wh, wmh, fused)
+        positions += tf.cast(tf.size(x), tf.int64)
+        done += take
+        ended = done == text_lengths
+        ended_arrays = [a.write(pieces, tf.boolean_mask(v, ended)) for a, v in
+                        zip(ended_arrays, (text, h, c, total, peak))]
+        pieces += 1
+        if report is not None:
+            tf.py_function(report, [tf.math.count_nonzero(ended)], [])
+        free = tf.where(ended)  # these rows take the next texts, from a zero state
+        nxt = order[taken:taken + tf.size(free)]
+        taken += tf.size(nxt)
+        text = tf.tensor_scatter_nd_update(text, free, tf.pad(nxt, [[0, tf.size(free) - tf.size(nxt)]],
+                                                               constant_values=-1))
+        done = tf.where(ended, 0, done)
+        h, c, total = (tf.where(ended[:, None], 0.0, v) for v in (h, c, total))
+        peak = tf.where(ended[:, None], -np.inf, peak)
+        live = text >= 0  # no texts left to take: the batch shrinks to the rows still reading
+        text, done, h, c, total, peak = (tf.boolean_mask(v, live) for v in (text, done, h, c, total, peak))
+    ids, *states = (a.concat() for a in ended_arrays)
+    back = tf.math.invert_permutation(ids)
+    return (*(tf.gather(v, back) for v in states), positions)
+
+
+def readout_values(readouts: Collection[str], lengths: tf.Tensor, h, c, total, peak) -> dict[str, tf.Tensor]:
+    """{readout: [texts, readout_width]} from read_texts' states of texts of LENGTHS bytes."""
+    values = {"final_cell": c, "final_hidden": h, "max_hidden": peak,
+              "mean_hidden": total / tf.cast(lengths, tf.float32)[:, None]}
+    if CONCAT in readouts:
+        values[CONCAT] = tf.concat([values[part] for part in CONCAT_PARTS], axis=1)
+    return {readout: values[readout] for readout in readouts}
+
+
+class Featurizer:
+    """Texts -> one feature vector each, read by a trained model (read_texts, one call per window)."""
 
     def __init__(self, model_dir: str, text_prep: str = "project", readout: str = "final_cell",
                  batch_size: int = 64, chunk: int = 256, model: LanguageModel | None = None):
@@ -114,12 +179,11 @@ class Featurizer:
         self.batch_size, self.chunk = batch_size, chunk
         self.window = batch_size * WINDOW_BATCHES
         self.model, self.checkpoint = (model, None) if model is not None else modeldir.load(model_dir)
-        n, rnn = self.model.config.hidden_size, self.model.rnn
-        weights = [tf.TensorSpec(w.shape, rnn.compute_dtype) for w in rnn.compute_weights()]
-        state = [tf.TensorSpec([None, n], tf.float32)] * 4
-        self._weights = tf.function(rnn.compute_weights)
-        self._piece = tf.function(self._read, input_signature=[tf.TensorSpec([None, None], tf.int32), *state,
-                                                               tf.TensorSpec([None], tf.int32), *weights])
+        self.positions = 0  # computed so far, padding included (the benchmark's padding share)
+        self._progress: Callable[[int], None] | None = None
+        self._read = tf.function(
+            functools.partial(read_texts, self.model, batch_size=batch_size, chunk=chunk, report=self._report),
+            input_signature=[tf.TensorSpec([None], tf.uint8), tf.TensorSpec([None], tf.int32)])
 
     @property
     def settings(self) -> dict:
@@ -129,49 +193,22 @@ class Featurizer:
     def identity(self) -> dict:
         return modeldir.identity(self.model_dir, self.checkpoint)
 
-    def _read(self, x, h, c, total, peak, lengths, *weights):
-        """One piece: each row's first LENGTHS bytes of X read on from its state."""
-        return self.model.rnn.read(self.model.embed(x), h, c, total, peak, lengths, weights)
+    def _report(self, ended: tf.Tensor) -> None:
+        if self._progress and int(ended):
+            self._progress(int(ended))
 
     def read_window(self, encoded: list[bytes], readouts: Collection[str] = READOUTS,
                     progress: Callable[[int], None] | None = None) -> dict[str, np.ndarray]:
         """{readout: [len(encoded), readout_width]} of encoded texts (none empty), in their order; `progress(k)`
         after each piece that ends k texts."""
-        lengths = np.array([len(e) for e in encoded])
-        starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
-        flat = np.frombuffer(b"".join(encoded), np.uint8)
-        queue = iter(np.argsort(-lengths, kind="stable"))  # longest first
-        n = self.model.config.hidden_size
-        out = {r: np.empty([len(encoded), readout_width(r, n)], np.float32) for r in readouts}
-        weights = self._weights()  # once per window: the same for every piece
-        rows = min(self.batch_size, len(encoded))
-        text = np.full(rows, -1)  # the text each row reads (-1: none)
-        done = np.zeros(rows, np.int64)  # bytes of it read so far
-        h, c, total, peak = (np.zeros([rows, n], np.float32) for _ in range(4))
-        while True:
-            for row in np.flatnonzero(text < 0):  # free rows take the next texts, from a zero state
-                text[row] = next(queue, -1)
-                done[row] = 0
-                h[row], c[row], total[row], peak[row] = 0.0, 0.0, 0.0, -np.inf
-            if (text < 0).any():  # no texts left to take: the batch shrinks to the rows still reading
-                live = text >= 0
-                text, done, h, c, total, peak = (a[live] for a in (text, done, h, c, total, peak))
-                if not len(text):
-                    return out
-            left = lengths[text] - done
-            size = int(min(self.chunk, max(left.min(), MIN_PIECE, PAD_SHARE * lengths[text].min()), left.max()))
-            take = np.minimum(left, size)
-            positions = np.arange(size)[None, :]
-            x = np.where(positions < take[:, None],
-                         flat[np.minimum(starts[text, None] + done[:, None] + positions, len(flat) - 1)], 0)
-            h, c, total, peak = (np.array(a) for a in self._piece(x.astype(np.int32), h, c, total, peak,
-                                                                 take.astype(np.int32), *weights))
-            done += take
-            ended = done == lengths[text]
-            _store(out, text[ended], lengths[text[ended]], h[ended], c[ended], total[ended], peak[ended])
-            text[ended] = -1
-            if progress and ended.any():
-                progress(int(ended.sum()))
+        lengths = np.array([len(e) for e in encoded], np.int32)
+        self._progress = progress
+        try:
+            *states, positions = self._read(np.frombuffer(b"".join(encoded), np.uint8), lengths)
+        finally:
+            self._progress = None
+        self.positions += int(positions)
+        return {r: v.numpy() for r, v in readout_values(readouts, lengths, *states).items()}
 
     def stream(self, texts: Iterable[str], readouts: Collection[str] = READOUTS,
                progress: Callable[[int], None] | None = None) -> Iterator[dict[str, np.ndarray]]:
@@ -201,16 +238,6 @@ class Featurizer:
     def transform(self, texts: Collection[str], progress: Callable[[int], None] | None = None) -> np.ndarray:
         """[len(texts), readout_width] float32 features of this featuriser's readout."""
         return self.transform_all(texts, progress, (self.readout,))[self.readout]
-
-
-def _store(out: dict[str, np.ndarray], rows: np.ndarray, lengths: np.ndarray, h, c, total, peak) -> None:
-    """The readouts OUT holds of ended texts, into its ROWS."""
-    values = {"final_cell": c, "final_hidden": h, "max_hidden": peak,
-              "mean_hidden": total / lengths[:, None].astype(np.float32)}
-    if CONCAT in out:
-        values[CONCAT] = np.concatenate([values[part] for part in CONCAT_PARTS], axis=1)
-    for readout, array in out.items():
-        array[rows] = values[readout]
 
 
 def readout_width(readout: str, hidden: int) -> int:

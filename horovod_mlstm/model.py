@@ -67,7 +67,7 @@ class MLSTM(tf.keras.layers.Layer):
     """The mLSTM recurrence over a whole [batch, time, embed] sequence.
 
     call(inputs, (h, c), fused=None) -> (outputs [batch, time, hidden], (h, c)): training and evaluation.
-    read(inputs, h, c, total, peak, lengths, ...) -> (h, c, total, peak): featurising, forward only.
+    read(proj, h, c, total, peak, lengths, wh, wmh) -> (h, c, total, peak): featurising, forward only.
     fused: the gate math as the fused CPU kernels; None uses them wherever they are built and
     usable. A graph to be saved passes False, so that it loads without the kernels' library.
     """
@@ -113,7 +113,7 @@ class MLSTM(tf.keras.layers.Layer):
 
     def compute_weights(self):
         """(W_in, W_h, W_mh) in the compute dtype, W_in = [[W_x, W_mx], [b, 0]]: the input projection
-        with the bias as its last row (see _project). Featurising computes them once for many pieces."""
+        with the bias as its last row (see _project)."""
         wx, wh, wmx, wmh = self.effective_weights()
         w_in = tf.concat([tf.concat([wx, wmx], axis=1), tf.concat([self.b, tf.zeros([self.hidden_size])], 0)[None]],
                          axis=0)
@@ -142,18 +142,17 @@ class MLSTM(tf.keras.layers.Layer):
         hs, h, c = recurrence(self._fused(fused))(self._project(inputs, w_in), h, c, wh, wmh)
         return tf.transpose(hs, [1, 0, 2]), (h, c)
 
-    def read(self, inputs, h, c, total, peak, lengths, weights=None, fused=None):
+    def read(self, proj, h, c, total, peak, lengths, wh, wmh, fused=None):
         """Featurising: the recurrence forward only, keeping no per-step output, (h, c, total, peak) after it.
 
-        Row b reads its first lengths[b] steps of INPUTS [batch, time, embed]; its state is then left as
-        it is, so h and c are the state after its last byte. total and peak [batch, hidden] gather the
-        sum and elementwise maximum of its hidden states (as the next matmul reads them, in the compute
-        dtype) on top of the values passed in, so a text can be read in pieces. weights: compute_weights(),
-        when the caller reuses them across pieces.
+        proj [time, batch, 5n]: each step's input projections, bias included (rows of
+        LanguageModel.byte_projections); wh, wmh: compute_weights()' last two. Row b reads its first
+        lengths[b] steps; its state is then left as it is, so h and c are the state after its last
+        byte. total and peak [batch, hidden] gather the sum and elementwise maximum of its hidden
+        states (as the next matmul reads them, in the compute dtype) on top of the values passed in,
+        so a text can be read in pieces.
         """
-        w_in, wh, wmh = self.compute_weights() if weights is None else weights
-        return _read(self._project(inputs, w_in), h, c, total, peak, tf.cast(lengths, tf.int32), wh, wmh,
-                     fused=self._fused(fused))
+        return _read(proj, h, c, total, peak, tf.cast(lengths, tf.int32), wh, wmh, fused=self._fused(fused))
 
 
 def _gates(xz, mz, c, fused):
@@ -364,6 +363,13 @@ class LanguageModel(tf.keras.Model):
         hidden, state = self.rnn(self.embed(inputs), state)
         # Logits in float32 so the softmax and the loss are computed at full precision.
         return tf.cast(self.out(hidden), tf.float32), state
+
+    def byte_projections(self, w_in):
+        """[256, 5n]: every byte's input projection, bias included, in the compute dtype (w_in:
+        MLSTM.compute_weights()[0]). Featurising looks its bytes up here instead of multiplying per
+        piece, so a byte's projection never depends on the shape of the piece it is read in (a large
+        matmul blocks, and so rounds, differently from a small one)."""
+        return self.rnn._project(self.embed(tf.range(VOCAB_SIZE)[None]), w_in)[:, 0]
 
     def build_for_training(self):
         """Creates every variable with a 1x1 dummy call, so they can be restored and broadcast."""

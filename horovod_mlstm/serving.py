@@ -14,8 +14,9 @@ built), records.clean's tag regex, and Python's Unicode whitespace for `\\s` and
 `\\s` is ASCII only, so the characters are listed). Input that is not valid UTF-8 is first decoded
 with U+FFFD for each maximal invalid sequence, as Python's bytes.decode(errors="replace") does.
 
-The model reads with TensorFlow's own gate math (MLSTM.call(fused=False)): the project's fused CPU
-kernels are a custom op library that a SavedModel's user would not have.
+The model reads with the featuriser's graph (inference.read_texts) and TensorFlow's own gate math
+(fused=False): the project's fused CPU kernels are a custom op library that a SavedModel's user
+would not have.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ import numpy as np
 import tensorflow as tf
 
 from horovod_mlstm.classifier import Classifier
-from horovod_mlstm.inference import CONCAT, CONCAT_PARTS, READOUTS, TEXT_PREPS, readout_width
+from horovod_mlstm.inference import READOUTS, TEXT_PREPS, read_texts, readout_values
 from horovod_mlstm.model import LanguageModel
 from horovod_mlstm.records import _TAG
 
@@ -167,12 +168,9 @@ def _digit_value(codes: tf.Tensor) -> tf.Tensor:
 
 
 class _Reader:
-    """Framed texts -> the readout the classifier was fitted on, as inference.Featurizer computes it.
-
-    The featuriser's reading in graph ops (model.MLSTM.read), batched more simply: texts sorted by length
-    and read `batch_size` at a time, each batch in `chunk`-byte pieces with the state carried, a row's
-    state kept as it is after its last byte. A plain object, not a tf.Module: the SavedModel
-    keeps the model's variables, not the Keras model.
+    """Framed texts -> the readout the classifier was fitted on: inference.read_texts, the featuriser's
+    own graph, with TensorFlow's gate math. A plain object, not a tf.Module: the SavedModel keeps the
+    model's variables, not the Keras model.
     """
 
     def __init__(self, model: LanguageModel, readout: str, batch_size: int, chunk: int):
@@ -185,30 +183,9 @@ class _Reader:
     def __call__(self, data: tf.Tensor) -> tf.Tensor:
         """[N] framed texts (none empty) -> [N, readout_width] float32, in input order."""
         lengths = tf.strings.length(data)
-        order = tf.argsort(lengths, stable=True)
-        batches = (tf.size(data) + self.batch_size - 1) // self.batch_size
-        features = tf.TensorArray(tf.float32, size=batches, infer_shape=False,
-                                  element_shape=[None, readout_width(self.readout, self.model.config.hidden_size)])
-        for i in tf.range(batches):
-            rows = order[i * self.batch_size:(i + 1) * self.batch_size]
-            features = features.write(i, self._batch(tf.gather(data, rows), tf.gather(lengths, rows)))
-        return tf.gather(features.concat(), tf.math.invert_permutation(order))
-
-    def _batch(self, data: tf.Tensor, lengths: tf.Tensor) -> tf.Tensor:
-        width = tf.reduce_max(lengths)
-        x = tf.cast(tf.io.decode_raw(data, tf.uint8, fixed_length=width), tf.int32)  # zero-padded
-        rows, n = tf.shape(x)[0], self.model.config.hidden_size
-        h = c = total = tf.zeros([rows, n])
-        peak = tf.fill([rows, n], -np.inf)
-        weights = self.model.rnn.compute_weights()
-        for t in tf.range(0, width, self.chunk):
-            h, c, total, peak = self.model.rnn.read(self.model.embed(x[:, t:t + self.chunk]), h, c, total, peak,
-                                                    tf.clip_by_value(lengths - t, 0, self.chunk), weights, fused=False)
-        readouts = {"final_cell": c, "final_hidden": h, "mean_hidden": total / tf.cast(lengths, tf.float32)[:, None],
-                    "max_hidden": peak}
-        if self.readout == CONCAT:
-            return tf.concat([readouts[part] for part in CONCAT_PARTS], axis=1)
-        return readouts[self.readout]
+        flat = tf.io.decode_raw(tf.strings.reduce_join(data), tf.uint8)
+        *states, _ = read_texts(self.model, flat, lengths, self.batch_size, self.chunk, fused=False)
+        return readout_values([self.readout], lengths, *states)[self.readout]
 
 
 class ServingModel(tf.Module):

@@ -105,13 +105,13 @@ def test_a_row_takes_the_next_text_when_its_own_ends(tiny_model_dir):
     featurizer = Featurizer(str(tiny_model_dir), batch_size=2, chunk=8)
     texts = ["y" * 2, "x" * 39, "v", "z" * 40, "w" * 9]
     assert [len(encode(t)) for t in texts] == [3, 40, 2, 41, 10] and MIN_PIECE == 8
-    pieces = []
-    piece = featurizer._piece
-    featurizer._piece = lambda x, *args: pieces.append((x.shape, list(args[4]))) or piece(x, *args)
-    features = featurizer.transform(texts)
-    # Rows: z (41) and x (40) for five pieces; x ends and w (10) takes its row; z ends after 1 byte of the
-    # next piece (7 bytes of padding, as 1 < MIN_PIECE), y takes its row; w and y end together; v alone.
-    assert pieces == [((2, 8), [8, 8])] * 5 + [((2, 8), [1, 8]), ((2, 3), [3, 2]), ((1, 2), [2])]
+    ended = []
+    features = featurizer.transform(texts, progress=ended.append)
+    # Rows: z (41) and x (40) for five pieces of 8; x ends and w (10) takes its row; z ends after 1 byte
+    # of the next piece (7 bytes of padding, as 1 < MIN_PIECE), y (3) takes its row; w and y end together
+    # in a piece of 3 (w pads 1); v (2) alone. Texts ended per piece: 1, 1, 2, 1 (pieces ending none are
+    # not reported); positions computed: 5 x 2 x 8 + 2 x 8 + 2 x 3 + 1 x 2.
+    assert ended == [1, 1, 2, 1] and featurizer.positions == 104
     alone = [read_alone(featurizer.model, encode(t))["final_cell"] for t in texts]
     np.testing.assert_allclose(features, alone, rtol=1e-4, atol=1e-5)
 

@@ -4,12 +4,12 @@ The project's one featuriser (inference.Featurizer) reads a file's texts at each
 a batch size, a chunk length (the longest piece) and a window (batches' worth of texts read
 together, longest first). Each reading reports texts/s, chars/s (the bytes the model read, padding
 excluded), the share of computed positions that were padding, and the forward FLOP rate against the
-chained matmul limit of the same dtype and batch (step.matmul_rate), read before and after the runs with
-the faster reading kept, as step.py keeps it.
+chained matmul limit of the same dtype and batch (step.matmul_rate), read before every pass: the
+share is the median over passes of each pass's rate over its own reading (efficiency).
 
-FLOPs per character are the forward pass's matmuls the featuriser runs: model.flops_per_char's
-forward count without the softmax layer, which featurising never computes (counting it would lift
-the efficiency by 9% at hidden 512 and 1% at 4096 for work not done).
+FLOPs per character are the matmuls the featuriser runs per byte, the recurrent two: the softmax
+layer is never computed and the input projection is a row looked up (counting them would lift the
+efficiency by 22% at hidden 512 and 3% at 4096 for work not done).
 """
 
 from __future__ import annotations
@@ -19,14 +19,15 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
 
 import numpy as np
 import tensorflow as tf
 
 from horovod_mlstm import modeldir
-from horovod_mlstm.bench.step import limit_readings, matmul_rate
+from horovod_mlstm.bench.step import matmul_rate
 from horovod_mlstm.inference import Featurizer, encode
-from horovod_mlstm.model import PRECISIONS, VOCAB_SIZE, ModelConfig, build_model, flops_per_char, set_precision
+from horovod_mlstm.model import PRECISIONS, ModelConfig, build_model, set_precision
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,15 +39,20 @@ class Shape:
     window_batches: int
 
 
-def featurising_flops_per_char(hidden: int, embed: int) -> float:
-    """Matmul FLOPs per byte the featuriser reads: the forward pass without the softmax layer."""
-    return flops_per_char(hidden, embed, training=False) - 2.0 * hidden * VOCAB_SIZE
+def featurising_flops_per_char(hidden: int) -> float:
+    """Matmul FLOPs per byte the featuriser reads: the recurrent two, h W_mh and m W_h. The softmax layer
+    is never computed, and the input projection is a row looked up (LanguageModel.byte_projections)."""
+    return 2.0 * (hidden * hidden + hidden * 4 * hidden)
 
 
-def efficiency(chars_per_s: float, flops_per_char_: float, limit_flops_per_s: float) -> dict:
-    """The forward FLOP rate of chars_per_s and its share of the limit."""
-    rate = chars_per_s * flops_per_char_
-    return {"flops_per_s": rate, "limit_flops_per_s": limit_flops_per_s, "efficiency": rate / limit_flops_per_s}
+def efficiency(chars: int, seconds: list[float], flops_per_char_: float, limits: list[float]) -> dict:
+    """The forward FLOP rate of the median pass, and its share of the limit: the median over passes of
+    each pass's rate over the limit read just before it, so a machine whose speed drifts between
+    passes (a shared host's neighbours) moves both sides of each share alike."""
+    shares = [chars / s * flops_per_char_ / limit for s, limit in zip(seconds, limits)]
+    return {"flops_per_s": chars / float(np.median(seconds)) * flops_per_char_,
+            "limit_flops_per_s": float(np.median(limits)), "limit_readings": limits,
+            "efficiency": float(np.median(shares))}
 
 
 def compute_dtype(precision: str) -> str:
@@ -60,74 +66,59 @@ def random_model_dir(parent: str, hidden: int, precision: str) -> str:
     return modeldir.write_model(os.path.join(parent, f"random_{hidden}_{precision}"), model, step=0)
 
 
-def count_positions(featurizer: Featurizer) -> list[int]:
-    """Wraps the featuriser's piece step so that it adds every position it computes (real bytes and
-    padding) to the returned one-item list: the padding share is then what ran, not a recount."""
-    counted = [0]
-    read_piece = featurizer._piece
-
-    def read(x, *state):
-        counted[0] += x.size
-        return read_piece(x, *state)
-
-    featurizer._piece = read
-    return counted
-
-
-def read_rate(featurizer: Featurizer, texts: list[str], repeats: int) -> dict:
-    """Median, min and max seconds of featurising every text, after a warm-up on the first batch."""
+def read_rate(featurizer: Featurizer, texts: list[str], repeats: int, limit: Callable[[], float]) -> dict:
+    """Seconds of each pass featurising every text, after a warm-up on the first batch; before each
+    pass a reading of the limit (`limit()`, FLOP/s); and the positions computed per pass (real bytes
+    and padding, as the featuriser counts them)."""
     featurizer.transform(texts[:featurizer.batch_size])
-    counted = count_positions(featurizer)
-    times = []
+    before = featurizer.positions
+    times, limits = [], []
     for _ in range(repeats):
+        limits.append(limit())
         start = time.perf_counter()
         featurizer.transform(texts)
         times.append(time.perf_counter() - start)
-    return {"seconds": {"median": float(np.median(times)), "min": min(times), "max": max(times)},
-            "positions": counted[0] // repeats}
+    return {"times": times, "limits": limits, "positions": (featurizer.positions - before) // repeats}
 
 
-def measure_model(model_dir: str, texts: list[str], shapes: list[Shape], repeats: int) -> tuple[list, list]:
-    """(limits, runs) for one model: every shape's featurisation rate, and the chained matmul limit of
-    the model's compute dtype at each batch size, read before and after the runs."""
+def measure_model(model_dir: str, texts: list[str], shapes: list[Shape], repeats: int) -> list[dict]:
+    """Every shape's featurisation rate with one model, each pass against the chained matmul limit of the
+    model's compute dtype and the shape's batch, read just before it."""
     config = modeldir.read_config(model_dir)
     hidden, dtype = config.hidden_size, compute_dtype(config.precision)
-    per_char = featurising_flops_per_char(hidden, config.embed_size)
-    batches = sorted({s.batch_size for s in shapes})
-    before = {b: {dtype: matmul_rate(b, hidden, tf.as_dtype(dtype), repeats)} for b in batches}
+    per_char = featurising_flops_per_char(hidden)
     runs = []
     for shape in shapes:
         featurizer = Featurizer(model_dir, batch_size=shape.batch_size, chunk=shape.chunk)
         featurizer.window = shape.batch_size * shape.window_batches
         chars = sum(len(encode(t, featurizer.text_prep)) for t in texts)
-        timing = read_rate(featurizer, texts, repeats)
-        seconds = timing["seconds"]["median"]
+        timing = read_rate(featurizer, texts, repeats,
+                           lambda: matmul_rate(shape.batch_size, hidden, tf.as_dtype(dtype), 3)["flops_per_s"])
+        times = timing["times"]
+        seconds = float(np.median(times))
         runs.append({"hidden": hidden, "precision": config.precision, "dtype": dtype, **dataclasses.asdict(shape),
                      "texts": len(texts), "chars": chars, "positions": timing["positions"],
-                     "padding_share": 1 - chars / timing["positions"], "seconds": timing["seconds"],
-                     "texts_per_s": len(texts) / seconds, "chars_per_s": chars / seconds, "flops_per_char": per_char})
+                     "padding_share": 1 - chars / timing["positions"],
+                     "seconds": {"median": seconds, "min": min(times), "max": max(times)},
+                     "texts_per_s": len(texts) / seconds, "chars_per_s": chars / seconds, "flops_per_char": per_char,
+                     **efficiency(chars, times, per_char, timing["limits"])})
+        r = runs[-1]
         print(f"[bench] featurise hidden {hidden} {config.precision} batch {shape.batch_size} chunk {shape.chunk} "
-              f"window {shape.window_batches} batches: {runs[-1]['texts_per_s']:,.1f} texts/s, "
-              f"{runs[-1]['chars_per_s']:,.0f} chars/s, padding {runs[-1]['padding_share']:.1%}", flush=True)
+              f"window {shape.window_batches} batches: {r['texts_per_s']:,.1f} texts/s, {r['chars_per_s']:,.0f} "
+              f"chars/s, padding {r['padding_share']:.1%}, {r['efficiency']:.0%} of the matmul limit (readings "
+              f"{', '.join(f'{x / 1e9:.0f}' for x in r['limit_readings'])} GFLOP/s)", flush=True)
     set_precision("fp32")
-    limits = [x for b in batches for x in limit_readings(b, hidden, before[b], repeats)]
-    limit = {x["batch"]: x["flops_per_s"] for x in limits}
-    for r in runs:
-        r.update(efficiency(r["chars_per_s"], r["flops_per_char"], limit[r["batch_size"]]))
-    return limits, runs
+    return runs
 
 
 def measure(model_dir: str, hiddens: list[int], precisions: list[str], texts: list[str], shapes: list[Shape],
             repeats: int) -> dict:
-    """Every model's limits and runs: MODEL_DIR's, or with model_dir empty a random one of each hidden
-    size and precision."""
-    result = {"limits": [], "runs": []}
+    """Every model's runs: MODEL_DIR's, or with model_dir empty a random one of each hidden size and precision."""
+    result = {"runs": []}
     with tempfile.TemporaryDirectory(prefix="bench_inference_") as scratch:
         dirs = [model_dir] if model_dir else (random_model_dir(scratch, h, p) for h in hiddens for p in precisions)
         for path in dirs:  # a random model is made when its turn comes and removed after it: one on disk at a time
-            limits, runs = measure_model(path, texts, shapes, repeats)
-            result["limits"] += limits
-            result["runs"] += runs
+            result["runs"] += measure_model(path, texts, shapes, repeats)
             if not model_dir:
                 shutil.rmtree(path)
     return result

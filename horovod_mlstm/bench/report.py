@@ -236,8 +236,9 @@ def inference_table(result: dict) -> str:
     about = result["inference"]
     lines = [f"Featurising {about['texts']:,} texts of `{os.path.basename(about['texts_file'])}` with the "
              f"{'randomly initialised' if about['model_dir'] == 'random' else 'trained'} model(s); FLOPs are the "
-             "forward matmuls without the softmax (not computed when featurising):", "",
-             "| hidden | precision | batch | chunk | window (batches) | texts/s | chars/s | padding "
+             "recurrent matmuls (the input projection is looked up, the softmax not computed); the limit is read "
+             "before each pass, its median shown, and the share is the median of each pass's over its own reading:",
+             "", "| hidden | precision | batch | chunk | window (batches) | texts/s | chars/s | padding "
              "| forward rate | matmul limit (chained) | of the limit |",
              "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in result["runs"]:
