@@ -360,7 +360,7 @@ def test_inference_measures_a_tiny_random_model_against_the_limit(tmp_path):
         assert r["chars_per_s"] == pytest.approx(chars / r["seconds"]["median"])
         assert r["texts_per_s"] == pytest.approx(50 / r["seconds"]["median"])
         assert r["flops_per_s"] == pytest.approx(r["chars_per_s"] * inference.featurising_flops_per_char(16))
-        assert r["dtype"] == "float32" and len(r["limit_readings"]) == 1  # one pass (--repeats=1), read before it
+        assert r["dtype"] == "float32" and len(r["limit_readings"]) == 1  # one pass (--repeats=1), the limit read after it
         assert r["limit_flops_per_s"] == r["limit_readings"][0] > 0
         assert r["efficiency"] == pytest.approx(r["flops_per_s"] / r["limit_flops_per_s"])
         # Each text pads only in its last piece, and fewer than MIN_PIECE positions there (inference.Featurizer).

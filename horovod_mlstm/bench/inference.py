@@ -4,8 +4,10 @@ The project's one featuriser (inference.Featurizer) reads a file's texts at each
 a batch size, a chunk length (the longest piece) and a window (batches' worth of texts read
 together, longest first). Each reading reports texts/s, chars/s (the bytes the model read, padding
 excluded), the share of computed positions that were padding, and the forward FLOP rate against the
-chained matmul limit of the same dtype and batch (step.matmul_rate), read before every pass: the
-share is the median over passes of each pass's rate over its own reading (efficiency).
+chained matmul limit of the same dtype and batch (step.chained_matmuls), read for as long as each
+pass right after it: the share is the median over passes of each pass's rate over its own reading
+(efficiency). On a shared host whose speed drifts, short readings put the same featuriser at 32% to
+98% of its limit in different runs.
 
 FLOPs per character are the matmuls the featuriser runs per byte, the recurrent two: the softmax
 layer is never computed and the input projection is a row looked up (counting them would lift the
@@ -25,7 +27,7 @@ import numpy as np
 import tensorflow as tf
 
 from horovod_mlstm import modeldir
-from horovod_mlstm.bench.step import matmul_rate
+from horovod_mlstm.bench.step import chained_matmuls
 from horovod_mlstm.inference import Featurizer, encode
 from horovod_mlstm.model import PRECISIONS, ModelConfig, build_model, set_precision
 
@@ -47,8 +49,8 @@ def featurising_flops_per_char(hidden: int) -> float:
 
 def efficiency(chars: int, seconds: list[float], flops_per_char_: float, limits: list[float]) -> dict:
     """The forward FLOP rate of the median pass, and its share of the limit: the median over passes of
-    each pass's rate over the limit read just before it, so a machine whose speed drifts between
-    passes (a shared host's neighbours) moves both sides of each share alike."""
+    each pass's rate over the limit read for as long right after it, so a machine whose speed drifts
+    (a shared host's neighbours) moves both sides of each share alike."""
     shares = [chars / s * flops_per_char_ / limit for s, limit in zip(seconds, limits)]
     return {"flops_per_s": chars / float(np.median(seconds)) * flops_per_char_,
             "limit_flops_per_s": float(np.median(limits)), "limit_readings": limits,
@@ -66,24 +68,40 @@ def random_model_dir(parent: str, hidden: int, precision: str) -> str:
     return modeldir.write_model(os.path.join(parent, f"random_{hidden}_{precision}"), model, step=0)
 
 
-def read_rate(featurizer: Featurizer, texts: list[str], repeats: int, limit: Callable[[], float]) -> dict:
-    """Seconds of each pass featurising every text, after a warm-up on the first batch; before each
-    pass a reading of the limit (`limit()`, FLOP/s); and the positions computed per pass (real bytes
-    and padding, as the featuriser counts them)."""
+def limit_reader(batch: int, hidden: int, dtype) -> Callable[[float], float]:
+    """read(seconds): the chained matmul limit's FLOP/s over runs that fill about SECONDS (3 at least)."""
+    run, flops, _ = chained_matmuls(batch, hidden, dtype)
+    run()  # traced and warmed up
+
+    def read(seconds: float) -> float:
+        runs, start = 0, time.perf_counter()
+        while runs < 3 or time.perf_counter() - start < seconds:
+            run()
+            runs += 1
+        return flops * runs / (time.perf_counter() - start)
+
+    return read
+
+
+def read_rate(featurizer: Featurizer, texts: list[str], repeats: int, limit: Callable[[float], float]) -> dict:
+    """Seconds of each pass featurising every text, after a warm-up on the first batch; after each pass a
+    reading of the limit as long as the pass (`limit(seconds)`, FLOP/s), so that both halves of a pair
+    meet the same moment of a shared machine; and the positions computed per pass (real bytes and
+    padding, as the featuriser counts them)."""
     featurizer.transform(texts[:featurizer.batch_size])
     before = featurizer.positions
     times, limits = [], []
     for _ in range(repeats):
-        limits.append(limit())
         start = time.perf_counter()
         featurizer.transform(texts)
         times.append(time.perf_counter() - start)
+        limits.append(limit(times[-1]))
     return {"times": times, "limits": limits, "positions": (featurizer.positions - before) // repeats}
 
 
 def measure_model(model_dir: str, texts: list[str], shapes: list[Shape], repeats: int) -> list[dict]:
     """Every shape's featurisation rate with one model, each pass against the chained matmul limit of the
-    model's compute dtype and the shape's batch, read just before it."""
+    model's compute dtype and the shape's batch, read for as long right after it."""
     config = modeldir.read_config(model_dir)
     hidden, dtype = config.hidden_size, compute_dtype(config.precision)
     per_char = featurising_flops_per_char(hidden)
@@ -92,8 +110,7 @@ def measure_model(model_dir: str, texts: list[str], shapes: list[Shape], repeats
         featurizer = Featurizer(model_dir, batch_size=shape.batch_size, chunk=shape.chunk)
         featurizer.window = shape.batch_size * shape.window_batches
         chars = sum(len(encode(t, featurizer.text_prep)) for t in texts)
-        timing = read_rate(featurizer, texts, repeats,
-                           lambda: matmul_rate(shape.batch_size, hidden, tf.as_dtype(dtype), 3)["flops_per_s"])
+        timing = read_rate(featurizer, texts, repeats, limit_reader(shape.batch_size, hidden, tf.as_dtype(dtype)))
         times = timing["times"]
         seconds = float(np.median(times))
         runs.append({"hidden": hidden, "precision": config.precision, "dtype": dtype, **dataclasses.asdict(shape),

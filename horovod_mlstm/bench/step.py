@@ -9,6 +9,7 @@ median of `repeats` runs after a warm-up, with min and max as the spread.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 import numpy as np
 import tensorflow as tf
@@ -40,6 +41,25 @@ def matmul_rate(batch: int, hidden: int, dtype, repeats: int) -> dict:
     once), so it is a throughput a recurrence cannot reach. A run is about 10 GFLOP (20 to 1,000
     matmuls), so call overhead does not decide a small shape.
     """
+    chained, flops, count = chained_matmuls(batch, hidden, dtype)
+    a = tf.cast(tf.random.normal([batch, hidden]), dtype)
+    b = tf.cast(tf.random.normal([hidden, 4 * hidden]) / hidden ** 0.5, dtype)
+
+    @tf.function
+    def independent():
+        acc = tf.zeros([batch, 4 * hidden], dtype)
+        for _ in tf.range(count):
+            acc += tf.matmul(a, b)
+        return acc
+
+    t = timed(chained, repeats)
+    t_independent = timed(lambda: independent().numpy(), repeats)
+    return {"flops_per_s": flops / t["median"], "seconds": t, "matmuls": count,
+            "independent_flops_per_s": flops / t_independent["median"]}
+
+
+def chained_matmuls(batch: int, hidden: int, dtype) -> tuple[Callable[[], None], float, int]:
+    """(run, its FLOPs, its matmuls): one run of the chained limit, about 10 GFLOP (see matmul_rate)."""
     a = tf.cast(tf.random.normal([batch, hidden]), dtype)
     b = tf.cast(tf.random.normal([hidden, 4 * hidden]) / hidden ** 0.5, dtype)
     flops_each = 2.0 * batch * hidden * 4 * hidden
@@ -52,17 +72,7 @@ def matmul_rate(batch: int, hidden: int, dtype, repeats: int) -> dict:
             x = tf.matmul(x, b)[:, :hidden]
         return x
 
-    @tf.function
-    def independent():
-        acc = tf.zeros([batch, 4 * hidden], dtype)
-        for _ in tf.range(count):
-            acc += tf.matmul(a, b)
-        return acc
-
-    t = timed(lambda: chained().numpy(), repeats)
-    t_independent = timed(lambda: independent().numpy(), repeats)
-    return {"flops_per_s": flops_each * count / t["median"], "seconds": t, "matmuls": count,
-            "independent_flops_per_s": flops_each * count / t_independent["median"]}
+    return lambda: chained().numpy(), flops_each * count, count
 
 
 def make_step(hidden: int, precision: str, batch: int, seq: int, baseline: str | None = None,
