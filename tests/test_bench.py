@@ -123,7 +123,7 @@ def test_featurising_flops_are_the_recurrent_matmuls_and_efficiency_is_their_rat
     per_char = inference.featurising_flops_per_char(n)
     assert per_char == 2 * (n * n + 4 * n * n)  # h W_mh, m W_h; the input projection is looked up, no softmax
     assert per_char == flops_per_char(n, e, training=False) - 2 * n * 256 - 2 * e * 5 * n
-    # Three passes of 100,000 chars, each with the limit read just before it: a slow pass that met a slow
+    # Three passes of 100,000 chars, each with the limit read right after it: a slow pass that met a slow
     # limit reading is as efficient as a fast one that met a fast reading.
     rate = inference.efficiency(100_000, [10.0, 20.0, 8.0], per_char, [40e9, 20e9, 40e9])
     assert rate["flops_per_s"] == pytest.approx(10_000 * 2 * 1_310_720)  # the median pass, 10 s

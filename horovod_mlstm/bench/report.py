@@ -237,7 +237,8 @@ def inference_table(result: dict) -> str:
     lines = [f"Featurising {about['texts']:,} texts of `{os.path.basename(about['texts_file'])}` with the "
              f"{'randomly initialised' if about['model_dir'] == 'random' else 'trained'} model(s); FLOPs are the "
              "recurrent matmuls (the input projection is looked up, the softmax not computed); the limit is read "
-             "before each pass, its median shown, and the share is the median of each pass's over its own reading:",
+             "after each pass for as long as the pass, its median shown, and the share is the median of each "
+             "pass's over its own reading:",
              "", "| hidden | precision | batch | chunk | window (batches) | texts/s | chars/s | padding "
              "| forward rate | matmul limit (chained) | of the limit |",
              "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]

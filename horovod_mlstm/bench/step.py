@@ -42,8 +42,7 @@ def matmul_rate(batch: int, hidden: int, dtype, repeats: int) -> dict:
     matmuls), so call overhead does not decide a small shape.
     """
     chained, flops, count = chained_matmuls(batch, hidden, dtype)
-    a = tf.cast(tf.random.normal([batch, hidden]), dtype)
-    b = tf.cast(tf.random.normal([hidden, 4 * hidden]) / hidden ** 0.5, dtype)
+    a, b = _recurrent_operands(batch, hidden, dtype)
 
     @tf.function
     def independent():
@@ -60,8 +59,7 @@ def matmul_rate(batch: int, hidden: int, dtype, repeats: int) -> dict:
 
 def chained_matmuls(batch: int, hidden: int, dtype) -> tuple[Callable[[], None], float, int]:
     """(run, its FLOPs, its matmuls): one run of the chained limit, about 10 GFLOP (see matmul_rate)."""
-    a = tf.cast(tf.random.normal([batch, hidden]), dtype)
-    b = tf.cast(tf.random.normal([hidden, 4 * hidden]) / hidden ** 0.5, dtype)
+    a, b = _recurrent_operands(batch, hidden, dtype)
     flops_each = 2.0 * batch * hidden * 4 * hidden
     count = min(max(20, int(1e10 / flops_each)), 1000)
 
@@ -73,6 +71,12 @@ def chained_matmuls(batch: int, hidden: int, dtype) -> tuple[Callable[[], None],
         return x
 
     return lambda: chained().numpy(), flops_each * count, count
+
+
+def _recurrent_operands(batch: int, hidden: int, dtype) -> tuple[tf.Tensor, tf.Tensor]:
+    """Random [batch, hidden] and [hidden, 4*hidden] in DTYPE, scaled so a chain of products stays finite."""
+    return (tf.cast(tf.random.normal([batch, hidden]), dtype),
+            tf.cast(tf.random.normal([hidden, 4 * hidden]) / hidden ** 0.5, dtype))
 
 
 def make_step(hidden: int, precision: str, batch: int, seq: int, baseline: str | None = None,
