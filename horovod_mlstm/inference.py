@@ -129,7 +129,7 @@ def read_texts(model: LanguageModel, flat: tf.Tensor, lengths: tf.Tensor, batch_
         steps = tf.range(size)
         at = tf.minimum(tf.gather(starts, text)[None, :] + done[None, :] + steps[:, None], last)  # [time, batch]
         x = tf.where(steps[:, None] < take[None, :], tf.cast(tf.gather(flat, at), tf.int32), 0)
-        h, c, total, peak = model.rnn.read(tf.gather(table, x), h, c, total, peak, take, wh, wmh, fused)
+        h, c, total, peak = model.rnn.read(table, x, h, c, total, peak, take, wh, wmh, fused)
         positions += tf.cast(tf.size(x), tf.int64)
         done += take
         ended = done == text_lengths

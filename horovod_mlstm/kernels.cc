@@ -173,8 +173,9 @@ class MlstmGatesGradOp : public OpKernel {
 
 REGISTER_OP("MlstmRead")
     .Attr("T: {float, bfloat16, half}")
-    .Input("xz: T")  // as MlstmGates
-    .Input("mz: T")
+    .Input("table: T")        // [V, >= 4n]: each byte's input projections (gates i, f, o, u first), bias included
+    .Input("ids: int32")      // [B]: the byte each row reads at this step, a row of table
+    .Input("mz: T")           // m W_h, [B, 4n]
     .Input("c: float")
     .Input("h: float")
     .Input("total: float")    // sum of the row's hidden states so far (in the compute dtype's precision)
@@ -187,33 +188,48 @@ REGISTER_OP("MlstmRead")
     .Output("total_new: float")
     .Output("peak_new: float")
     .SetShapeFn([](shape_inference::InferenceContext* ctx) {
-      for (int k = 0; k < 5; ++k) ctx->set_output(k, ctx->input(2));
+      for (int k = 0; k < 5; ++k) ctx->set_output(k, ctx->input(3));
       return tensorflow::OkStatus();
     });
 
 // MlstmGates for featurising: the step's gate math without what a backward step would read, the
 // running sum and maximum of the hidden states updated in the same pass (so the loop keeps no
-// per-step outputs), and rows past their length left unchanged. Each output may reuse its input's
-// buffer: every value depends only on the same position of the inputs.
+// per-step outputs), and rows past their length left unchanged. Each row's input projections are
+// read from the byte table (a few hundred KB, in cache) by its byte id: the per-step projections of
+// a piece are never gathered into one [time, batch, 5n] tensor, which streamed from memory at each
+// step. Each output may reuse its input's buffer: every value depends only on the same position of
+// the inputs.
 template <typename T>
 class MlstmReadOp : public OpKernel {
  public:
   explicit MlstmReadOp(OpKernelConstruction* ctx) : OpKernel(ctx) {}
 
   void Compute(OpKernelContext* ctx) override {
-    const Tensor &xz = ctx->input(0), &mz = ctx->input(1), &c = ctx->input(2), &lengths = ctx->input(6);
-    OP_REQUIRES_OK(ctx, CheckGateInputs(xz, mz, c));
+    const Tensor &table = ctx->input(0), &ids = ctx->input(1), &mz = ctx->input(2), &c = ctx->input(3),
+                 &lengths = ctx->input(7);
+    OP_REQUIRES(ctx, c.dims() == 2, InvalidArgument("c must be [batch, hidden], got ", c.shape().DebugString()));
     const int64 B = c.dim_size(0), n = c.dim_size(1);
-    for (int k = 3; k < 6; ++k) {
+    OP_REQUIRES(ctx, table.dims() == 2 && table.dim_size(1) >= 4 * n && IsMatrix(mz, B, 4 * n),
+                InvalidArgument("table must be [bytes, >= ", 4 * n, "] and mz [", B, ", ", 4 * n, "], got ",
+                                table.shape().DebugString(), " and ", mz.shape().DebugString()));
+    for (int k = 4; k < 7; ++k) {
       OP_REQUIRES(ctx, IsMatrix(ctx->input(k), B, n),
                   InvalidArgument("input ", k, " must be [", B, ", ", n, "], got ", ctx->input(k).shape().DebugString()));
     }
-    OP_REQUIRES(ctx, lengths.dims() == 1 && lengths.dim_size(0) == B,
-                InvalidArgument("lengths must be [", B, "], got ", lengths.shape().DebugString()));
-    const int64 x_stride = xz.dim_size(1);
-    const int32_t t = ctx->input(7).scalar<int32_t>()();
+    for (int k : {1, 7}) {
+      OP_REQUIRES(ctx, ctx->input(k).dims() == 1 && ctx->input(k).dim_size(0) == B,
+                  InvalidArgument(k == 1 ? "ids" : "lengths", " must be [", B, "], got ",
+                                  ctx->input(k).shape().DebugString()));
+    }
+    const int32_t* I = ids.flat<int32_t>().data();
+    for (int64 r = 0; r < B; ++r) {
+      OP_REQUIRES(ctx, I[r] >= 0 && I[r] < table.dim_size(0),
+                  InvalidArgument("ids[", r, "] = ", I[r], " is not a row of the table [0, ", table.dim_size(0), ")"));
+    }
+    const int64 x_stride = table.dim_size(1);
+    const int32_t t = ctx->input(8).scalar<int32_t>()();
     Tensor* out[5];
-    const int from[5] = {2, 3, -1, 4, 5};  // the input whose buffer each output may take over
+    const int from[5] = {3, 4, -1, 5, 6};  // the input whose buffer each output may take over
     for (int k = 0; k < 5; ++k) {
       if (from[k] < 0) {
         OP_REQUIRES_OK(ctx, ctx->allocate_output(k, c.shape(), &out[k]));
@@ -221,10 +237,10 @@ class MlstmReadOp : public OpKernel {
         OP_REQUIRES_OK(ctx, ctx->forward_input_or_allocate_output({from[k]}, k, c.shape(), &out[k]));
       }
     }
-    const T* X = xz.flat<T>().data();
+    const T* X = table.flat<T>().data();
     const T* M = mz.flat<T>().data();
-    const float *C = c.flat<float>().data(), *H = ctx->input(3).flat<float>().data(),
-                *TOTAL = ctx->input(4).flat<float>().data(), *PEAK = ctx->input(5).flat<float>().data();
+    const float *C = c.flat<float>().data(), *H = ctx->input(4).flat<float>().data(),
+                *TOTAL = ctx->input(5).flat<float>().data(), *PEAK = ctx->input(6).flat<float>().data();
     const int32_t* L = lengths.flat<int32_t>().data();
     ForRows(ctx, B, 30 * n, [&](int64 first, int64 end) {
       for (int64 r = first; r < end; ++r) {
@@ -240,7 +256,7 @@ class MlstmReadOp : public OpKernel {
           h_compute = h.template cast<T>();
           continue;
         }
-        const T *x = X + r * x_stride, *m = M + r * 4 * n;
+        const T *x = X + I[r] * x_stride, *m = M + r * 4 * n;
         auto z = [&](int gate) {
           return ArrayT<T>(x + gate * n, n).template cast<float>() + ArrayT<T>(m + gate * n, n).template cast<float>();
         };

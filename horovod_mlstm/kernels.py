@@ -108,10 +108,10 @@ def gates_grad(d_h, d_hs, d_c, saved):
     return _load()[0].mlstm_gates_grad(d_h, d_hs, d_c, saved)
 
 
-def read(xz, mz, c, h, total, peak, lengths, t):
-    """One featurising step (model._read_gates): (c, h, h in xz's dtype, total, peak), rows with
-    t >= lengths unchanged."""
-    return _load()[0].mlstm_read(xz, mz, c, h, total, peak, lengths, t)
+def read(table, ids, mz, c, h, total, peak, lengths, t):
+    """One featurising step (model._read_gates), each row's input projections the row ids[b] of TABLE:
+    (c, h, h in mz's dtype, total, peak), rows with t >= lengths unchanged."""
+    return _load()[0].mlstm_read(table, ids, mz, c, h, total, peak, lengths, t)
 
 
 def main() -> None:

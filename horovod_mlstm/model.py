@@ -142,17 +142,18 @@ class MLSTM(tf.keras.layers.Layer):
         hs, h, c = recurrence(self._fused(fused))(self._project(inputs, w_in), h, c, wh, wmh)
         return tf.transpose(hs, [1, 0, 2]), (h, c)
 
-    def read(self, proj, h, c, total, peak, lengths, wh, wmh, fused=None):
+    def read(self, table, ids, h, c, total, peak, lengths, wh, wmh, fused=None):
         """Featurising: the recurrence forward only, keeping no per-step output, (h, c, total, peak) after it.
 
-        proj [time, batch, 5n]: each step's input projections, bias included (rows of
-        LanguageModel.byte_projections); wh, wmh: compute_weights()' last two. Row b reads its first
-        lengths[b] steps; its state is then left as it is, so h and c are the state after its last
-        byte. total and peak [batch, hidden] gather the sum and elementwise maximum of its hidden
-        states (as the next matmul reads them, in the compute dtype) on top of the values passed in,
-        so a text can be read in pieces.
+        ids [time, batch] int32: the bytes read, time-major; table [256, 5n]: each byte's input
+        projections, bias included (LanguageModel.byte_projections), looked up at each step; wh, wmh:
+        compute_weights()' last two. Row b reads its first lengths[b] steps; its state is then left
+        as it is, so h and c are the state after its last byte. total and peak [batch, hidden]
+        gather the sum and elementwise maximum of its hidden states (as the next matmul reads them,
+        in the compute dtype) on top of the values passed in, so a text can be read in pieces.
         """
-        return _read(proj, h, c, total, peak, tf.cast(lengths, tf.int32), wh, wmh, fused=self._fused(fused))
+        return _read(table, tf.cast(ids, tf.int32), h, c, total, peak, tf.cast(lengths, tf.int32), wh, wmh,
+                     fused=self._fused(fused))
 
 
 def _gates(xz, mz, c, fused):
@@ -179,15 +180,15 @@ def _cell(xz, mz, c):
     return i, f, o, u, c_new, tf.tanh(c_new)
 
 
-def _read_gates(xz, mz, c, h, total, peak, lengths, t, fused):
-    """One featurising step's gate math: (c, h, h in xz's dtype, total, peak), rows with t >= lengths
-    unchanged (MLSTM.read)."""
+def _read_gates(table, ids, mz, c, h, total, peak, lengths, t, fused):
+    """One featurising step's gate math, the step's input projections the rows IDS of TABLE: (c, h, h in
+    mz's dtype, total, peak), rows with t >= lengths unchanged (MLSTM.read)."""
     if fused:
-        return kernels.read(xz, mz, c, h, total, peak, lengths, t)
-    _, _, o, _, c_new, tanh_c = _cell(xz, mz, c)
+        return kernels.read(table, ids, mz, c, h, total, peak, lengths, t)
+    _, _, o, _, c_new, tanh_c = _cell(tf.gather(table, ids), mz, c)
     keep = (t < lengths)[:, None]
     c, h = tf.where(keep, c_new, c), tf.where(keep, o * tanh_c, h)
-    h_compute = tf.cast(h, xz.dtype)
+    h_compute = tf.cast(h, mz.dtype)
     value = tf.cast(h_compute, tf.float32)
     return c, h, h_compute, tf.where(keep, total + value, total), tf.where(keep, tf.maximum(peak, value), peak)
 
@@ -238,15 +239,14 @@ def _forward(proj, h, c, wh, wmh, save=False, fused=False):
 
 
 @tf.function
-def _read(proj, h, c, total, peak, lengths, wh, wmh, fused=False):
-    """MLSTM.read's loop: _forward's two matmuls per step, then the gate math with the running sum and
-    maximum (_read_gates), and nothing written per step."""
-    n = wh.shape[0]
-    xm_all = tf.split(proj, [4 * n, n], axis=2)[1]
+def _read(table, ids, h, c, total, peak, lengths, wh, wmh, fused=False):
+    """MLSTM.read's loop: _forward's two matmuls per step, x_m and the gate inputs looked up in the byte
+    table, then the gate math with the running sum and maximum (_read_gates), nothing written per step."""
+    xm_table = table[:, 4 * wh.shape[0]:]
     h_in = tf.cast(h, wh.dtype)
-    for t in tf.range(tf.shape(proj)[0]):
-        mz = tf.matmul(xm_all[t] * tf.matmul(h_in, wmh), wh)
-        c, h, h_in, total, peak = _read_gates(proj[t], mz, c, h, total, peak, lengths, t, fused)
+    for t in tf.range(tf.shape(ids)[0]):
+        mz = tf.matmul(tf.gather(xm_table, ids[t]) * tf.matmul(h_in, wmh), wh)
+        c, h, h_in, total, peak = _read_gates(table, ids[t], mz, c, h, total, peak, lengths, t, fused)
     return h, c, total, peak
 
 

@@ -50,10 +50,11 @@ def test_fused_featurising_step_equals_tensorflow_ops(dtype):
     """The featurising kernel: rows with t < lengths step and gather their hidden state into the sum and
     maximum; the others come out exactly as they went in."""
     rng = np.random.default_rng(2)
-    xz, mz = random(rng, (B, 5 * N), dtype, 2.0), random(rng, (B, 4 * N), dtype, 2.0)
+    table, mz = random(rng, (7, 5 * N), dtype, 2.0), random(rng, (B, 4 * N), dtype, 2.0)
+    ids = tf.constant([6, 0, 2, 6, 1], tf.int32)  # a row of the table for each row of the batch, one twice
     c, h, total, peak = (random(rng, (B, N)) for _ in range(4))
     lengths, t = tf.constant([0, 3, 4, 9, 3], tf.int32), tf.constant(3, tf.int32)
-    args = (xz, mz, c, h, total, peak, lengths, t)
+    args = (table, ids, mz, c, h, total, peak, lengths, t)
     fused, plain = _read_gates(*args, fused=True), _read_gates(*args, fused=False)
     assert fused[2].dtype == dtype and all(x.dtype == tf.float32 and x.shape == (B, N) for i, x in enumerate(fused)
                                            if i != 2)
@@ -73,8 +74,14 @@ def test_wrong_shapes_are_an_error_naming_them():
         kernels.gates(tf.zeros([2, 15]), tf.zeros([2, 16]), tf.zeros([2, 4]))
     with pytest.raises(tf.errors.InvalidArgumentError, match=r"input 3 must be \[2, 24\]"):
         kernels.gates_grad(*[tf.zeros([2, 4])] * 3, tf.zeros([2, 20]))
+    read_args = [tf.zeros([3, 20]), tf.zeros([2], tf.int32), tf.zeros([2, 16]), *[tf.zeros([2, 4])] * 4,
+                 tf.zeros([2], tf.int32), 0]
     with pytest.raises(tf.errors.InvalidArgumentError, match=r"lengths must be \[2\]"):
-        kernels.read(tf.zeros([2, 16]), tf.zeros([2, 16]), *[tf.zeros([2, 4])] * 4, tf.zeros([3], tf.int32), 0)
+        kernels.read(*read_args[:7], tf.zeros([3], tf.int32), 0)
+    with pytest.raises(tf.errors.InvalidArgumentError, match=r"ids\[1\] = 3 is not a row of the table \[0, 3\)"):
+        kernels.read(read_args[0], tf.constant([0, 3]), *read_args[2:])
+    with pytest.raises(tf.errors.InvalidArgumentError, match=r"table must be \[bytes, >= 16\]"):
+        kernels.read(tf.zeros([3, 15]), *read_args[1:])
     vector = tf.TensorSpec([4], tf.float32)  # caught when a graph is built, before any kernel runs
     with pytest.raises(ValueError, match="must be rank 2"):
         tf.function(lambda x: kernels.gates_grad(x, x, x, tf.zeros([1, 24]))).get_concrete_function(vector)

@@ -67,8 +67,8 @@ def test_read_equals_the_reference_over_each_rows_own_length(fused):
     h0, c0 = random_state(rng, 3, 16)
     total0, peak0 = random_state(rng, 3, 16)
     w_in, wh, wmh = model.rnn.compute_weights()
-    proj = tf.gather(model.byte_projections(w_in), inputs.T)  # [time, batch, 5n]
-    h, c, total, peak = model.rnn.read(proj, h0, c0, total0, peak0, lengths, wh, wmh, fused=fused)
+    h, c, total, peak = model.rnn.read(model.byte_projections(w_in), inputs.T, h0, c0, total0, peak0, lengths, wh,
+                                       wmh, fused=fused)
     for row, length in enumerate(lengths):
         ref_h, ref_c, hs = h0[row:row + 1], c0[row:row + 1], []
         for t in range(length):
