@@ -156,8 +156,17 @@ def _kill_all(pids: list[int]) -> None:
                 os.kill(pid, sig)
         deadline = time.monotonic() + 5
         while pids and time.monotonic() < deadline:
-            pids = [p for p in pids if Path(f"/proc/{p}").exists()]
+            pids = [p for p in pids if _running(p)]
             time.sleep(0.1)
+
+
+def _running(pid: int) -> bool:
+    """pid exists and has not exited: a zombie (an sshd this process started and has not reaped yet) has."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat[stat.rindex(")") + 2] != "Z"  # the state follows the command name, which may hold spaces
 
 
 @contextlib.contextmanager

@@ -91,9 +91,14 @@ def test_an_elastic_job_survives_losing_a_host_and_grows_back(tmp_path, cluster,
     more steps continues from the checkpoint."""
     n = HOSTS
     listing = [f"{name}:1\n" for name in cluster.names]
+    # The ranks notice the lost host when Gloo's timeout ends (a crashed host sends no reset), and the same
+    # timeout bounds the wait for the returning host's new worker to start. elastic.sh's 120 s is for any
+    # machine and cluster; 4 hosts here start a worker in about 20 s, so the suite waits 80 s, not 120.
+    gloo_timeout = min(120, 40 + 10 * n)
     job = ElasticJob(tmp_path, tiny_data, steps=100_000, hosts="".join(listing), prefix=cluster.command(1, REPO),
                      args=["--iface", netns.IFACE, "--min-np", str(n - 1), f"--batch_size_per_worker={n - 1}",
-                           "--log_every=1", "--commit_every=2", "--checkpoint_every=10"])
+                           "--log_every=1", "--commit_every=2", "--checkpoint_every=10"],
+                     env={"HOROVOD_GLOO_TIMEOUT_SECONDS": str(gloo_timeout)})
     timeout = 300 + 30 * n
     try:
         at = job.wait_for("[train] step 5/", timeout=timeout)

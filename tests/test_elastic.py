@@ -29,16 +29,16 @@ BOTH_HOSTS = "localhost:1\n127.0.0.1:1\n"
 class ElasticJob:
     """`launch/elastic.sh` over a hosts file the test edits, with its log in a file. `prefix` runs the launcher
     elsewhere (on a namespace host: tests/test_cluster.py); `args` come last and win (absl and the launcher take
-    an option's last value)."""
+    an option's last value); `env` adds to the launcher's environment."""
 
-    def __init__(self, tmp: Path, data: Path, steps: int, hosts: str = BOTH_HOSTS, prefix=(), args=()):
+    def __init__(self, tmp: Path, data: Path, steps: int, hosts: str = BOTH_HOSTS, prefix=(), args=(), env=None):
         self.hosts = tmp / "hosts.txt"  # read by hostfiles/discover_hosts.sh
         self.hosts.write_text(hosts)
         self.model_dir = tmp / "elastic"
         self.log = tmp / "log.txt"
         cmd = [*prefix, "bash", "launch/elastic.sh", "--min-np", "1", *FLAGS, f"--model_dir={self.model_dir}",
                f"--data_dir={data}", f"--train_steps={steps}", *args]
-        self.proc = subprocess.Popen(cmd, cwd=REPO, env={**ENV, "HOROVOD_MLSTM_ELASTIC_HOSTS": str(self.hosts)},
+        self.proc = subprocess.Popen(cmd, cwd=REPO, env={**ENV, "HOROVOD_MLSTM_ELASTIC_HOSTS": str(self.hosts), **(env or {})},
                                      stdout=self.log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
 
     def wait_for(self, text: str, timeout: float = 240, after: int = 0) -> int:
