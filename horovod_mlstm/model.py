@@ -245,8 +245,9 @@ def _read(table, ids, h, c, total, peak, lengths, wh, wmh, fused=False):
     xm_table = table[:, 4 * wh.shape[0]:]
     h_in = tf.cast(h, wh.dtype)
     for t in tf.range(tf.shape(ids)[0]):
-        mz = tf.matmul(tf.gather(xm_table, ids[t]) * tf.matmul(h_in, wmh), wh)
-        c, h, h_in, total, peak = _read_gates(table, ids[t], mz, c, h, total, peak, lengths, t, fused)
+        step_ids = ids[t]
+        mz = tf.matmul(tf.gather(xm_table, step_ids) * tf.matmul(h_in, wmh), wh)
+        c, h, h_in, total, peak = _read_gates(table, step_ids, mz, c, h, total, peak, lengths, t, fused)
     return h, c, total, peak
 
 
