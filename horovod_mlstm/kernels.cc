@@ -195,10 +195,10 @@ REGISTER_OP("MlstmRead")
 // MlstmGates for featurising: the step's gate math without what a backward step would read, the
 // running sum and maximum of the hidden states updated in the same pass (so the loop keeps no
 // per-step outputs), and rows past their length left unchanged. Each row's input projections are
-// read from the byte table (256 rows: 1.3 MB at hidden 512 in bf16, it stays in cache) by its byte id: the per-step projections of
-// a piece are never gathered into one [time, batch, 5n] tensor, which streamed from memory at each
-// step. Each output may reuse its input's buffer: every value depends only on the same position of
-// the inputs.
+// read from the byte table (256 rows: 1.3 MB at hidden 512 in bf16, it stays in cache) by its byte
+// id: the per-step projections of a piece are never gathered into one [time, batch, 5n] tensor,
+// which streamed from memory at each step. Each output may reuse its input's buffer: every value
+// depends only on the same position of the inputs.
 template <typename T>
 class MlstmReadOp : public OpKernel {
  public:

@@ -38,7 +38,8 @@ class ElasticJob:
         self.log = tmp / "log.txt"
         cmd = [*prefix, "bash", "launch/elastic.sh", "--min-np", "1", *FLAGS, f"--model_dir={self.model_dir}",
                f"--data_dir={data}", f"--train_steps={steps}", *args]
-        self.proc = subprocess.Popen(cmd, cwd=REPO, env={**ENV, "HOROVOD_MLSTM_ELASTIC_HOSTS": str(self.hosts), **(env or {})},
+        env = {**ENV, "HOROVOD_MLSTM_ELASTIC_HOSTS": str(self.hosts), **(env or {})}
+        self.proc = subprocess.Popen(cmd, cwd=REPO, env=env,
                                      stdout=self.log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
 
     def wait_for(self, text: str, timeout: float = 240, after: int = 0) -> int:
